@@ -1,0 +1,18 @@
+// The op schemas of resnet_fused: one TORCH_LIBRARY block, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda)
+// kernels. Semantics (logical NCHW in, channels_last out, fp32 accumulation and epilogue):
+//   conv_bn_act: y = conv2d(x, weight, stride, padding) * scale[c] + shift[c] (+ residual), ReLU if relu
+//   bn_act:      y = x * scale[c] + shift[c] (+ residual), ReLU if relu
+//   add_relu:    y = max(x + residual, 0)
+// scale and shift are fp32 vectors of length C (BatchNorm folded, conv bias included).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(resnet_fused, m) {
+  m.def("conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
+        "int stride, int padding, bool relu) -> Tensor");
+  m.def("bn_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+}
+
+// An empty Python module: importing resnet_fused._C runs the registrations above and in the kernel files.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

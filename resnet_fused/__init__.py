@@ -1,0 +1,17 @@
+"""resnet_fused: fused conv+BatchNorm+ReLU and residual kernels for ResNet-style networks.
+
+    import resnet_fused as rf
+    model = rf.resnet50()                      # torchvision-identical reference model
+    fused, report = rf.fuse_model(model)       # the same model with fused blocks, weights carried
+"""
+
+from . import _extension
+
+_extension.load()  # registers torch.ops.resnet_fused.* if the extension is built; warns once if not
+
+from . import models, ops  # noqa: E402
+from .models import *  # noqa: E402,F401,F403
+from .ops import (add_relu, available_backends, bn_act, conv_bn_act, fold_bn, get_backend,  # noqa: E402
+                  set_backend, use_backend)
+
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""The public fused ops. One semantics, several backends (see README "Ops and backends").
+
+    conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, padding=0, relu=True, backend=None)
+    bn_act(x, scale, shift, residual=None, *, relu=True, backend=None)
+    add_relu(x, residual, *, backend=None)
+
+Inputs are logical NCHW (contiguous or channels_last); outputs are channels_last with the input's dtype.
+backend=None means the current default (`set_backend` / `use_backend`, "auto" unless changed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from . import backends as _backends  # noqa: F401  (registers the backends)
+from .folding import fold_bn
+from .registry import (AUTO_ORDER, Backend, available_backends, backend_names, get_backend, register_backend,
+                       resolve, resolve_name, set_backend, use_backend)
+from .validation import SUPPORTED_DTYPES, check_add_relu, check_bn_act, check_conv_bn_act, check_flag
+
+__all__ = [
+    "conv_bn_act", "bn_act", "add_relu", "ConvBNPack", "pack_conv_bn", "conv_bn_act_packed", "fold_bn",
+    "available_backends", "backend_names", "set_backend", "get_backend", "use_backend", "register_backend",
+    "Backend", "AUTO_ORDER", "SUPPORTED_DTYPES", "resolve_name",
+]
+
+
+@dataclass(frozen=True)
+class ConvBNPack:
+    """A conv weight and its folded BN, laid out once by one backend for all later calls."""
+
+    backend: str
+    payload: Any
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def pack_conv_bn(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
+                 backend: Optional[str] = None) -> ConvBNPack:
+    """Prepare (weight, scale, shift) for repeated conv_bn_act_packed calls on the chosen backend.
+
+    The backend is resolved for the weight's device and dtype, as it will be for inputs like it.
+    """
+    probe = torch.empty((1, weight.shape[1], 1, 1), device=weight.device, dtype=weight.dtype)
+    check_conv_bn_act(probe, weight, scale, shift, None, 1, weight.shape[-1] // 2)
+    chosen = resolve(backend, probe, weight)
+    return ConvBNPack(chosen.name, chosen.pack_conv(weight, scale, shift), weight.shape[0], weight.shape[1],
+                      tuple(weight.shape[2:]), weight.dtype, weight.device)
+
+
+def conv_bn_act_packed(x: torch.Tensor, pack: ConvBNPack, residual: Optional[torch.Tensor] = None, *,
+                       stride=1, padding=0, relu: bool = True) -> torch.Tensor:
+    """conv_bn_act with a weight packed by `pack_conv_bn` (the hot path of the fused blocks)."""
+    from .registry import _BACKENDS
+
+    if x.dtype != pack.dtype or x.device != pack.device:
+        raise ValueError(f"x is {x.dtype} on {x.device} but the pack was made for {pack.dtype} on {pack.device}")
+    if x.dim() != 4 or x.shape[1] != pack.in_channels:
+        raise ValueError(f"x must be (N, {pack.in_channels}, H, W), got shape {tuple(x.shape)}")
+    relu = check_flag("relu", relu)
+    return _BACKENDS[pack.backend].conv_bn_act_packed(x, pack.payload, residual, int(stride), int(padding), relu)
+
+
+def conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, padding=0, relu=True, backend=None):
+    """y = conv2d(x, weight, stride, padding) * scale[c] + shift[c] (+ residual), ReLU if relu."""
+    stride, padding = check_conv_bn_act(x, weight, scale, shift, residual, stride, padding)
+    relu = check_flag("relu", relu)
+    chosen = resolve(backend, x, weight)
+    return chosen.conv_bn_act_packed(x, chosen.pack_conv(weight, scale, shift), residual, stride, padding, relu)
+
+
+def bn_act(x, scale, shift, residual=None, *, relu=True, backend=None):
+    """y = x * scale[c] + shift[c] (+ residual), ReLU if relu."""
+    check_bn_act(x, scale, shift, residual)
+    relu = check_flag("relu", relu)
+    return resolve(backend, x).bn_act(x, scale, shift, residual, relu)
+
+
+def add_relu(x, residual, *, backend=None):
+    """y = max(x + residual, 0)."""
+    check_add_relu(x, residual)
+    return resolve(backend, x).add_relu(x, residual)

@@ -1,0 +1,120 @@
+"""Argument checks shared by every backend, so that each op fails the same way whatever runs it.
+
+Every check raises TypeError (wrong type or dtype) or ValueError (wrong value, shape or device) with a message
+that names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = "float32, float16 or bfloat16"
+
+
+def _tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _activation(name: str, value) -> torch.Tensor:
+    t = _tensor(name, value)
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be {_DTYPE_NAMES}, got {t.dtype}")
+    return t
+
+
+def _same_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+
+
+def _channel_vector(name: str, value, channels: int, x: torch.Tensor) -> None:
+    t = _tensor(name, value)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() != 1 or t.numel() != channels:
+        raise ValueError(f"{name} must be a 1-D tensor of length {channels} (one per output channel), "
+                         f"got shape {tuple(t.shape)}")
+    _same_device(name, t, x)
+
+
+def _residual(residual, expected_shape: tuple, x: torch.Tensor) -> None:
+    if residual is None:
+        return
+    r = _activation("residual", residual)
+    if tuple(r.shape) != tuple(expected_shape):
+        raise ValueError(f"residual must have the output's shape {tuple(expected_shape)}, got {tuple(r.shape)}")
+    if r.dtype != x.dtype:
+        raise TypeError(f"residual must have x's dtype {x.dtype}, got {r.dtype}")
+    _same_device("residual", r, x)
+
+
+def as_square(name: str, value, minimum: int) -> int:
+    """Accept an int or an (a, a) pair, as nn.Conv2d stores stride and padding; return the int."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be an int or a pair of equal ints, got {tuple(value)}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding) -> tuple[int, int]:
+    """Validate conv_bn_act's arguments; return (stride, padding) as ints."""
+    x = _activation("x", x)
+    w = _tensor("weight", weight)
+    if w.dim() != 4:
+        raise ValueError(f"weight must be a 4-D (C_out, C_in, KH, KW) tensor, got {w.dim()}-D "
+                         f"with shape {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {w.dtype}")
+    _same_device("weight", w, x)
+    c_out, c_in, kh, kw = w.shape
+    if c_in != x.shape[1]:
+        groups_hint = (f"; grouped convolution (groups={x.shape[1] // c_in}) is not supported"
+                       if c_in and x.shape[1] % c_in == 0 and x.shape[1] != c_in else "")
+        raise ValueError(f"weight expects C_in={c_in} input channels but x has {x.shape[1]}{groups_hint}")
+    if c_out == 0 or kh == 0 or kw == 0:
+        raise ValueError(f"weight must have non-zero C_out, KH and KW, got shape {tuple(w.shape)}")
+    stride = as_square("stride", stride, 1)
+    padding = as_square("padding", padding, 0)
+    h_out = conv_output_size(x.shape[2], kh, stride, padding)
+    w_out = conv_output_size(x.shape[3], kw, stride, padding)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"x's spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
+                         f"with padding {padding}")
+    _channel_vector("scale", scale, c_out, x)
+    _channel_vector("shift", shift, c_out, x)
+    _residual(residual, (x.shape[0], c_out, h_out, w_out), x)
+    return stride, padding
+
+
+def check_bn_act(x, scale, shift, residual) -> None:
+    x = _activation("x", x)
+    _channel_vector("scale", scale, x.shape[1], x)
+    _channel_vector("shift", shift, x.shape[1], x)
+    _residual(residual, tuple(x.shape), x)
+
+
+def check_add_relu(x, residual) -> None:
+    x = _activation("x", x)
+    if residual is None:
+        raise TypeError("residual must be a torch.Tensor, got NoneType")
+    _residual(residual, tuple(x.shape), x)
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
