@@ -12,6 +12,10 @@ TORCH_LIBRARY(resnet_fused, m) {
         "int stride, int padding, bool relu) -> Tensor");
   m.def("bn_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+  // Internal (CPU only): the "cpu" backend's packed path, y = conv2d(x, weight) + bias[c] (+ residual), ReLU if
+  // relu, with the BN fold already in weight (x's dtype, channels_last) and bias (the folded shift).
+  m.def("conv_bias_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
+        "int stride, int padding, bool relu) -> Tensor");
 }
 
 // An empty Python module: importing resnet_fused._C runs the registrations above and in the kernel files.

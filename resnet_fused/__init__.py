@@ -15,3 +15,5 @@ from .ops import (add_relu, available_backends, bn_act, conv_bn_act, fold_bn, ge
                   set_backend, use_backend)
 
 __version__ = "0.1.0"
+from .blocks import FusedBasicBlock, FusedBottleneck  # noqa: E402
+from .fuse import FuseReport, fuse_model  # noqa: E402

@@ -15,6 +15,8 @@ def load() -> Optional[str]:
     global _loaded, _error
     if not _loaded:
         _loaded = True
+        import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
         try:
             importlib.import_module("resnet_fused._C")
         except Exception as exc:  # ImportError, or an undefined symbol from a torch-version mismatch

@@ -55,7 +55,9 @@ def _f32(t):
 
 def ref_conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu):
     pack = (weight.float(), scale.float(), shift.float())
-    return _ORACLE.conv_bn_act_packed(x.float(), pack, _f32(residual), stride, padding, relu)
+    # cuDNN would run an fp32 conv on TF32 tensor cores by default: the oracle must be true fp32.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        return _ORACLE.conv_bn_act_packed(x.float(), pack, _f32(residual), stride, padding, relu)
 
 
 def ref_bn_act(x, scale, shift, residual, relu):

@@ -1,15 +1,141 @@
-"""PLACEHOLDER (being written): the "cpu" and "cuda" backends over torch.ops.resnet_fused."""
+"""The "cpu" and "cuda" backends: the fused ops as the C++ extension's kernels, torch.ops.resnet_fused.*.
 
+    conv_bn_act: y = conv2d(x, weight, stride, padding) * scale[c] + shift[c] (+ residual), ReLU if relu
+    bn_act:      y = x * scale[c] + shift[c] (+ residual), ReLU if relu
+    add_relu:    y = max(x + residual, 0)
+
+"cpu" (csrc/cpu): oneDNN convolution with the BN fold in the weight and the epilogue as oneDNN post-ops. Its pack
+is the folded weight w * scale[c] (x's dtype, channels_last) and the folded shift as the conv bias (x's dtype, as
+oneDNN requires), run by the internal op conv_bias_act: nothing is re-laid-out per call.
+"cuda" (csrc/cuda): its pack is (weight in channels_last, fp32 scale, fp32 shift) for resnet_fused::conv_bn_act.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+
+from ... import _extension
 from ..registry import Backend, register_backend
+from ..validation import SUPPORTED_DTYPES
+
+CL = torch.channels_last
 
 
-class _Pending(Backend):
-    def __init__(self, name):
-        self.name = name
+def _extension_reason(dispatch_key: str) -> Optional[str]:
+    """None if the extension loaded and has `dispatch_key` kernels for the public ops, else why not."""
+    error = _extension.load()
+    if error is not None:
+        return error
+    from .. import extension_ops
+
+    extension_ops.register()
+    if not all(_extension.has_kernel(op, dispatch_key) for op in ("conv_bn_act", "bn_act", "add_relu")):
+        if dispatch_key == "CUDA":
+            return "the extension was built without CUDA"
+        return f"the extension has no {dispatch_key} kernels"
+    if dispatch_key == "CPU" and not _extension.has_kernel("conv_bias_act", "CPU"):
+        return "the extension is out of date (no resnet_fused::conv_bias_act); rebuild it with " \
+               "`pip install --no-build-isolation -e .`"
+    return None
+
+
+def _onednn_reason(dtype: torch.dtype) -> Optional[str]:
+    """None if oneDNN runs convolutions in `dtype` on this CPU (what the cpu backend's conv needs)."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (mkldnn), which the cpu backend's convolution runs on"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bfloat16 convolution on this CPU (it needs AVX512-BF16 or AMX)"
+    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return "oneDNN has no float16 convolution on this CPU (it needs AVX512-FP16 or AMX-FP16)"
+    return None
+
+
+# Computed once at import (the package loads the extension first): plain dicts, so that resolving a backend costs
+# a lookup and torch.compile traces it as a constant.
+_EXTENSION_REASON = {key: _extension_reason(key) for key in ("CPU", "CUDA")}
+_ONEDNN_REASON = {dtype: _onednn_reason(dtype) for dtype in SUPPORTED_DTYPES}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_reason(index: Optional[int]) -> Optional[str]:
+    """The CUDA kernels use cp.async and bf16 tensor cores: compute capability 8.0 (Ampere) or newer."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return f"the cuda kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
+    return None
+
+
+class CpuConvPack(NamedTuple):
+    """The BN fold applied once: weight * scale[c] (x's dtype, channels_last) and bias = shift (x's dtype)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+class _ExtensionBackend(Backend):
+    device_type = "?"
+    dispatch_key = "?"
 
     def unavailable_reason(self, device):
-        return "not implemented yet"
+        device = torch.device(device)
+        if device.type != self.device_type:
+            return f"the {self.name!r} backend runs on {self.device_type} tensors, not {device.type}"
+        return _EXTENSION_REASON[self.dispatch_key]
+
+    def unsupported_reason(self, x, weight):
+        if x.dtype not in SUPPORTED_DTYPES:
+            return f"no kernel for {x.dtype}"
+        return None
+
+    def bn_act(self, x, scale, shift, residual, relu):
+        return torch.ops.resnet_fused.bn_act.default(x, scale, shift, residual, relu)
+
+    def add_relu(self, x, residual):
+        return torch.ops.resnet_fused.add_relu.default(x, residual)
 
 
-register_backend(_Pending("cpu"))
-register_backend(_Pending("cuda"))
+class CpuBackend(_ExtensionBackend):
+    name = "cpu"
+    device_type = "cpu"
+    dispatch_key = "CPU"
+
+    def unsupported_reason(self, x, weight):
+        # The elementwise kernels take every supported dtype; only the convolution depends on oneDNN.
+        return super().unsupported_reason(x, weight) or (_ONEDNN_REASON[x.dtype] if weight is not None else None)
+
+    @torch.no_grad()
+    def pack_conv(self, weight, scale, shift):
+        folded = weight.float() * scale.float().view(-1, 1, 1, 1)
+        return CpuConvPack(folded.to(weight.dtype).contiguous(memory_format=CL),
+                           shift.detach().to(weight.dtype).contiguous())
+
+    def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
+        return torch.ops.resnet_fused.conv_bias_act.default(x, pack.weight, pack.bias, residual, stride, padding,
+                                                            relu)
+
+
+class CudaBackend(_ExtensionBackend):
+    name = "cuda"
+    device_type = "cuda"
+    dispatch_key = "CUDA"
+
+    def unavailable_reason(self, device):
+        reason = super().unavailable_reason(device)
+        if reason is None and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return reason or _capability_reason(torch.device(device).index)
+
+    @torch.no_grad()
+    def pack_conv(self, weight, scale, shift):
+        return (weight.contiguous(memory_format=CL), scale.float().contiguous(), shift.float().contiguous())
+
+    def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
+        weight, scale, shift = pack
+        return torch.ops.resnet_fused.conv_bn_act.default(x, weight, scale, shift, residual, stride, padding, relu)
+
+
+register_backend(CpuBackend())
+register_backend(CudaBackend())

@@ -1,13 +1,82 @@
-"""PLACEHOLDER (being written): the "triton" backend."""
+"""The "triton" backend: the fused ops as Triton kernels (resnet_fused/kernels/triton), via torch.ops.resnet_fused_triton.
+
+Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1, for tests).
+Triton is imported on first use, not when resnet_fused is imported: the package works without it, and tests
+can set TRITON_INTERPRET before triton reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
 
 from ..registry import Backend, register_backend
 
+_ops = None               # torch.ops.resnet_fused_triton once loaded
+_load_error: Optional[str] = None
 
-class _Pending(Backend):
+
+def _load():
+    """Import the kernels (registering the ops). Return the ops namespace, or None (see _load_error)."""
+    global _ops, _load_error
+    if _ops is None and _load_error is None:
+        try:
+            from ...kernels.triton import library  # noqa: F401  (registers torch.ops.resnet_fused_triton.*)
+            _ops = torch.ops.resnet_fused_triton
+        except Exception as exc:  # ImportError, or a triton too old for the kernels
+            _load_error = f"triton is not importable ({type(exc).__name__}: {exc})"
+    return _ops
+
+
+def _interpreting() -> bool:
+    if _ops is not None:  # what the kernels were defined with
+        from ...kernels.triton import INTERPRET
+        return INTERPRET
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+class TritonConvPack(NamedTuple):
+    """A conv weight laid out for the kernel once per BN fold: (KH*KW*Cin_pad, Cout), plus fp32 scale/shift."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    kernel_h: int
+    kernel_w: int
+
+
+class TritonBackend(Backend):
     name = "triton"
 
     def unavailable_reason(self, device):
-        return "not implemented yet"
+        device = torch.device(device)
+        if device.type == "cpu" and not _interpreting():
+            return "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton needs a CUDA GPU, not {device.type}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if _load() is None:
+            return _load_error
+        return None
+
+    def pack_conv(self, weight, scale, shift):
+        from ...kernels.triton.conv_bn_act import pack_weight
+
+        return TritonConvPack(pack_weight(weight), scale.float().contiguous(), shift.float().contiguous(),
+                              int(weight.shape[2]), int(weight.shape[3]))
+
+    def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
+        return (_ops or _load()).conv_bn_act(x, pack.weight, pack.scale, pack.shift, residual,
+                                             pack.kernel_h, pack.kernel_w, stride, padding, relu)
+
+    def bn_act(self, x, scale, shift, residual, relu):
+        return (_ops or _load()).bn_act(x, scale, shift, residual, relu)
+
+    def add_relu(self, x, residual):
+        return (_ops or _load()).add_relu(x, residual)
 
 
-register_backend(_Pending())
+register_backend(TritonBackend())

@@ -1,0 +1,150 @@
+// CPU kernels of the convolution ops, on oneDNN through ATen's mkldnn::_convolution_pointwise op family (what
+// Inductor uses on CPU), in channels_last, with the whole epilogue fused into the convolution as oneDNN post-ops:
+//
+//   conv_bias_act(x, w', b, residual, stride, padding, relu):   (internal; the "cpu" backend's packed path)
+//       y = conv2d(x, w', stride, padding) + b[c] (+ residual), ReLU if relu
+//   conv_bn_act(x, w, scale, shift, residual, stride, padding, relu):
+//       the same with the BN fold done here: w' = w * scale[c] (in fp32, rounded once to x's dtype), b = shift
+//
+// oneDNN accumulates in fp32 and applies bias / residual add / ReLU to the fp32 accumulator before the single
+// rounding to x's dtype. ATen requires the bias in x's dtype, so for bf16/fp16 the folded shift is rounded to that
+// dtype (as the folded weight is). The output is channels_last in x's dtype.
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "epilogue.h"
+
+namespace resnet_fused::cpu {
+namespace {
+
+constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+
+bool onednn_query(const char* op_name) {
+  auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "");
+  return handle.typed<bool()>().call();
+}
+
+// Whether oneDNN runs a convolution in `dtype` on this CPU (bf16 needs AVX512-BF16/AMX, fp16 AVX512-FP16/AMX).
+bool onednn_handles(at::ScalarType dtype) {
+  static const bool has_onednn = at::hasMKLDNN();
+  static const bool bf16 = has_onednn && onednn_query("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool fp16 = has_onednn && onednn_query("mkldnn::_is_mkldnn_fp16_supported");
+  if (dtype == at::kFloat) return has_onednn;
+  if (dtype == at::kBFloat16) return bf16;
+  if (dtype == at::kHalf) return fp16;
+  return false;
+}
+
+int64_t conv_out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding) {
+  return (size + 2 * padding - kernel) / stride + 1;
+}
+
+// Checks shared by both conv ops; returns the output shape (N, C_out, H_out, W_out).
+std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                                int64_t padding) {
+  check_activation(op, "x", x);
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be a 4-D (C_out, C_in, KH, KW) tensor, got ", weight.dim(),
+              "-D with shape ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got device ", weight.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
+              ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight expects C_in=", weight.size(1), " input channels but x has ",
+              x.size(1), " (grouped convolution is not supported)");
+  TORCH_CHECK(weight.size(0) > 0 && weight.size(2) > 0 && weight.size(3) > 0, op,
+              ": weight must have non-zero C_out, KH and KW, got shape ", weight.sizes());
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  const int64_t h_out = conv_out_size(x.size(2), weight.size(2), stride, padding);
+  const int64_t w_out = conv_out_size(x.size(3), weight.size(3), stride, padding);
+  TORCH_CHECK(h_out >= 1 && w_out >= 1, op, ": x's spatial size ", x.sizes().slice(2), " is too small for a ",
+              weight.size(2), "x", weight.size(3), " kernel with padding ", padding);
+  TORCH_CHECK(onednn_handles(x.scalar_type()), op, ": x is ", x.scalar_type(),
+              " but oneDNN on this CPU has no ", x.scalar_type(), " convolution",
+              at::hasMKLDNN() ? " (it needs AVX512-BF16/FP16 or AMX)" : " (torch was built without oneDNN)",
+              "; use float32 or the 'torch' backend");
+  return {x.size(0), weight.size(0), h_out, w_out};
+}
+
+// y = act(conv2d(x, weight) + bias (+ residual)) in one oneDNN primitive (`residual` must then be channels_last).
+at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const at::Tensor* residual, int64_t stride, int64_t padding, bool relu) {
+  static const auto unary_op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+  static const auto binary_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
+  const std::vector<int64_t> pad{padding, padding}, str{stride, stride}, dil{1, 1};
+  const c10::IValue no_value;
+  torch::jit::Stack stack;
+  stack.reserve(13);
+  stack.emplace_back(x);
+  if (residual) stack.emplace_back(*residual);
+  stack.emplace_back(weight);
+  stack.emplace_back(bias);
+  stack.emplace_back(pad);
+  stack.emplace_back(str);
+  stack.emplace_back(dil);
+  stack.emplace_back(int64_t{1});  // groups
+  if (residual) {
+    // binary_attr, alpha, unary_attr, unary_scalars, unary_algorithm
+    stack.emplace_back(std::string("add"));
+    stack.emplace_back(no_value);
+    stack.emplace_back(relu ? c10::IValue(std::string("relu")) : no_value);
+  } else {
+    stack.emplace_back(std::string(relu ? "relu" : "none"));  // attr
+  }
+  stack.emplace_back(c10::List<std::optional<c10::Scalar>>());  // (unary_)scalars
+  stack.emplace_back(no_value);                                  // (unary_)algorithm
+  (residual ? binary_op : unary_op).callBoxed(&stack);
+  // oneDNN follows x's suggested format; an x that is NCHW-contiguous too (C_in=1, or 1x1 spatial) may get NCHW.
+  return stack.back().toTensor().contiguous(kCL);
+}
+
+// The fused conv with arguments already checked. weight channels_last and bias in x's dtype are no-ops for a
+// pack made by the "cpu" backend.
+at::Tensor fused_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                      const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
+  const at::Tensor xc = x.contiguous(kCL);
+  const at::Tensor wc = weight.contiguous(kCL);
+  const at::Tensor bc = bias.to(x.scalar_type()).contiguous();
+  if (!residual.has_value()) return onednn_conv(xc, wc, bc, nullptr, stride, padding, relu);
+  const at::Tensor rc = residual->contiguous(kCL);
+  // ATen takes oneDNN's binary post-op only for an unambiguously channels_last x; otherwise it falls back to an
+  // add_relu that has no bf16/fp16 kernel. There (C_in=1 stems, 1x1 inputs) the add+ReLU is our own single pass.
+  if (xc.suggest_memory_format() == kCL) return onednn_conv(xc, wc, bc, &rc, stride, padding, relu);
+  at::Tensor y = onednn_conv(xc, wc, bc, nullptr, stride, padding, /*relu=*/false);
+  RESNET_FUSED_DISPATCH(y.scalar_type(), "conv_bn_act_residual_cpu", [&] {
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    epilogue_flat<scalar_t>(out, rc.const_data_ptr<scalar_t>(), out, y.numel(), relu);
+  });
+  return y;
+}
+
+at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
+  const auto out_shape = check_conv("conv_bias_act", x, weight, stride, padding);
+  check_channel_vector("conv_bias_act", "bias", bias, out_shape[1]);
+  check_residual("conv_bias_act", residual, out_shape, x.scalar_type());
+  return fused_conv(x, weight, bias, residual, stride, padding, relu);
+}
+
+at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                           const at::Tensor& shift, const std::optional<at::Tensor>& residual, int64_t stride,
+                           int64_t padding, bool relu) {
+  const auto out_shape = check_conv("conv_bn_act", x, weight, stride, padding);
+  check_channel_vector("conv_bn_act", "scale", scale, out_shape[1]);
+  check_channel_vector("conv_bn_act", "shift", shift, out_shape[1]);
+  check_residual("conv_bn_act", residual, out_shape, x.scalar_type());
+  // The BN fold (per call here; the "cpu" backend's pack does it once and calls conv_bias_act).
+  const at::Tensor folded =
+      (weight.to(at::kFloat) * scale.to(at::kFloat).view({-1, 1, 1, 1})).to(x.scalar_type()).contiguous(kCL);
+  return fused_conv(x, folded, shift, residual, stride, padding, relu);
+}
+
+}  // namespace
+}  // namespace resnet_fused::cpu
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("conv_bn_act", &resnet_fused::cpu::conv_bn_act_cpu);
+  m.impl("conv_bias_act", &resnet_fused::cpu::conv_bias_act_cpu);
+}

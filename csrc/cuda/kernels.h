@@ -1,0 +1,44 @@
+// Launchers of the resnet_fused CUDA kernels: plain C++ over raw pointers, sizes and a cudaStream_t, so that the
+// kernels (.cu, CUDA headers only) and the torch binding (binding.cpp) compile separately.
+//
+// Layouts are channels_last (NHWC), element type `dtype` unless stated; scale/shift are fp32 [C].
+//   conv_bn_act: y[n,oh,ow,co] = act(sum_{kh,kw,ci} x[n, oh*s-p+kh, ow*s-p+kw, ci] * w[co,kh,kw,ci]
+//                                    * scale[co] + shift[co] (+ residual[n,oh,ow,co]))
+//   bn_act:      y[r,c] = act(x[r,c] * scale[c] + shift[c] (+ residual[r,c]))   over rows = N*H*W
+//   add_relu:    y[i]   = max(x[i] + residual[i], 0)
+// act is ReLU when relu is true, else the identity. Accumulation and epilogue math are fp32.
+// Each launcher returns cudaSuccess or the first CUDA error (argument or launch); it never synchronizes.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace resnet_fused {
+namespace cuda_kernels {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+struct ConvBnActArgs {
+  const void* x;         // [n, h, w, c_in]
+  const void* weight;    // [c_out, kh, kw, c_in]
+  const float* scale;    // [c_out]
+  const float* shift;    // [c_out]
+  const void* residual;  // [n, h_out, w_out, c_out], or nullptr
+  void* y;               // [n, h_out, w_out, c_out]
+  int n, h, w, c_in, c_out, kh, kw, stride, padding, h_out, w_out;
+  bool relu;
+};
+
+// Needs compute capability 8.0+ (tensor-core mma for fp16/bf16/tf32, cp.async); returns
+// cudaErrorInvalidDeviceFunction on older devices.
+cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& args, cudaStream_t stream);
+
+cudaError_t bn_act(DType dtype, const void* x, const float* scale, const float* shift, const void* residual,
+                   void* y, int64_t rows, int64_t channels, bool relu, cudaStream_t stream);
+
+cudaError_t add_relu(DType dtype, const void* x, const void* residual, void* y, int64_t numel,
+                     cudaStream_t stream);
+
+}  // namespace cuda_kernels
+}  // namespace resnet_fused

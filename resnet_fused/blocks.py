@@ -1,0 +1,234 @@
+"""Fused residual blocks and the fused conv-BN(-ReLU) module, drop-in for their eager counterparts.
+
+Every fused module computes what its eager original computes, with the same submodules, parameters, buffers
+and state_dict keys; only the execution differs (see fusion/conv_bn.py for the math of one unit):
+
+    FusedBottleneck   relu( bn3(conv3( relu(bn2(conv2( relu(bn1(conv1(x))) ))) )) + shortcut(x) )
+                      eval: conv_bn_act(conv1, relu) -> conv_bn_act(conv2, relu) -> [downsample: conv_bn_act]
+                            -> conv_bn_act(conv3, residual, relu): three or four op calls
+    FusedBasicBlock   relu( bn2(conv2( relu(bn1(conv1(x))) )) + shortcut(x) )
+    FusedResidualBlock  any block whose forward torch.fx proved to be such a chain (fuse_model builds these)
+    FusedConvBNAct    an nn.Conv2d that also applies the BatchNorm absorbed from the module after it (+ ReLU);
+                      the BN stays registered where it was, as an AbsorbedBatchNorm2d whose forward is the identity
+
+Eval folds BN into a per-channel scale/shift and packs the weight once; the fold+pack is cached per unit and
+rebuilt whenever a parameter or buffer changes (in-place update, load_state_dict, .to()). Train uses batch
+statistics and updates the running statistics exactly as eager does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .fusion.conv_bn import plain_bn_reason, plain_conv_reason, run_unit
+from .fusion.plan import ModuleShortcut, ResidualPlan, Unit, run_plan
+from .models.resnet import BasicBlock, Bottleneck
+from .ops.registry import _check_name
+
+__all__ = ["FusedBottleneck", "FusedBasicBlock", "FusedResidualBlock", "FusedConvBNAct", "AbsorbedBatchNorm2d"]
+
+_CACHE_ATTR = "_fold_cache_state"
+
+
+class _FoldCached:
+    """Mixin: a per-module cache of BN folds and packed weights that never pickles, copies or goes stale."""
+
+    backend: str = "auto"
+
+    def _fold_cache(self) -> Optional[dict]:
+        if torch.compiler.is_compiling():
+            return None  # fold directly so that the computation traces
+        cache = self.__dict__.get(_CACHE_ATTR)
+        if cache is None:
+            cache = self.__dict__[_CACHE_ATTR] = {}
+        return cache
+
+    def clear_fold_cache(self) -> None:
+        self.__dict__.pop(_CACHE_ATTR, None)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop(_CACHE_ATTR, None)
+        return state
+
+    def _apply(self, *args, **kwargs):
+        self.clear_fold_cache()  # the keys would miss anyway; this frees the old device's packs now
+        return super()._apply(*args, **kwargs)
+
+
+def _copy_module_state(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Make `new` hold exactly `old`'s submodules, parameters, buffers, hooks and attributes (shared tensors)."""
+    state = dict(old.__dict__)
+    state.pop(_CACHE_ATTR, None)
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        if key in state:
+            state[key] = state[key].copy()
+    new.__dict__.update(state)
+    return new
+
+
+def _check_backend(backend) -> str:
+    return _check_name(backend)
+
+
+# ---------------------------------------------------------------------------------------------- plans
+
+
+def _is_identity_module(module) -> bool:
+    return module is None or type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0)
+
+
+def downsample_shortcut(block: nn.Module, name: str = "downsample"):
+    """The plan of torchvision's `downsample`: identity, conv1x1+BN as a fused unit, anything else as is."""
+    module = getattr(block, name, None)
+    if _is_identity_module(module):
+        return None
+    if (type(module) is nn.Sequential and len(module) == 2 and plain_conv_reason(module[0]) is None
+            and plain_bn_reason(module[1]) is None and not module._forward_hooks and not module._forward_pre_hooks):
+        return (Unit(f"{name}.0", f"{name}.1", False),)
+    return ModuleShortcut(name)
+
+
+_BOTTLENECK_MAIN = (Unit("conv1", "bn1", True), Unit("conv2", "bn2", True), Unit("conv3", "bn3", False))
+_BASIC_MAIN = (Unit("conv1", "bn1", True), Unit("conv2", "bn2", False))
+
+
+class _FusedResidual(_FoldCached):
+    def residual_plan(self) -> ResidualPlan:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_plan(self, self.residual_plan(), x, self._fold_cache(), self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, plan={self.residual_plan().describe()}"
+
+
+class _FusedReference(_FusedResidual):
+    _main: tuple = ()
+    _required: tuple = ()
+    _reference_name = ""
+
+    def residual_plan(self) -> ResidualPlan:
+        return ResidualPlan(self._main, downsample_shortcut(self))
+
+    @classmethod
+    def from_block(cls, block: nn.Module, backend: str = "auto"):
+        """A fused block SHARING `block`'s submodules, parameters and buffers (the same tensors)."""
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+        missing = [n for n in cls._required if not isinstance(getattr(block, n, None), nn.Module)]
+        if missing or not hasattr(block, "downsample"):
+            raise TypeError(f"block must have submodules {', '.join(cls._required)} and a `downsample` attribute "
+                            f"like torchvision's {cls._reference_name}; "
+                            f"{type(block).__name__} lacks {', '.join(missing) or 'downsample'}")
+        new = cls.__new__(cls)
+        _copy_module_state(new, block)
+        new.backend = _check_backend(backend)
+        return new
+
+
+class FusedBottleneck(_FusedReference, Bottleneck):
+    """Drop-in for Bottleneck (same constructor plus `backend`, same keys); eval runs 3-4 fused op calls."""
+
+    _main = _BOTTLENECK_MAIN
+    _required = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+    _reference_name = "Bottleneck"
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
+                 backend: str = "auto") -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self.backend = _check_backend(backend)
+
+
+class FusedBasicBlock(_FusedReference, BasicBlock):
+    """Drop-in for BasicBlock (same constructor plus `backend`, same keys); eval runs 2-3 fused op calls."""
+
+    _main = _BASIC_MAIN
+    _required = ("conv1", "bn1", "conv2", "bn2")
+    _reference_name = "BasicBlock"
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
+                 backend: str = "auto") -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self.backend = _check_backend(backend)
+
+
+class FusedResidualBlock(_FusedResidual, nn.Module):
+    """Any residual block whose dataflow is `plan` (proved by fuse_model), keeping the block's own submodules."""
+
+    def __init__(self, plan: ResidualPlan, modules: dict, backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(plan, ResidualPlan):
+            raise TypeError(f"plan must be a ResidualPlan, got {type(plan).__name__}")
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self.plan = plan
+        self.backend = _check_backend(backend)
+        self.original_class = None
+
+    @classmethod
+    def from_block(cls, block: nn.Module, plan: ResidualPlan, backend: str = "auto") -> "FusedResidualBlock":
+        new = cls.__new__(cls)
+        _copy_module_state(new, block)
+        new.plan = plan
+        new.backend = _check_backend(backend)
+        new.original_class = f"{type(block).__module__}.{type(block).__qualname__}"
+        return new
+
+    def residual_plan(self) -> ResidualPlan:
+        return self.plan
+
+
+# ---------------------------------------------------------------------------------------------- chains
+
+
+class AbsorbedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d whose normalization the preceding FusedConvBNAct applies: its forward is the identity.
+
+    It keeps the parameters, buffers and state_dict keys where the original BN was; train/eval and .to() reach
+    it as before, and the fused conv updates its running statistics in training.
+    """
+
+    _absorbed_bn = True
+
+    @classmethod
+    def absorb(cls, bn: nn.BatchNorm2d) -> "AbsorbedBatchNorm2d":
+        return _copy_module_state(cls.__new__(cls), bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", absorbed into the preceding FusedConvBNAct"
+
+
+class FusedConvBNAct(_FoldCached, nn.Conv2d):
+    """relu?(bn(conv(x))) as one fused op: an nn.Conv2d (same parameters and keys) that also applies the
+    AbsorbedBatchNorm2d registered after it (held here by reference, not as a submodule, so keys do not move)."""
+
+    _fused_conv = True
+
+    @classmethod
+    def absorb(cls, conv: nn.Conv2d, bn: Optional[AbsorbedBatchNorm2d], relu: bool,
+               backend: str = "auto") -> "FusedConvBNAct":
+        if bn is not None and not isinstance(bn, AbsorbedBatchNorm2d):
+            raise TypeError(f"bn must be an AbsorbedBatchNorm2d (see AbsorbedBatchNorm2d.absorb), "
+                            f"got {type(bn).__name__}")
+        new = _copy_module_state(cls.__new__(cls), conv)
+        new.__dict__["absorbed_bn"] = bn  # a plain reference: registering it would duplicate its state_dict keys
+        new.fused_relu = bool(relu)
+        new.backend = _check_backend(backend)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_unit(self._fold_cache(), "conv", self, self.absorbed_bn, x, None, self.fused_relu, self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bn={'absorbed' if self.absorbed_bn is not None else None}, " \
+                                      f"relu={self.fused_relu}, backend={self.backend!r}"

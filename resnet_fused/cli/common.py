@@ -1,0 +1,92 @@
+"""Shared CLI plumbing: device/dtype choice, model construction, inputs and environment facts."""
+
+from __future__ import annotations
+
+import platform
+from typing import Optional
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    """The requested device, or cuda when present else cpu. Asking for cuda without one is a clear error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU here (use --device cpu)")
+    return torch.device(name)
+
+
+def pick_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """fp32 on the CPU and bf16 on a GPU unless asked otherwise."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def build_model(name: str, weights: Optional[str], device, dtype) -> torch.nn.Module:
+    """An eval-mode reference model in channels_last: a local torchvision checkpoint, or random weights (with
+    random BN statistics, see randomize_bn)."""
+    from .. import models
+
+    if name not in MODELS:
+        raise SystemExit(f"--model must be one of {list(MODELS)}, got {name!r}")
+    model = getattr(models, name)(weights=weights)
+    if weights is None:
+        randomize_bn(model)
+    return model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+def make_images(batch: int, image_size: int, device, dtype, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    return x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device) -> dict:
+    """Versions and device facts recorded with every benchmark and profile."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton absent or broken: recorded, not fatal
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+@torch.no_grad()
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial statistics and affine terms: a fresh init has mean 0, var 1, gamma 1,
+    beta 0, which would let a wrong BN fold go unnoticed."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+            if module.weight is not None:
+                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)

@@ -1,0 +1,97 @@
+"""`python -m resnet_fused demo`: ResNet-50 eager vs fused on this machine: do they agree, and how fast is each.
+
+Agreement: max relative error = max|fused - eager| / max|eager| over the logits, within a per-dtype tolerance,
+and the top-5 classes of every image equal (classes whose eager logits tie with the 5th within the tolerance
+may swap). The exit code is 1 when either fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .. import ops
+from .common import DTYPE_NAMES, build_model, environment, make_images, pick_device, pick_dtype
+from .fusing import fuse_for_benchmark
+from .timing import side_by_side
+
+# Max relative error of the logits allowed per dtype (fused and eager both run in this dtype).
+REL_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="ResNet-50 eager vs fused: agreement and speed")
+    p.add_argument("--weights", default=None, help="a local torchvision resnet50 checkpoint (default: random)")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default 4 on CPU, 64 on GPU)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
+    p.add_argument("--backend", default="auto", help="fused backend: auto or a name from available_backends")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default fp32 on CPU, bf16 on GPU")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed iterations per path after 1 warm-up (default 10 on GPU, 3 on CPU)")
+    # For fast tests: smaller images and other models.
+    p.add_argument("--image-size", type=int, default=224, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="resnet50", help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+
+
+def top5_agreement(eager: torch.Tensor, fused: torch.Tensor, atol: float) -> str:
+    """'yes', 'yes (up to near-ties)' or 'no' for the top-5 class sets of every row."""
+    k = min(5, eager.shape[1])
+    verdict = "yes"
+    ref_top = eager.topk(k, dim=1)
+    got_top = fused.topk(k, dim=1).indices
+    for row in range(eager.shape[0]):
+        ref_set, got_set = set(ref_top.indices[row].tolist()), set(got_top[row].tolist())
+        if ref_set == got_set:
+            continue
+        kth = ref_top.values[row, -1].item()
+        # Only classes whose eager logit is within atol of the k-th best may legitimately swap in or out.
+        if all(abs(eager[row, c].item() - kth) <= atol for c in ref_set ^ got_set):
+            verdict = "yes (up to near-ties)"
+        else:
+            return "no"
+    return verdict
+
+
+def run(args) -> int:
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    batch = args.batch or (64 if device.type == "cuda" else 4)
+    iters = args.iters or (10 if device.type == "cuda" else 3)
+    if batch < 1 or args.image_size < 32 or iters < 1:
+        raise SystemExit("--batch and --iters must be >= 1 and --image-size >= 32")
+    torch.manual_seed(0)
+    backend = ops.resolve_name(args.backend, device, dtype)
+    env = environment(device)
+    print(f"device: {env['device']} ({device.type}), torch {env['torch']}, triton {env['triton']}, "
+          f"{torch.get_num_threads()} threads")
+    unavailable = {k: v for k, v in ops.available_backends(device).items() if v}
+    print(f"backend: {args.backend} -> {backend!r}" +
+          "".join(f"\n  ({name} unavailable: {why})" for name, why in unavailable.items()))
+    print(f"model: {args.model}, {'checkpoint ' + args.weights if args.weights else 'random weights'}; "
+          f"batch {batch} x 3 x {args.image_size} x {args.image_size}, {DTYPE_NAMES[dtype]}, channels_last")
+
+    eager = build_model(args.model, args.weights, device, dtype)
+    fused, how = fuse_for_benchmark(eager, backend)
+    print(f"fused with {how}")
+    x = make_images(batch, args.image_size, device, dtype)
+
+    with torch.inference_mode():
+        ref = eager(x).float()
+        out = fused(x).float()
+        rel_err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+        tol = REL_TOL[dtype]
+        top5 = top5_agreement(ref, out, atol=tol * ref.abs().max().item())
+        ok = rel_err <= tol and top5 != "no" and bool(torch.isfinite(out).all())
+        print(f"max relative error: {rel_err:.3e} (tolerance {tol:.0e})")
+        print(f"top-5 classes agree: {top5}")
+
+        times = side_by_side({"eager": lambda: eager(x), "fused": lambda: fused(x)}, device,
+                             warmup=1, iters=iters)
+    print(f"\n{'path':<8} {'ms/batch':>10} {'images/s':>10} {'speedup':>8}")
+    for name, seconds in times.items():
+        print(f"{name:<8} {seconds * 1e3:>10.1f} {batch / seconds:>10.1f} {times['eager'] / seconds:>7.2f}x")
+    print("\nRESULT: " + ("outputs match" if ok else "OUTPUTS DO NOT MATCH"))
+    return 0 if ok else 1

@@ -1,0 +1,245 @@
+"""fuse_model: swap an existing model's residual blocks and conv-BN(-ReLU) chains for fused modules.
+
+Blocks are recognized by structure, not by class name: torch.fx traces each module's own forward (submodules
+opaque) and the swap happens only where the graph proves the fused module computes the same thing:
+
+    residual block   out = relu(conv-BN(-ReLU) chain(x) + shortcut(x)), shortcut = x | conv-BN chain | a module
+                     -> FusedBottleneck / FusedBasicBlock (torchvision layout) or FusedResidualBlock (any other)
+    chain            conv -> BatchNorm2d (-> ReLU module) whose intermediate values nothing else reads
+                     -> FusedConvBNAct at the conv, AbsorbedBatchNorm2d at the BN, nn.Identity at the ReLU
+
+Everything else (SE, drop-path, pooling, attention, untraceable forwards) stays as it is, and the report says
+why. Parameters and buffers are the same tensors under the same names, so state_dicts load both ways.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+from torch import nn
+
+from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, FusedBasicBlock, FusedBottleneck,
+                     FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
+from .fusion.analysis import _steps_of_module, find_chains, match_residual, node_kind, trace_shallow
+from .fusion.conv_bn import kernel_unsupported_reason
+from .fusion.plan import ModuleShortcut, ResidualPlan
+from .ops.registry import _check_name
+
+__all__ = ["fuse_model", "FuseReport", "FusedItem", "LeftItem"]
+
+
+@dataclass(frozen=True)
+class FusedItem:
+    name: str       # qualified name in the model ("" for the model itself)
+    kind: str       # "bottleneck", "basic", "residual" or "conv-bn-relu" / "conv-bn" / "conv-relu"
+    detail: str
+
+
+@dataclass(frozen=True)
+class LeftItem:
+    name: str
+    module_type: str
+    reason: str
+
+
+@dataclass
+class FuseReport:
+    backend: str
+    fused: List[FusedItem] = field(default_factory=list)
+    left: List[LeftItem] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> List[FusedItem]:
+        return [f for f in self.fused if f.kind in ("bottleneck", "basic", "residual")]
+
+    @property
+    def chains(self) -> List[FusedItem]:
+        return [f for f in self.fused if f not in self.blocks]
+
+    def summary(self) -> str:
+        kinds = Counter(f.kind for f in self.fused)
+        lines = [f"fuse_model (backend={self.backend!r}): fused "
+                 + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "nothing")
+                 + f"; left {len(self.left)} module(s) as they were"]
+        for item in self.fused:
+            lines.append(f"  fused  {item.name or '<model>'} [{item.kind}] {item.detail}")
+        for item in self.left:
+            lines.append(f"  left   {item.name or '<model>'} ({item.module_type}): {item.reason}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _Fuser:
+    def __init__(self, root: nn.Module, backend: str):
+        self.backend = backend
+        self.report = FuseReport(backend)
+        self.occurrences = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+        self.escaped: set = set()  # modules some other module's forward calls directly
+        self.why: dict = {}        # id(conv or bn) -> why it was left unfused
+
+    # ------------------------------------------------------------------------------------------ blocks
+
+    def fused_block(self, block: nn.Module, plan: ResidualPlan):
+        for kind, main, cls in (("bottleneck", _BOTTLENECK_MAIN, FusedBottleneck),
+                                ("basic", _BASIC_MAIN, FusedBasicBlock)):
+            if (plan.main == main and hasattr(block, "downsample")
+                    and plan == ResidualPlan(main, downsample_shortcut(block))):
+                return kind, cls.from_block(block, backend=self.backend)
+        return "residual", FusedResidualBlock.from_block(block, plan, backend=self.backend)
+
+    def describe_block(self, block: nn.Module, plan: ResidualPlan) -> str:
+        notes = []
+        for unit in plan.main + (plan.shortcut if isinstance(plan.shortcut, tuple) else ()):
+            reason = kernel_unsupported_reason(block.get_submodule(unit.conv))
+            if reason:
+                notes.append(f"{unit.conv} runs as F.conv2d + fused epilogue: {reason}")
+        text = plan.describe()
+        return text + (f" ({'; '.join(notes)})" if notes else "")
+
+    # ------------------------------------------------------------------------------------------ walk
+
+    def visit(self, module: nn.Module, name: str) -> nn.Module:
+        """Fuse inside `module`; return what should stand in its place (itself, or a fused block)."""
+        if isinstance(module, (_FusedResidual, FusedConvBNAct)) or not module._modules:
+            return module
+        graphs, trace_error = _trace_both_modes(module)
+        if graphs:
+            for node in (n for g in graphs for n in g.nodes):
+                if node.op == "call_module" and "." in node.target:
+                    self.escaped.add(id(module.get_submodule(node.target)))
+            matches = [match_residual(module, g) for g in graphs]
+            plan, reason, blocking = matches[0]
+            if plan is not None and plan == matches[1][0] and not _hooked(module):
+                kind, fused = self.fused_block(module, plan)
+                self.report.fused.append(FusedItem(name, kind, self.describe_block(module, plan)))
+                if isinstance(plan.shortcut, ModuleShortcut):  # fuse what can be inside the opaque shortcut
+                    self.visit_children(fused.get_submodule(plan.shortcut.name), _join(name, plan.shortcut.name))
+                return fused
+            if any(_looks_residual(module, g) for g in graphs):
+                if plan is not None:
+                    reason = "forward differs between train and eval mode"
+                self.report.left.append(LeftItem(name, type(module).__name__, f"not fused as a whole: {reason}"))
+                for child in _opaque_calls(module, graphs):
+                    sub = module.get_submodule(child)
+                    self.report.left.append(LeftItem(_join(name, child), type(sub).__name__,
+                                                     "not a conv, BatchNorm or ReLU: runs as is"))
+            self.absorb_chains(module, graphs, name)
+        elif _has_convs(module):
+            self.report.left.append(LeftItem(name, type(module).__name__, trace_error))
+        self.visit_children(module, name)
+        return module
+
+    def visit_children(self, module: nn.Module, name: str) -> None:
+        for child_name, child in list(module.named_children()):
+            replacement = self.visit(child, _join(name, child_name))
+            if replacement is not child:
+                setattr(module, child_name, replacement)
+
+    def absorb_chains(self, module: nn.Module, graphs, name: str) -> None:
+        def usable(child: str) -> bool:
+            sub = module.get_submodule(child)
+            return self.occurrences[id(sub)] == 1 and id(sub) not in self.escaped and not _hooked(sub)
+
+        (chains, why), (other_chains, other_why) = (find_chains(module, g, usable) for g in graphs)
+        chains = [c for c in chains if c in other_chains]  # proven in train mode and in eval mode
+        why = {**other_why, **why}
+        for conv_name, reason in why.items():
+            self.why[id(module.get_submodule(conv_name))] = reason
+        for chain in chains:
+            conv = module.get_submodule(chain.conv)
+            bn = AbsorbedBatchNorm2d.absorb(module.get_submodule(chain.bn)) if chain.bn else None
+            if bn is not None:
+                setattr(module, chain.bn, bn)
+            setattr(module, chain.conv, FusedConvBNAct.absorb(conv, bn, chain.relu is not None, self.backend))
+            if chain.relu is not None:
+                setattr(module, chain.relu, nn.Identity())
+            parts = [chain.conv] + ([chain.bn] if chain.bn else []) + ([chain.relu] if chain.relu else [])
+            kind = "conv" + ("-bn" if chain.bn else "") + ("-relu" if chain.relu else "")
+            note = kernel_unsupported_reason(conv)
+            detail = " + ".join(_join(name, p) for p in parts) + (f" (conv runs as F.conv2d: {note})" if note else "")
+            self.report.fused.append(FusedItem(_join(name, chain.conv), kind, detail))
+
+    def list_leftovers(self, root: nn.Module) -> None:
+        """Every conv and BatchNorm that runs eagerly after all, with the reason."""
+        already = {item.name for item in self.report.left}
+        for name, module in _named_modules_outside_fused(root):
+            if name in already:
+                continue
+            if type(module) is nn.Conv2d or (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                                             and not isinstance(module, AbsorbedBatchNorm2d)):
+                reason = self.why.get(id(module), "not in a conv -> BatchNorm (-> ReLU) chain that torch.fx "
+                                                  "could prove (see the entries above)")
+                self.report.left.append(LeftItem(name, type(module).__name__, reason))
+
+
+def _trace_both_modes(module: nn.Module):
+    """Graphs of module.forward with module.training True and False (a proof must hold in both), or the error."""
+    graphs, saved = [], module.training
+    try:
+        for mode in (saved, not saved):
+            module.training = mode
+            graph, error = trace_shallow(module)
+            if graph is None:
+                return [], error + ("" if mode == saved else f" (with training={mode})")
+            graphs.append(graph)
+    finally:
+        module.training = saved
+    return graphs, None
+
+
+def _opaque_calls(module: nn.Module, graphs) -> List[str]:
+    """The submodules a forward calls that are not conv / BN / ReLU / identity: what blocks a whole-block fusion."""
+    names = []
+    for node in (n for g in graphs for n in g.nodes):
+        if (node.op == "call_module" and node_kind(node, module) in ("module", "seq") and node.target not in names
+                and not all(step.kind in ("conv", "bn", "relu", "identity")
+                            for step in _steps_of_module(module.get_submodule(node.target), node.target))):
+            names.append(node.target)
+    return names
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _looks_residual(module: nn.Module, graph) -> bool:
+    return any(n.op in ("call_function", "call_method") and node_kind(n, module) == "add" for n in graph.nodes)
+
+
+def _has_convs(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) for m in module.modules())
+
+
+def _named_modules_outside_fused(root: nn.Module, prefix: str = ""):
+    yield prefix, root
+    if isinstance(root, _FusedResidual):
+        return
+    for name, child in root.named_children():
+        yield from _named_modules_outside_fused(child, _join(prefix, name))
+
+
+def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -> Tuple[nn.Module, FuseReport]:
+    """Return (model with fused blocks and chains, report). The input model is untouched unless inplace=True.
+
+    backend: the backend the fused modules use ("auto" follows `use_backend` / `set_backend` at call time).
+    The result computes what `model` computes (eval and train), with the same parameters, buffers and keys.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    backend = _check_name(backend)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    fuser = _Fuser(target, backend)
+    result = fuser.visit(target, "")
+    fuser.list_leftovers(result)
+    return result, fuser.report

@@ -1,0 +1,285 @@
+"""torch.fx proofs about a module's own forward (its submodules are opaque calls, never traced into).
+
+`trace_shallow(module)` gives the dataflow graph of `module.forward` alone. On it:
+- `match_residual` proves out = relu(chain(x) + shortcut(x)) with every node accounted for, and returns the
+  ResidualPlan (or the reason it is not one);
+- `find_chains` lists conv -> BN (-> ReLU) runs whose intermediate values nobody else reads, so the three can
+  become one fused op without changing what the forward computes.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_bn import has_hooks, plain_bn_reason, plain_conv_reason
+from .plan import ModuleShortcut, ResidualPlan, Unit
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, torch.nn.functional.relu}
+_RELU_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+class _ShallowTracer(fx.Tracer):
+    """Every registered submodule is a leaf; a module built inside forward (nn.ReLU()(x)) is traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            if type(m) is nn.ReLU and not has_hooks(m):
+                return self.create_proxy("call_function", torch.relu, (args[0],), {})
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def trace_shallow(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str]]:
+    """(graph, None), or (None, why tracing failed)."""
+    try:
+        return _ShallowTracer().trace(module), None
+    except Exception as error:  # fx raises many types (TraceError, TypeError, NameError, ...): all mean "not provable"
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return None, f"forward is not traceable by torch.fx ({type(error).__name__}: {first_line[:120]})"
+
+
+# ------------------------------------------------------------------------------------------- node kinds
+
+
+def _module_kind(module: nn.Module) -> str:
+    if has_hooks(module):
+        return "module"
+    if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0):
+        return "identity"
+    if type(module) is nn.ReLU:
+        return "relu"
+    if plain_conv_reason(module) is None and not getattr(type(module), "_fused_conv", False):
+        return "conv"
+    if plain_bn_reason(module) is None and not getattr(type(module), "_absorbed_bn", False):
+        return "bn"
+    if type(module) is nn.Sequential:
+        return "seq"
+    return "module"
+
+
+def _only_tensor_arg(node: fx.Node) -> Optional[fx.Node]:
+    """The node's single Node input, if it has exactly one and nothing else that could change the result."""
+    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        return node.args[0] if set(node.kwargs) <= {"inplace"} else None
+    return node.args[0] if not node.kwargs else None
+
+
+def node_kind(node: fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        return _module_kind(root.get_submodule(node.target))
+    if node.op == "call_function":
+        if node.target in _RELU_FUNCTIONS:
+            return "relu"
+        if node.target in _ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
+            return "add"
+    if node.op == "call_method":
+        if node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs:
+            return "relu"
+        if node.target in _ADD_METHODS and len(node.args) == 2 and not node.kwargs:
+            return "add"
+    return node.op
+
+
+# ------------------------------------------------------------------------------------------- residual blocks
+
+
+@dataclass(frozen=True)
+class _Step:
+    kind: str  # conv, bn, relu, identity, module
+    name: Optional[str]
+
+
+def _steps_of_module(module: nn.Module, name: str) -> List[_Step]:
+    kind = _module_kind(module)
+    if kind != "seq":
+        return [_Step(kind, name)]
+    steps = []
+    for child_name, child in module.named_children():
+        steps += _steps_of_module(child, f"{name}.{child_name}")
+    return steps
+
+
+def _linear_path(end: fx.Node, start: fx.Node) -> Optional[List[fx.Node]]:
+    """Nodes from just after `start` to `end`, each feeding only the next; None if not such a chain."""
+    path = []
+    node = end
+    while node is not start:
+        previous = _only_tensor_arg(node) if node.op != "placeholder" else None
+        if previous is None:
+            return None
+        path.append(node)
+        node = previous
+    path.reverse()
+    for node, following in zip(path, path[1:]):
+        if list(node.users) != [following]:
+            return None
+    return path
+
+
+def _steps(path: List[fx.Node], root: nn.Module) -> List[_Step]:
+    steps = []
+    for node in path:
+        if node.op == "call_module":
+            steps += _steps_of_module(root.get_submodule(node.target), node.target)
+        else:
+            steps.append(_Step(node_kind(node, root), None))
+    return steps
+
+
+def _units(steps: List[_Step]) -> Tuple[Optional[Tuple[Unit, ...]], Optional[str]]:
+    units, current = [], None
+    for step in steps:
+        if step.kind == "identity":
+            continue
+        if step.kind == "conv":
+            if current:
+                units.append(Unit(*current))
+            current = [step.name, None, False]
+        elif step.kind == "bn" and current is not None and current[1] is None and not current[2]:
+            current[1] = step.name
+        elif step.kind == "relu" and current is not None:
+            current[2] = True
+        else:
+            what = step.name or "a function call"
+            return None, f"{what} ({step.kind}) is not a conv -> BatchNorm -> ReLU step"
+    if current:
+        units.append(Unit(*current))
+    return tuple(units), None
+
+
+def _modules_of(units) -> List[str]:
+    return [n for u in units for n in (u.conv, u.bn) if n]
+
+
+def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[ResidualPlan], str, List[str]]:
+    """(plan, "", []) if forward(x) == relu(main(x) + shortcut(x)) exactly; else (None, reason, blocking names)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    if len(placeholders) != 1:
+        return None, f"forward takes {len(placeholders)} inputs, not one", []
+    x = placeholders[0]
+    last = output.args[0]
+    if not isinstance(last, fx.Node) or node_kind(last, module) != "relu" or _only_tensor_arg(last) is None:
+        return None, "the output is not relu(...)", []
+    add = last.args[0]
+    if node_kind(add, module) != "add" or list(add.users) != [last]:
+        return None, "the output is not relu(a + b)", []
+    if not all(isinstance(a, fx.Node) for a in add.args):
+        return None, "the residual add has a non-tensor operand", []
+    reason, blocking = "neither operand of the add is a conv-BN chain from the input", []
+    for main_end, short_end in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+        main_path = _linear_path(main_end, x)
+        if main_path is None or not main_path or list(main_path[-1].users) != [add]:
+            continue
+        main, why = _units(_steps(main_path, module))
+        if main is None:
+            reason = f"main branch: {why}"
+            blocking = [s.name for s in _steps(main_path, module) if s.kind in ("module",) and s.name]
+            continue
+        if not main or main[-1].relu:
+            reason = "main branch does not end in conv(-BN) before the add"
+            continue
+        shortcut, short_path = _shortcut(short_end, x, add, module)
+        if shortcut == "fail":
+            reason = "the shortcut is not the input, a conv-BN chain or one module applied to the input"
+            continue
+        used = set(main_path) | set(short_path) | {add, last, x, output}
+        extra = [n for n in graph.nodes if n not in used]
+        if extra:
+            return None, f"forward also computes {', '.join(str(n.target) for n in extra[:4])}", \
+                [str(n.target) for n in extra if n.op == "call_module"]
+        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        names = _modules_of(main) + (_modules_of(shortcut) if isinstance(shortcut, tuple) else [])
+        roots = {name.split(".")[0] for name in names}
+        if any(calls[r] > 1 for r in roots):
+            return None, "a conv or BatchNorm module is called more than once", []
+        return ResidualPlan(main, shortcut), "", []
+    return None, reason, blocking
+
+
+def _shortcut(end: fx.Node, x: fx.Node, add: fx.Node, module: nn.Module):
+    if end is x:
+        return None, []
+    path = _linear_path(end, x)
+    if path is None or list(path[-1].users) != [add]:
+        return "fail", []
+    steps = _steps(path, module)
+    if all(s.kind == "identity" for s in steps):
+        return None, path
+    units, _ = _units(steps)
+    if units:
+        return units, path
+    if len(path) == 1 and path[0].op == "call_module":
+        return ModuleShortcut(path[0].target), path
+    return "fail", []
+
+
+# ------------------------------------------------------------------------------------------- chains
+
+
+@dataclass(frozen=True)
+class Chain:
+    conv: str
+    bn: Optional[str]
+    relu: Optional[str]  # the nn.ReLU child that becomes nn.Identity (None: no ReLU fused)
+
+
+def find_chains(module: nn.Module, graph: fx.Graph, usable) -> Tuple[List[Chain], dict]:
+    """conv -> BN (-> ReLU module) runs among `module`'s direct children, with each value read only by the next.
+
+    usable(name) says whether the direct child `name` may be swapped (not shared, not called from elsewhere).
+    Returns the chains and, for convs that could not be fused, the reason (by child name).
+    """
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    single = lambda n: n.op == "call_module" and "." not in n.target and calls[n.target] == 1 and usable(n.target)
+    chains, why = [], {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node_kind(node, module) != "conv":
+            continue
+        if type(module.get_submodule(node.target)) is not nn.Conv2d or not single(node):
+            why[node.target] = "shared, called more than once or a conv subclass"
+            continue
+        users = list(node.users)
+        bn_node = users[0] if len(users) == 1 and users[0].op == "call_module" else None
+        if bn_node is not None and not (node_kind(bn_node, module) == "bn" and single(bn_node)
+                                        and _only_tensor_arg(bn_node) is node
+                                        and type(module.get_submodule(bn_node.target)) is nn.BatchNorm2d):
+            bn_node = None
+        tail = bn_node or node
+        relu = _following_relu(tail, module, single)
+        if bn_node is None and relu is None:
+            why[node.target] = "not followed by a BatchNorm2d or ReLU module that only it feeds"
+            continue
+        chains.append(Chain(node.target, bn_node.target if bn_node else None, relu))
+    return chains, why
+
+
+def _following_relu(node: fx.Node, module: nn.Module, single) -> Optional[str]:
+    while len(node.users) == 1:
+        previous, node = node, next(iter(node.users))
+        if _only_tensor_arg(node) is not previous:
+            return None
+        kind = node_kind(node, module) if node.op == "call_module" else None
+        if kind == "identity":
+            continue
+        if kind == "relu" and single(node):
+            return node.target
+        return None
+    return None

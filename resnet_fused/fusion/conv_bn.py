@@ -1,0 +1,258 @@
+"""One fused unit: y = relu?(bn(conv(x)) + residual?), computed through the public ops.
+
+    eval (BN running stats):  scale = gamma / sqrt(running_var + eps),  shift = beta + (bias - running_mean) * scale
+                              y = conv_bn_act(x, W, scale, shift, residual, relu)   (fold + pack cached per unit)
+    train (batch stats):      c = conv2d(x, W) + bias;  mean, var = batch mean / biased variance of c per channel
+                              y = bn_act(c - mean, gamma / sqrt(var + eps), beta, residual, relu)  (fp32, autograd
+                              through every term; centering first keeps the backward as exact as BatchNorm's)
+                              running_mean/var (unbiased) and num_batches_tracked updated as nn.BatchNorm2d does
+
+Where a fused path would not be exact (empty batch, float64, a norm layer other than BatchNorm, SyncBatchNorm in
+training, dtype mismatch eager would reject) the unit runs its modules eagerly, so behaviour equals eager's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import ops
+from ..ops.registry import get_backend
+
+_CONV_FORWARD = nn.Conv2d.forward
+_CONV_IMPL = nn.Conv2d._conv_forward
+_BN_FORWARD = _BatchNorm.forward
+
+
+def kernel_unsupported_reason(conv: nn.Conv2d) -> Optional[str]:
+    """None if the fused conv kernels run this conv; else why it runs as F.conv2d (with a fused epilogue)."""
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups})"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilated conv (dilation={tuple(conv.dilation)})"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}"
+    if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+        return f"non-square stride {tuple(conv.stride)} or padding {tuple(conv.padding)}"
+    return None
+
+
+def has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _is_fused_conv(conv) -> bool:
+    return getattr(type(conv), "_fused_conv", False)
+
+
+def _is_absorbed_bn(bn) -> bool:
+    return getattr(type(bn), "_absorbed_bn", False)
+
+
+def plain_conv_reason(conv) -> Optional[str]:
+    """None if `conv` computes exactly nn.Conv2d's forward (so running its math elsewhere is equivalent)."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is not an nn.Conv2d"
+    if _is_fused_conv(conv):
+        return None  # its hooks, if any, wrap the whole fused chain: they run around run_unit already
+    if type(conv)._conv_forward is not _CONV_IMPL or type(conv).forward is not _CONV_FORWARD:
+        return f"{type(conv).__name__} overrides nn.Conv2d's forward"
+    if has_hooks(conv):
+        return "has hooks"
+    return None
+
+
+def plain_bn_reason(bn) -> Optional[str]:
+    """None if `bn` computes exactly nn.BatchNorm2d's forward."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not an nn.BatchNorm2d"
+    if type(bn).forward is not _BN_FORWARD and not _is_absorbed_bn(bn):
+        return f"{type(bn).__name__} overrides BatchNorm's forward"
+    if has_hooks(bn):
+        return "has hooks"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- eager
+
+
+def unit_eager(conv, bn, x, residual, relu: bool) -> torch.Tensor:
+    """The unit exactly as the eager block computes it (a fused conv / absorbed BN run their original math)."""
+    y = _CONV_IMPL(conv, x, conv.weight, conv.bias) if _is_fused_conv(conv) else conv(x)
+    if bn is not None:
+        y = _BN_FORWARD(bn, y) if _is_absorbed_bn(bn) else bn(y)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _compute_dtype(x: torch.Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
+    """The dtype eager's conv runs in (autocast's when enabled), or None where the fused path does not apply."""
+    device_type = x.device.type
+    if x.dtype not in ops.SUPPORTED_DTYPES or conv.weight.dtype not in ops.SUPPORTED_DTYPES:
+        return None
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype if dtype in ops.SUPPORTED_DTYPES else None
+    return x.dtype if x.dtype == conv.weight.dtype else None  # eager raises on a mismatch: let it
+
+
+def _batch_stats(bn) -> bool:
+    # as F.batch_norm is called by _BatchNorm.forward: batch statistics in training or without running buffers
+    return bn is not None and (bn.training or bn.running_mean is None or bn.running_var is None)
+
+
+def _needs_grad(x, residual, conv, bn) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [x, residual, conv.weight, conv.bias]
+    if bn is not None:
+        tensors += [bn.weight, bn.bias]
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _live_fold(conv, bn):
+    """(scale, shift) in fp32 from the modules' current tensors, with autograd (eval statistics)."""
+    channels = conv.out_channels
+    bias = conv.bias.float() if conv.bias is not None else None
+    if bn is None:
+        scale = torch.ones(channels, device=conv.weight.device, dtype=torch.float32)
+        shift = bias if bias is not None else torch.zeros_like(scale)
+        return scale, shift
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.float() * scale
+    centered = -bn.running_mean.float() if bias is None else bias - bn.running_mean.float()
+    shift = centered * scale
+    if bn.bias is not None:
+        shift = bn.bias.float() + shift
+    return scale, shift
+
+
+def _version(t: Optional[torch.Tensor]):
+    if t is None:
+        return None
+    try:
+        return (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+    except RuntimeError:  # inference tensors carry no version counter: never trust a cached fold of one
+        return False
+
+
+def _cache_key(conv, bn, dtype, backend):
+    tensors = [conv.weight, conv.bias]
+    if bn is not None:
+        tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    key = tuple(_version(t) for t in tensors)
+    if False in key:
+        return None
+    return key + (None if bn is None else float(bn.eps), dtype, backend)
+
+
+def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):
+    """The (fold, pack) of this unit for these tensors, rebuilt whenever any of them changed."""
+    key = _cache_key(conv, bn, dtype, backend)
+    hit = cache.get(name)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    scale, shift = ops.fold_bn(conv, bn)
+    weight = conv.weight.detach().to(dtype)
+    if kernel_unsupported_reason(conv) is None:
+        entry = ("packed", ops.pack_conv_bn(weight, scale, shift, backend=backend))
+    else:
+        entry = ("eager_conv", weight, scale, shift)
+    if key is not None:
+        cache[name] = (key, entry)
+    return entry
+
+
+def _residual_as(residual, dtype):
+    return None if residual is None else residual.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------- the unit
+
+
+def run_unit(cache: Optional[dict], name: str, conv: nn.Conv2d, bn, x: torch.Tensor,
+             residual: Optional[torch.Tensor], relu: bool, backend: Optional[str]) -> torch.Tensor:
+    """relu?(bn(conv(x)) + residual?) as eager computes it, fused where exact.
+
+    cache: the owner's dict of (key, fold/pack) per unit name (None under torch.compile tracing).
+    backend: a backend name, or None / "auto" for the current default (`use_backend`, `set_backend`).
+    """
+    dtype = _compute_dtype(x, conv) if x.dim() == 4 and x.numel() > 0 else None
+    if dtype is None or plain_conv_reason(conv) is not None or (bn is not None and plain_bn_reason(bn) is not None):
+        return unit_eager(conv, bn, x, residual, relu)
+    backend = get_backend() if backend in (None, "auto") else backend
+    if _batch_stats(bn):
+        return _train_unit(conv, bn, x, _residual_as(residual, dtype), relu, dtype, backend)
+    residual = _residual_as(residual, dtype)
+    x = x.to(dtype)
+    stride = conv.stride[0]
+    padding = 0 if isinstance(conv.padding, str) else conv.padding[0]
+    needs_grad = _needs_grad(x, residual, conv, bn)
+    if cache is None or needs_grad:  # tracing, or autograd wanted (e.g. fine-tuning with frozen BN): no cache
+        scale, shift = _live_fold(conv, bn)
+        weight = conv.weight.to(dtype)
+        if kernel_unsupported_reason(conv) is None and not needs_grad:
+            return ops.conv_bn_act(x, weight, scale, shift, residual, stride=stride, padding=padding, relu=relu,
+                                   backend=backend)
+        return ops.bn_act(_CONV_IMPL(conv, x, weight, None), scale, shift, residual, relu=relu, backend=backend)
+    entry = _cached_pack(cache, name, conv, bn, dtype, backend)
+    if entry[0] == "packed":
+        return ops.conv_bn_act_packed(x, entry[1], residual, stride=stride, padding=padding, relu=relu)
+    _, weight, scale, shift = entry
+    return ops.bn_act(_CONV_IMPL(conv, x, weight, None), scale, shift, residual, relu=relu, backend=backend)
+
+
+def _train_unit(conv, bn, x, residual, relu, dtype, backend):
+    x = x.to(dtype)
+    weight = conv.weight.to(dtype)
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    y = _CONV_IMPL(conv, x, weight, bias)  # the bias stays in: it shifts the batch mean, hence running_mean
+    per_channel = y.numel() // max(y.shape[1], 1)
+    if bn.training and per_channel <= 1:
+        return unit_eager(conv, bn, x, residual, relu)  # eager raises its own "more than 1 value" error
+    y32 = y.float()
+    var, mean = torch.var_mean(y32, dim=(0, 2, 3), correction=0)
+    # Normalize the centered values: autograd then reduces sum(g * (y - mean)), as BatchNorm's backward does,
+    # instead of sum(g * y) - mean * sum(g), which cancels catastrophically when |mean| >> std.
+    centered = y32 - mean.view(1, -1, 1, 1)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.float() * scale
+    shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
+    if bn.training and bn.track_running_stats:
+        _update_running_stats(bn, mean.detach(), var.detach(), per_channel)
+    residual = None if residual is None else residual.float()
+    if not relu:
+        # Without a ReLU the next module may modify this output in place (an inplace ReLU that could not be
+        # absorbed), as eager BatchNorm's output allows; a fused op's autograd may save its output, so use plain
+        # autograd here, which saves only its inputs.
+        out = centered * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        return (out if residual is None else out + residual).to(y.dtype)
+    return ops.bn_act(centered, scale, shift, residual, relu=relu, backend=backend).to(y.dtype)
+
+
+@torch.no_grad()
+def _update_running_stats(bn, mean, var, count: int) -> None:
+    """As _BatchNorm.forward + F.batch_norm do: count the batch, then blend in mean and unbiased var."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:  # cumulative moving average
+        factor = 1.0 / float(bn.num_batches_tracked)
+    else:
+        factor = bn.momentum
+    if bn.running_mean is None or bn.running_var is None:
+        return
+    unbiased = var * (count / (count - 1))
+    bn.running_mean.copy_(factor * mean + (1.0 - factor) * bn.running_mean.float())
+    bn.running_var.copy_(factor * unbiased + (1.0 - factor) * bn.running_var.float())

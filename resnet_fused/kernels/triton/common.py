@@ -1,0 +1,26 @@
+"""What the Triton kernels share: whether they run in the interpreter, and the device check of the launchers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # triton < 3.4 has no knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Fixed when the kernels are defined (triton.jit reads it at decoration time), so it is read once here.
+INTERPRET = _interpreting()
+
+
+def check_device(x: torch.Tensor) -> None:
+    """Triton reads CUDA memory, or CPU memory only in the interpreter: say so instead of a pointer error."""
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"x is on {x.device}: Triton kernels need a CUDA tensor "
+                         f"(or TRITON_INTERPRET=1 set before triton is imported, for tests on CPU)")

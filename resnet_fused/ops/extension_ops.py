@@ -1,0 +1,134 @@
+"""Fake (meta) kernels and autograd for the C++ extension's ops, torch.ops.resnet_fused.*.
+
+    conv_bn_act(x, w, scale, shift, residual, stride, padding, relu)
+        y = act(conv2d(x, w, stride, padding) * scale[c] + shift[c] (+ residual))
+    conv_bias_act(x, w, bias, residual, stride, padding, relu)      (internal: the "cpu" backend's packed path)
+        y = act(conv2d(x, w, stride, padding) + bias[c] (+ residual))
+    bn_act(x, scale, shift, residual, relu)   y = act(x * scale[c] + shift[c] (+ residual))
+    add_relu(x, residual)                     y = max(x + residual, 0)
+
+Fake kernels give the output's shape (conv arithmetic), dtype (x's) and channels_last strides, so that
+torch.compile, torch.export and torch.library.opcheck work. Backward (plain torch, fp32 arithmetic):
+with g = grad * (y > 0) if relu else grad,
+    d residual = g,  d shift (or bias) = sum_{n,h,w} g,  d scale = sum_{n,h,w} g * conv(x, w)  (x for bn_act),
+    d x = g * scale (bn_act),  d x, d w = conv backward of g * scale (of g for conv_bias_act).
+The conv ops recompute conv(x, w) for d scale rather than keep it alive from the forward.
+Call `register()` once the extension has loaded (the schemas must exist); it is idempotent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CL = torch.channels_last
+_registered = False
+
+
+def _out_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _empty_like_output(x, channels, height, width):
+    return torch.empty((x.shape[0], channels, height, width), dtype=x.dtype, device=x.device, memory_format=CL)
+
+
+# ---- fake kernels ---------------------------------------------------------------------------------------------
+
+def _conv_output(x, weight, stride, padding):
+    height = _out_size(x.shape[2], weight.shape[2], stride, padding)
+    width = _out_size(x.shape[3], weight.shape[3], stride, padding)
+    return _empty_like_output(x, weight.shape[0], height, width)
+
+
+def _fake_conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu):
+    return _conv_output(x, weight, stride, padding)
+
+
+def _fake_conv_bias_act(x, weight, bias, residual, stride, padding, relu):
+    return _conv_output(x, weight, stride, padding)
+
+
+def _fake_bn_act(x, scale, shift, residual, relu):
+    return _empty_like_output(x, *x.shape[1:])
+
+
+def _fake_add_relu(x, residual):
+    return _empty_like_output(x, *x.shape[1:])
+
+
+# ---- autograd -------------------------------------------------------------------------------------------------
+
+from .autograd import (_channel_sum, _grad_or_none, _masked_grad, backward_add_relu, backward_bn_act,
+                       setup_add_relu, setup_bn_act)
+
+
+def _setup_conv(ctx, inputs, output):
+    x, weight, scale_or_bias, shift, residual, stride, padding, relu = inputs
+    ctx.stride, ctx.padding, ctx.relu = stride, padding, relu
+    ctx.save_for_backward(x, weight, scale_or_bias, output if relu else None)
+    ctx.shift_dtype = None if shift is None else shift.dtype
+    ctx.has_residual = residual is not None
+
+
+def _conv_grads(ctx, g, grad_conv, need_x, need_w):
+    """d x and d weight of conv2d(x, weight) given the gradient at its output (in x's dtype)."""
+    x, weight = ctx.saved_tensors[:2]
+    if not (need_x or need_w):
+        return None, None
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_conv.to(x.dtype), x, weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1,
+        [need_x, need_w, False])
+    return grad_x, grad_w
+
+
+def _backward_conv_bn_act(ctx, grad):
+    x, weight, scale, out = ctx.saved_tensors
+    g = _masked_grad(grad, out, ctx.relu)
+    need = ctx.needs_input_grad
+    grad_x, grad_w = _conv_grads(ctx, g, g * scale.float().view(1, -1, 1, 1), need[0], need[1])
+
+    def grad_scale():
+        conv = torch.nn.functional.conv2d(x, weight, None, ctx.stride, ctx.padding)
+        return _channel_sum(g * conv.float()).to(scale.dtype)
+
+    grad_scale = _grad_or_none(need[2], grad_scale)
+    grad_shift = _grad_or_none(need[3], lambda: _channel_sum(g).to(ctx.shift_dtype))
+    grad_res = _grad_or_none(ctx.has_residual and need[4], lambda: g.to(x.dtype))
+    return grad_x, grad_w, grad_scale, grad_shift, grad_res, None, None, None
+
+
+def _setup_conv_bias_act(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, relu = inputs
+    _setup_conv(ctx, (x, weight, bias, None, residual, stride, padding, relu), output)
+
+
+def _backward_conv_bias_act(ctx, grad):
+    x, weight, bias, out = ctx.saved_tensors
+    g = _masked_grad(grad, out, ctx.relu)
+    need = ctx.needs_input_grad
+    grad_x, grad_w = _conv_grads(ctx, g, g, need[0], need[1])
+    grad_bias = _grad_or_none(need[2], lambda: _channel_sum(g).to(bias.dtype))
+    grad_res = _grad_or_none(ctx.has_residual and need[3], lambda: g.to(x.dtype))
+    return grad_x, grad_w, grad_bias, grad_res, None, None, None
+
+
+_OPS = {
+    "conv_bn_act": (_fake_conv_bn_act, _backward_conv_bn_act, _setup_conv),
+    "conv_bias_act": (_fake_conv_bias_act, _backward_conv_bias_act, _setup_conv_bias_act),
+    "bn_act": (_fake_bn_act, backward_bn_act, setup_bn_act),
+    "add_relu": (_fake_add_relu, backward_add_relu, setup_add_relu),
+}
+
+
+def register() -> None:
+    """Register the fake kernels and autograd formulas for every op in the extension's schema block."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for name, (fake, backward, setup) in _OPS.items():
+        if not hasattr(torch.ops.resnet_fused, name):  # an extension built before this op was added
+            continue
+        qualname = f"resnet_fused::{name}"
+        torch.library.register_fake(qualname, fake)
+        torch.library.register_autograd(qualname, backward, setup_context=setup)

@@ -1,0 +1,344 @@
+"""fuse_model on reference, user-written, torchvision and timm models: equal outputs, gradients, keys; report."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnet_fused as rf
+from resnet_fused.blocks import (AbsorbedBatchNorm2d, FusedBasicBlock, FusedBottleneck, FusedConvBNAct,
+                                 FusedResidualBlock)
+from tests.oracle import TOLERANCES, assert_matches
+from tests.test_blocks import BACKENDS, _randomize_bn, assert_no_worse_than_eager
+
+MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"]
+
+
+def _model(name, **kwargs):
+    return _randomize_bn(getattr(rf, name)(num_classes=10, **kwargs))
+
+
+def _eval_both(model, fused, x):
+    model.eval(), fused.eval()
+    with torch.no_grad():
+        return model(x), fused(x)
+
+
+# ------------------------------------------------------------------------------------------- reference models
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_reference_models_eval_fp32(name, backend):
+    model = _model(name)
+    fused, report = rf.fuse_model(model, backend=backend)
+    expected_blocks = sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    assert len(report.blocks) == expected_blocks and not report.left
+    assert report.chains[0].name == "conv1" and report.chains[0].kind == "conv-bn-relu"
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_reference_models_eval_half(name, dtype):
+    model = _model(name).eval()
+    fused, _ = rf.fuse_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    truth = copy.deepcopy(model).to(dtype).float()
+    with torch.no_grad():
+        expected = truth(x.to(dtype).float())
+        eager_half = model.to(dtype)(x.to(dtype))
+        out = fused.to(dtype).eval()(x.to(dtype))
+    assert out.dtype == dtype
+    assert_no_worse_than_eager(out, eager_half, expected, dtype)
+
+
+def _sgd_train(model, steps, x, target):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    outs, grads = [], []
+    for step in range(steps):
+        optimizer.zero_grad()
+        out = model(x[step].to(next(model.parameters()).dtype))
+        F.cross_entropy(out, target[step]).backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        optimizer.step()
+    return outs, grads
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_train_three_sgd_steps_match_eager(name):
+    """Outputs, gradients of every step and the final state: fused fp32 vs eager fp32, both vs eager float64.
+
+    Training BatchNorm on a small batch is ill-conditioned: eager fp32's gradient is itself ~1% (of the largest
+    gradient) off float64 after one step. So the fused value must be within fp32 tolerance of float64, or at
+    most twice as far from it as eager fp32 is; gradients are compared as one vector (all parameters).
+    """
+    model = getattr(rf, name)(num_classes=10, small_input=True).train()  # 32x32 in, 4x4 at layer4
+    fused, _ = rf.fuse_model(model)
+    truth = copy.deepcopy(model).double()
+    x = torch.randn(3, 4, 3, 32, 32)
+    target = torch.randint(0, 10, (3, 4))
+    outs_e, grads_e = _sgd_train(model, 3, x, target)
+    outs_f, grads_f = _sgd_train(fused, 3, x, target)
+    outs_t, grads_t = _sgd_train(truth, 3, x, target)
+    flat = lambda grads: torch.cat([g.flatten().double() for g in grads])  # noqa: E731
+    for step in range(3):
+        assert_no_worse_than_eager(outs_f[step], outs_e[step], outs_t[step], torch.float32)
+        assert_no_worse_than_eager(flat(grads_f[step]), flat(grads_e[step]), flat(grads_t[step]), torch.float32)
+    state_e, state_f, state_t = model.state_dict(), fused.state_dict(), truth.state_dict()
+    assert list(state_e) == list(state_f)
+    for key in state_e:
+        if key.endswith("num_batches_tracked"):
+            assert state_f[key].item() == state_e[key].item() == 3, key
+        else:
+            assert_no_worse_than_eager(state_f[key], state_e[key], state_t[key], torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- identity of the model
+
+
+def test_original_is_untouched_and_keys_round_trip():
+    model = _model("resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types_before = [type(m) for m in model.modules()]
+    fused, _ = rf.fuse_model(model)
+    assert [type(m) for m in model.modules()] == types_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(fused.layer1[0], FusedBasicBlock)
+    assert isinstance(fused.conv1, FusedConvBNAct) and isinstance(fused.bn1, AbsorbedBatchNorm2d)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in model.named_parameters()]
+    other = _model("resnet18")
+    fused.load_state_dict(other.state_dict())  # unfused -> fused
+    model.load_state_dict(fused.state_dict())  # fused -> unfused
+    x = torch.randn(2, 3, 32, 32)
+    expected, out = _eval_both(other, fused, x)
+    assert_matches(out, expected, torch.float32)
+    assert_matches(model.eval()(x), expected, torch.float32)
+
+
+def test_inplace_fuses_the_given_model():
+    model = _model("resnet50")
+    fused, _ = rf.fuse_model(model, inplace=True)
+    assert fused is model and isinstance(model.layer1[0], FusedBottleneck)
+
+
+def test_in_place_weight_changes_reach_the_fused_model():
+    model = _model("resnet18").eval()
+    fused, _ = rf.fuse_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    _eval_both(model, fused, x)
+    with torch.no_grad():
+        for m in (model, fused):
+            m.conv1.weight.mul_(2)  # the stem (FusedConvBNAct) and a block conv
+            m.bn1.running_var.mul_(3)
+            m.layer2[0].conv2.weight.mul_(2)
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+    model.load_state_dict(_model("resnet18").state_dict())
+    fused.load_state_dict(model.state_dict())
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+
+
+def test_torch_save_load_and_compile():
+    model = _model("resnet18").eval()
+    fused, _ = rf.fuse_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    expected, _ = _eval_both(model, fused, x)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
+    assert loaded.bn1 is not fused.bn1 and loaded.conv1.absorbed_bn is loaded.bn1  # sharing survives pickling
+    torch._dynamo.reset()
+    compiled = torch.compile(loaded, backend="aot_eager")
+    with torch.no_grad():
+        assert_matches(loaded(x), expected, torch.float32)
+        assert_matches(compiled(x), expected, torch.float32)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        rf.fuse_model("resnet")
+    with pytest.raises(ValueError, match="backend must be"):
+        rf.fuse_model(nn.Sequential(), backend="fastest")
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        rf.fuse_model(nn.Sequential(), inplace=1)
+
+
+# ------------------------------------------------------------------------------------------- user variants
+
+
+class TutorialBlock(nn.Module):
+    """The pytorch-cifar style block: `shortcut` (empty Sequential or conv+BN), F.relu in forward."""
+
+    def __init__(self, cin, cout, stride=1, bias=False, projection_bn=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=bias)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            layers = [nn.Conv2d(cin, cout, 1, stride, bias=bias or not projection_bn)]
+            self.shortcut = nn.Sequential(*layers, *([nn.BatchNorm2d(cout)] if projection_bn else []))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class LeftRightBlock(nn.Module):
+    """Main path as one nn.Sequential, bias=True convs, ReLU built inside forward, add operands swapped."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.left = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=True), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, 1, 1, bias=True), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return nn.ReLU()(x + self.left(x))
+
+
+class SEBottleneck(nn.Module):
+    def __init__(self, c, drop_path=False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c // 2, 1, bias=False), nn.BatchNorm2d(c // 2)
+        self.conv2, self.bn2 = nn.Conv2d(c // 2, c // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(c // 2)
+        self.conv3, self.bn3 = nn.Conv2d(c // 2, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.act1, self.act2, self.act3 = nn.ReLU(inplace=True), nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 4, 1), nn.ReLU(), nn.Conv2d(4, c, 1),
+                                nn.Sigmoid())
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out = out * self.se(out)
+        if self.drop_path and self.training:
+            out = out * (torch.rand_like(out[:, :1, :1, :1]) >= 0.0).float()  # keep-all drop-path: deterministic
+        return self.act3(out + x)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: fx cannot trace it, its Sequential children still fuse."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            return self.body(x)
+        return x
+
+
+def _user_model():
+    relu = nn.ReLU(inplace=True)
+    return _randomize_bn(nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), relu),  # stem in a Sequential
+        TutorialBlock(8, 8),                                   # empty-Sequential identity shortcut
+        TutorialBlock(8, 16, stride=2),                         # conv+BN projection named `shortcut`
+        TutorialBlock(16, 16, bias=True),                       # bias=True convs
+        TutorialBlock(16, 24, stride=2, projection_bn=False),   # 1x1 projection without BN
+        LeftRightBlock(24),
+        nn.Sequential(nn.Conv2d(24, 24, 1), nn.BatchNorm2d(24), relu),  # the shared ReLU module stays
+        SEBottleneck(24),
+        Untraceable(24),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5)))
+
+
+def test_user_variants_fuse_and_match_eval_and_train():
+    model = _user_model()
+    fused, report = rf.fuse_model(model)
+    for index in ("1", "2", "3", "4", "5"):
+        assert isinstance(fused.get_submodule(index), FusedResidualBlock), index
+    assert "shortcut.0+shortcut.1" in [f for f in report.blocks if f.name == "2"][0].detail
+    assert "[left.0+left.1+relu -> left.3+left.4] + [identity]" in [f for f in report.blocks if f.name == "5"][0].detail
+    assert isinstance(fused[0][0], FusedConvBNAct) and isinstance(fused[6][0], FusedConvBNAct)
+    assert type(fused[0][2]) is nn.ReLU, "a ReLU module used twice is not replaced"
+    # SE block: chains fused, the add+ReLU left, and the report says why
+    assert isinstance(fused[7], SEBottleneck)
+    assert isinstance(fused[7].conv1, FusedConvBNAct) and fused[7].conv1.fused_relu
+    assert isinstance(fused[7].conv3, FusedConvBNAct) and not fused[7].conv3.fused_relu
+    left = {item.name: item.reason for item in report.left}
+    assert "not fused as a whole" in left["7"] and "7.se" in left
+    assert "not traceable" in left["8"]
+    assert isinstance(fused[8].body[0], FusedConvBNAct)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    text = str(report)
+    assert "fused" in text and "7.se" in text and report.summary() == text
+
+    x = torch.randn(2, 3, 16, 16)
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+    model.train(), fused.train()
+    xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_e, out_f = model(xe), fused(xf)
+    assert_matches(out_f, out_e, torch.float32)
+    out_e.square().sum().backward(), out_f.square().sum().backward()
+    assert_matches(xf.grad, xe.grad, TOLERANCES["tf32"])
+    for (name, pe), (_, pf) in zip(model.named_parameters(), fused.named_parameters()):
+        assert_matches(pf.grad, pe.grad, TOLERANCES["tf32"])
+    for (name, be), (_, bf) in zip(model.named_buffers(), fused.named_buffers()):
+        assert_matches(bf, be, torch.float32)
+
+
+def test_drop_path_in_a_bottleneck_converts_partially():
+    model = _randomize_bn(nn.Sequential(SEBottleneck(16, drop_path=True)))
+    fused, report = rf.fuse_model(model)
+    assert not report.blocks
+    assert [c.name for c in report.chains] == ["0.conv1", "0.conv2", "0.conv3", "0.se.1"]
+    assert any(item.name == "0" and "not fused as a whole" in item.reason for item in report.left)
+    x = torch.randn(2, 16, 8, 8)
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+    model.train(), fused.train()
+    assert_matches(fused(x), model(x), torch.float32)
+
+
+def test_a_single_block_as_the_model():
+    block = _randomize_bn(TutorialBlock(8, 16, stride=2))
+    fused, report = rf.fuse_model(block)
+    assert isinstance(fused, FusedResidualBlock) and report.blocks[0].name == ""
+    x = torch.randn(1, 8, 9, 9)
+    expected, out = _eval_both(block, fused, x)
+    assert_matches(out, expected, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- torchvision / timm
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+def test_torchvision_models(name):
+    models = pytest.importorskip("torchvision.models")
+    model = _randomize_bn(getattr(models, name)(num_classes=10))
+    fused, report = rf.fuse_model(model)
+    assert len(report.blocks) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    x = torch.randn(2, 3, 64, 64)
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet50d", "seresnet50", "resnet26t"])
+def test_timm_models(name):
+    timm = pytest.importorskip("timm")
+    model = _randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
+    fused, report = rf.fuse_model(model)
+    assert report.fused
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+    if not name.startswith("se"):
+        assert len(report.blocks) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))

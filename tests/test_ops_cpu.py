@@ -1,0 +1,259 @@
+"""The "cpu" backend (the C++ extension's CPU kernels) against the fp32 oracle.
+
+Every op, in every dtype the backend claims here, over CONV_CASES, with residual and ReLU on and off, NCHW and
+channels_last inputs; the packed path against the unpacked one; argument errors from the C++ checks; bn_act and
+add_relu (and conv_bn_act) gradients against autograd through the oracle.
+"""
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from resnet_fused.ops.backends.extension import _onednn_reason
+from tests.oracle import (CONV_CASES, CONV_IDS, assert_matches, make_conv_inputs, ref_add_relu,
+                          ref_bn_act, ref_conv_bn_act)
+
+pytestmark = pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None,
+                                reason=f"the 'cpu' backend is unavailable: {rf.available_backends('cpu')['cpu']}")
+
+CL = torch.channels_last
+ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+def conv_dtype(dtype):
+    """The dtype if the cpu backend's convolution claims it on this CPU, else a skip saying why it does not."""
+    reason = _onednn_reason(dtype)
+    if reason is not None:
+        pytest.skip(f"the cpu backend does not claim {dtype} convolutions here: {reason}")
+    return dtype
+
+
+def assert_output_layout(y, dtype):
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=CL), f"output is not channels_last: strides {y.stride()}"
+
+
+def make_activation(shape, dtype, channels_last):
+    t = torch.randn(shape).to(dtype)
+    return t.contiguous(memory_format=CL) if channels_last else t
+
+
+# ---- conv_bn_act ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_conv_bn_act(dtype, case, residual, relu, channels_last):
+    conv_dtype(dtype)
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, residual=residual,
+                                                                channels_last=channels_last)
+    y = rf.conv_bn_act(x, w, scale, shift, res, stride=stride, padding=padding, relu=relu, backend="cpu")
+    assert_output_layout(y, dtype)
+    assert_matches(y, ref_conv_bn_act(x, w, scale, shift, res, stride, padding, relu), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_packed_equals_unpacked(dtype, case):
+    conv_dtype(dtype)
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, residual=True)
+    pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu")
+    assert pack.backend == "cpu"
+    for r in (None, res):
+        packed = rf.ops.conv_bn_act_packed(x, pack, r, stride=stride, padding=padding, relu=True)
+        unpacked = rf.conv_bn_act(x, w, scale, shift, r, stride=stride, padding=padding, backend="cpu")
+        direct = torch.ops.resnet_fused.conv_bn_act(x, w, scale, shift, r, stride, padding, True)
+        assert_output_layout(packed, dtype)
+        torch.testing.assert_close(packed, unpacked, rtol=0, atol=0)
+        torch.testing.assert_close(direct, unpacked, rtol=0, atol=0)
+
+
+# Inputs whose NCHW and channels_last layouts coincide (1x1 spatial, C_in=1): oneDNN's fused residual add is not
+# taken for them, and the kernel adds the residual in its own pass.
+AMBIGUOUS_CASES = [("1x1_spatial", 2, 16, 1, 1, 8, 1, 1, 0), ("1x1_spatial_pad", 1, 16, 1, 1, 8, 3, 1, 1),
+                   ("cin1_3x3", 2, 1, 5, 5, 8, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", AMBIGUOUS_CASES, ids=[c[0] for c in AMBIGUOUS_CASES])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_conv_bn_act_ambiguous_layout_with_residual(dtype, case, relu):
+    conv_dtype(dtype)
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, residual=True)
+    y = rf.conv_bn_act(x, w, scale, shift, res, stride=stride, padding=padding, relu=relu, backend="cpu")
+    assert_output_layout(y, dtype)
+    assert_matches(y, ref_conv_bn_act(x, w, scale, shift, res, stride, padding, relu), dtype)
+
+
+def test_empty_batch():
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(("empty", 0, 16, 8, 8, 8, 3, 1, 1), torch.float32,
+                                                                residual=True)
+    y = torch.ops.resnet_fused.conv_bn_act(x, w, scale, shift, res, stride, padding, True)
+    assert y.shape == (0, 8, 8, 8)
+    assert torch.ops.resnet_fused.bn_act(x, torch.rand(16), torch.rand(16), None, True).shape == x.shape
+    assert torch.ops.resnet_fused.add_relu(x, x).shape == x.shape
+
+
+def test_residual_in_other_layout_than_x():
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[2], torch.float32, residual=True,
+                                                                channels_last=True)
+    y = rf.conv_bn_act(x, w, scale, shift, res.contiguous(), stride=stride, padding=padding, backend="cpu")
+    assert_matches(y, ref_conv_bn_act(x, w, scale, shift, res, stride, padding, True), torch.float32)
+
+
+def test_auto_picks_cpu_backend():
+    assert rf.ops.resolve_name("auto", "cpu") == "cpu"
+
+
+# ---- bn_act and add_relu ----------------------------------------------------------------------------------------
+
+# Channel counts around the vector widths (16 fp32 / 32 bf16 lanes with AVX-512) so that tails are exercised.
+EW_SHAPES = [(2, 16, 8, 8), (1, 3, 5, 7), (3, 37, 3, 2), (1, 64, 1, 1), (2, 1, 9, 9)]
+EW_IDS = ["x".join(map(str, s)) for s in EW_SHAPES]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", EW_SHAPES, ids=EW_IDS)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_bn_act(dtype, shape, residual, relu, channels_last):
+    x = make_activation(shape, dtype, channels_last)
+    scale = torch.rand(shape[1]) + 0.5
+    shift = torch.randn(shape[1])
+    res = make_activation(shape, dtype, not channels_last) if residual else None
+    y = rf.bn_act(x, scale, shift, res, relu=relu, backend="cpu")
+    assert_output_layout(y, dtype)
+    assert_matches(y, ref_bn_act(x, scale, shift, res, relu), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", EW_SHAPES, ids=EW_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_add_relu(dtype, shape, channels_last):
+    x = make_activation(shape, dtype, channels_last)
+    res = make_activation(shape, dtype, channels_last)
+    y = rf.add_relu(x, res, backend="cpu")
+    assert_output_layout(y, dtype)
+    assert_matches(y, ref_add_relu(x, res), dtype)
+
+
+def test_bn_act_accepts_non_fp32_scale():
+    x = torch.randn(2, 8, 4, 4)
+    scale, shift = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float16)
+    y = torch.ops.resnet_fused.bn_act(x, scale, shift, None, True)
+    assert_matches(y, ref_bn_act(x, scale, shift, None, True), torch.float32)
+
+
+def test_elementwise_large_parallel_tensor():
+    # Many rows: the parallel split and its boundaries are exercised (shape is not a multiple of the grain).
+    x = torch.randn(3, 33, 61, 67)
+    scale, shift, res = torch.rand(33), torch.randn(33), torch.randn(3, 33, 61, 67)
+    assert_matches(torch.ops.resnet_fused.bn_act(x, scale, shift, res, True), ref_bn_act(x, scale, shift, res, True),
+                   torch.float32)
+    assert_matches(torch.ops.resnet_fused.add_relu(x, res), ref_add_relu(x, res), torch.float32)
+
+
+# ---- errors from the C++ checks (direct torch.ops calls bypass the Python validation) ----------------------------
+
+def _conv_args(**overrides):
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[2], torch.float32, residual=True)
+    args = dict(x=x, weight=w, scale=scale, shift=shift, residual=res, stride=stride, padding=padding, relu=True)
+    args.update(overrides)
+    return args
+
+
+def _call_conv(args):
+    return torch.ops.resnet_fused.conv_bn_act(args["x"], args["weight"], args["scale"], args["shift"],
+                                              args["residual"], args["stride"], args["padding"], args["relu"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(x=torch.randn(2, 16, 8)), r"x must be a 4-D"),
+    (dict(x=torch.randn(2, 16, 8, 8, dtype=torch.float64)), r"x must be float32, bfloat16 or float16"),
+    (dict(weight=torch.randn(16, 16, 3)), r"weight must be a 4-D"),
+    (dict(weight=torch.randn(16, 16, 3, 3).half()), r"weight must have x's dtype"),
+    (dict(weight=torch.randn(16, 8, 3, 3)), r"weight expects C_in=8 input channels but x has 16"),
+    (dict(scale=torch.rand(15)), r"scale must be a 1-D tensor of length 16"),
+    (dict(shift=torch.ones(16, dtype=torch.int32)), r"shift must be a floating-point tensor"),
+    (dict(residual=torch.randn(2, 16, 4, 4)), r"residual must have the output's shape"),
+    (dict(residual=torch.randn(2, 16, 8, 8).bfloat16()), r"residual must have x's dtype"),
+    (dict(stride=0), r"stride must be >= 1"),
+    (dict(padding=-1), r"padding must be >= 0"),
+    (dict(x=torch.randn(2, 16, 1, 1), padding=0), r"too small for a 3x3 kernel"),
+], ids=["x_rank", "x_dtype", "w_rank", "w_dtype", "cin", "scale_len", "shift_dtype", "res_shape", "res_dtype",
+        "stride", "padding", "too_small"])
+def test_conv_bn_act_errors(overrides, message):
+    with pytest.raises(RuntimeError, match=message):
+        _call_conv(_conv_args(**overrides))
+
+
+def test_conv_bias_act_errors():
+    x, w, _, shift, _, stride, padding = make_conv_inputs(CONV_CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match=r"bias must be a 1-D tensor of length 32"):
+        torch.ops.resnet_fused.conv_bias_act(x, w, shift[:5], None, stride, padding, True)
+
+
+def test_elementwise_errors():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match=r"bn_act: scale must be a 1-D tensor of length 4"):
+        torch.ops.resnet_fused.bn_act(x, torch.ones(3), torch.zeros(4), None, True)
+    with pytest.raises(RuntimeError, match=r"bn_act: residual must have the output's shape"):
+        torch.ops.resnet_fused.bn_act(x, torch.ones(4), torch.zeros(4), torch.randn(2, 4, 3, 2), True)
+    with pytest.raises(RuntimeError, match=r"add_relu: residual must have x's dtype"):
+        torch.ops.resnet_fused.add_relu(x, x.half())
+    with pytest.raises(RuntimeError, match=r"add_relu: x must be a 4-D"):
+        torch.ops.resnet_fused.add_relu(x[0], x[0])
+
+
+# ---- gradients, compared in fp32 with autograd through the oracle -----------------------------------------------
+
+def _leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _assert_same_grads(ours, theirs, out_ours, out_theirs):
+    grad = torch.randn_like(out_theirs)
+    got = torch.autograd.grad(out_ours, [t for t in ours if t is not None], grad)
+    want = torch.autograd.grad(out_theirs, [t for t in theirs if t is not None], grad)
+    for g, w in zip(got, want):
+        assert_matches(g, w, torch.float32)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_bn_act_grad(residual, relu):
+    shape = (2, 5, 4, 3)
+    x, scale, shift = torch.randn(shape), torch.rand(5) + 0.5, torch.randn(5)
+    res = torch.randn(shape) if residual else None
+    ours, theirs = _leaves(x, scale, shift, res), _leaves(x, scale, shift, res)
+    _assert_same_grads(ours, theirs, rf.bn_act(*ours, relu=relu, backend="cpu"),
+                       ref_bn_act(*theirs, relu))
+
+
+def test_add_relu_grad():
+    x, res = torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3)
+    ours, theirs = _leaves(x, res), _leaves(x, res)
+    _assert_same_grads(ours, theirs, rf.add_relu(*ours, backend="cpu"), ref_add_relu(*theirs))
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3], CONV_CASES[6]], ids=[CONV_IDS[1], CONV_IDS[3],
+                                                                                     CONV_IDS[6]])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+def test_conv_bn_act_grad(case, residual):
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, torch.float32, residual=residual)
+    ours, theirs = _leaves(x, w, scale, shift, res), _leaves(x, w, scale, shift, res)
+    out = torch.ops.resnet_fused.conv_bn_act(*ours, stride, padding, True)
+    _assert_same_grads(ours, theirs, out, ref_conv_bn_act(*theirs, stride, padding, True))
+
+
+def test_packed_path_grad_reaches_x():
+    # The internal conv_bias_act op (the pack path) is differentiable in x too, e.g. for saliency in eval mode.
+    x, w, scale, shift, _, stride, padding = make_conv_inputs(CONV_CASES[2], torch.float32)
+    pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu")
+    (xo,), (xt,) = _leaves(x), _leaves(x)
+    _assert_same_grads([xo], [xt], rf.ops.conv_bn_act_packed(xo, pack, stride=stride, padding=padding),
+                       ref_conv_bn_act(xt, w, scale, shift, None, stride, padding, True))

@@ -1,0 +1,347 @@
+"""The "triton" backend against the fp32 "torch" oracle.
+
+Without a GPU everything runs in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small
+shapes; larger shapes, every dtype on the tensor cores, 2^31-element tensors and Inductor are @pytest.mark.gpu.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from resnet_fused.ops import conv_bn_act_packed, pack_conv_bn
+from tests.oracle import (CONV_CASES, CONV_IDS, assert_matches, make_conv_inputs, ref_add_relu,
+                          ref_bn_act, ref_conv_bn_act)
+
+if rf.available_backends("cpu" if not torch.cuda.is_available() else "cuda")["triton"] is not None:
+    pytest.skip("the triton backend is unavailable here (triton not importable)", allow_module_level=True)
+
+from resnet_fused.kernels.triton import common, conv_bn_act as conv_kernel, elementwise  # noqa: E402
+from resnet_fused.kernels.triton import library  # noqa: E402,F401  (registers torch.ops.resnet_fused_triton)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+OPS = torch.ops.resnet_fused_triton
+CL = torch.channels_last
+
+
+def tol(dtype):
+    """fp32 is exact in the interpreter but goes through TF32 on the GPU (cudnn.allow_tf32 is on by default)."""
+    if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return dtype
+
+
+def on_cpu(*tensors):
+    """CPU copies: on the GPU the oracle's own conv would go through TF32 (cudnn.allow_tf32), so run it here."""
+    return [None if t is None else t.cpu() for t in tensors]
+
+
+def run_conv(case, dtype, residual, relu, channels_last=False, device=DEVICE):
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, device, residual, channels_last)
+    y = rf.conv_bn_act(x, w, scale, shift, res, stride=stride, padding=padding, relu=relu, backend="triton")
+    expected = ref_conv_bn_act(*on_cpu(x, w, scale, shift, res), stride, padding, relu)
+    y = y.cpu()
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    assert_matches(y, expected, tol(dtype))
+    return y
+
+
+# --- conv_bn_act --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no_res", "res"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_conv_bn_act_matches_oracle(dtype, case, residual, relu):
+    run_conv(case, dtype, residual, relu)
+
+
+# bf16 goes through the interpreter's fp32-cast dot: every shape class, with the full epilogue and without.
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, False)], ids=["res_relu", "plain"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv_bn_act_bf16(case, residual, relu):
+    run_conv(case, torch.bfloat16, residual, relu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[6]], ids=lambda c: c[0])
+def test_conv_bn_act_channels_last_input(dtype, case):
+    run_conv(case, dtype, residual=True, relu=True, channels_last=True)
+
+
+def test_conv_bn_act_non_contiguous_inputs():
+    """Strided views (a channel slice of x, a transposed residual) are read correctly."""
+    x_full = torch.randn(2, 24, 9, 11, device=DEVICE)
+    x = x_full[:, 4:20]                                     # non-contiguous in both layouts
+    w = torch.randn(8, 16, 3, 3, device=DEVICE) / 12
+    scale, shift = torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)
+    residual = torch.randn(2, 8, 5, 6, device=DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=CL) and not residual.is_contiguous()
+    y = rf.conv_bn_act(x, w, scale, shift, residual, stride=2, padding=1, backend="triton")
+    assert_matches(y, ref_conv_bn_act(x, w, scale, shift, residual, 2, 1, True), tol(torch.float32))
+
+
+def test_conv_bn_act_empty_batch():
+    x, w, scale, shift, _, stride, padding = make_conv_inputs(CONV_CASES[2], torch.float32, DEVICE)
+    y = rf.conv_bn_act(x[:0], w, scale, shift, stride=stride, padding=padding, backend="triton")
+    assert y.shape == (0, 16, 8, 8) and y.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_path_reuses_one_pack(dtype):
+    """pack_conv_bn lays the weight out once; conv_bn_act_packed then serves inputs of several sizes."""
+    case = CONV_CASES[4]  # 7x7 stem, Cin=3: the pack pads Cin to 16
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, DEVICE, residual=True)
+    pack = pack_conv_bn(w, scale, shift, backend="triton")
+    assert pack.backend == "triton"
+    packed = pack.payload.weight
+    assert packed.shape == (7 * 7 * 16, 16) and packed.dtype == dtype
+    taps = packed.view(7, 7, 16, 16)
+    assert torch.equal(taps[:, :, :3, :], w.permute(2, 3, 1, 0)) and not taps[:, :, 3:, :].any()
+    other_x = torch.randn(2, 3, 10, 13, device=DEVICE).to(dtype)
+    other_res = torch.randn(2, 16, 5, 7, device=DEVICE).to(dtype)  # (10 + 6 - 7) // 2 + 1, (13 + 6 - 7) // 2 + 1
+    for x_in, res in ((x, res), (other_x, other_res), (x, None)):
+        y = conv_bn_act_packed(x_in, pack, res, stride=stride, padding=padding, relu=True)
+        assert_matches(y, ref_conv_bn_act(x_in, w, scale, shift, res, stride, padding, True), tol(dtype))
+
+
+def test_conv_bn_act_64bit_offsets_path():
+    """The INDEX_64 code path (chosen automatically past 2^31 elements) computes the same result."""
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[3], torch.float32, DEVICE, True)
+    packed = conv_kernel.pack_weight(w)
+    for index_64 in (False, True):
+        y = conv_kernel.conv_bn_act(x, packed, scale, shift, res, 3, 3, stride, padding, True, index_64=index_64)
+        assert_matches(y, ref_conv_bn_act(x, w, scale, shift, res, stride, padding, True), tol(torch.float32))
+
+
+def test_conv_launcher_rejects_mismatched_pack():
+    x = torch.randn(1, 32, 4, 4, device=DEVICE)
+    packed = conv_kernel.pack_weight(torch.randn(8, 16, 3, 3, device=DEVICE))  # packed for Cin=16
+    with pytest.raises(ValueError, match="weight_packed must be"):
+        conv_kernel.conv_bn_act(x, packed, torch.ones(8), torch.zeros(8), None, 3, 3, 1, 1, True)
+
+
+# --- bn_act and add_relu ------------------------------------------------------------------------------------
+
+EW_SHAPES = [(2, 16, 5, 7), (1, 3, 1, 1), (3, 37, 4, 9)]  # odd C and sizes: channel = offset % C must hold
+
+
+@pytest.mark.parametrize("shape", EW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no_res", "res"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bn_act_matches_oracle(dtype, residual, relu, shape):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    scale, shift = torch.randn(shape[1], device=DEVICE), torch.randn(shape[1], device=DEVICE)
+    res = torch.randn(shape, device=DEVICE).to(dtype).contiguous(memory_format=CL) if residual else None
+    y = rf.bn_act(x, scale, shift, res, relu=relu, backend="triton")
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    assert_matches(y, ref_bn_act(x, scale, shift, res, relu), dtype)
+
+
+@pytest.mark.parametrize("shape", EW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_add_relu_matches_oracle(dtype, shape):
+    x = torch.randn(shape, device=DEVICE).to(dtype).contiguous(memory_format=CL)
+    res = torch.randn(shape, device=DEVICE).to(dtype)  # NCHW next to a channels_last x
+    y = rf.add_relu(x, res, backend="triton")
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    assert_matches(y, ref_add_relu(x, res), dtype)
+
+
+def test_bn_act_half_precision_scale_vectors():
+    """scale/shift may be any float dtype (e.g. a fp16 model's BN params); the kernel reads them as fp32."""
+    x = torch.randn(2, 8, 3, 3, device=DEVICE).half()
+    scale, shift = torch.randn(8, device=DEVICE).half(), torch.randn(8, device=DEVICE).half()
+    assert_matches(rf.bn_act(x, scale, shift, backend="triton"), ref_bn_act(x, scale, shift, None, True),
+                   torch.float16)
+
+
+def test_elementwise_64bit_offsets_path():
+    x, res = torch.randn(2, 5, 7, 3, device=DEVICE), torch.randn(2, 5, 7, 3, device=DEVICE)
+    scale, shift = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    for index_64 in (False, True):
+        assert_matches(elementwise.bn_act(x, scale, shift, res, True, index_64=index_64),
+                       ref_bn_act(x, scale, shift, res, True), torch.float32)
+        assert_matches(elementwise.add_relu(x, res, index_64=index_64), ref_add_relu(x, res), torch.float32)
+
+
+# --- autograd of bn_act / add_relu --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, False), (False, True)])
+def test_bn_act_gradients_match_eager(residual, relu):
+    def leaves():
+        torch.manual_seed(1)
+        x = torch.randn(2, 6, 5, 3, device=DEVICE, requires_grad=True)
+        scale = torch.randn(6, device=DEVICE, requires_grad=True)
+        shift = torch.randn(6, device=DEVICE, requires_grad=True)
+        res = torch.randn(2, 6, 5, 3, device=DEVICE, requires_grad=True) if residual else None
+        return x, scale, shift, res
+
+    grad_out = torch.randn(2, 6, 5, 3, device=DEVICE)
+    got = leaves()
+    OPS.bn_act(*got, relu).backward(grad_out)
+    want = leaves()
+    y = want[0] * want[1].view(1, -1, 1, 1) + want[2].view(1, -1, 1, 1)
+    y = y + want[3] if residual else y
+    (torch.relu(y) if relu else y).backward(grad_out)
+    for g, w in zip(got, want):
+        if w is not None:
+            assert_matches(g.grad, w.grad, torch.float32)
+
+
+def test_add_relu_gradients_match_eager():
+    x = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
+    res = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(2, 4, 3, 3, device=DEVICE)
+    OPS.add_relu(x, res).backward(grad_out)
+    expected = grad_out * ((x + res) > 0)
+    assert_matches(x.grad, expected, torch.float32)
+    assert_matches(res.grad, expected, torch.float32)
+
+
+# --- torch.library: opcheck and torch.compile ---------------------------------------------------------------
+
+def _conv_args(residual):
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[3], torch.float32, DEVICE, residual)
+    return (x, conv_kernel.pack_weight(w), scale, shift, res, 3, 3, stride, padding, True)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["no_res", "res"])
+def test_opcheck_conv_bn_act(residual):
+    torch.library.opcheck(OPS.conv_bn_act.default, _conv_args(residual))
+
+
+def test_opcheck_bn_act():
+    x = torch.randn(2, 5, 3, 4, device=DEVICE, requires_grad=True)
+    scale = torch.randn(5, device=DEVICE, requires_grad=True)
+    shift = torch.randn(5, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, torch.randn_like(x), True))
+    torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, None, False))
+
+
+def test_opcheck_add_relu():
+    x = torch.randn(2, 5, 3, 4, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(OPS.add_relu.default, (x, torch.randn_like(x, requires_grad=True)))
+
+
+def _residual_block(x, pack, scale, shift):
+    """conv -> bn_act -> add_relu, as a fused block would chain them."""
+    y = OPS.conv_bn_act(x, pack, scale, shift, None, 3, 3, 1, 1, False)
+    y = OPS.bn_act(y, scale, shift, x, True)
+    return OPS.add_relu(y, x)
+
+
+def _compile_check(backend):
+    torch._dynamo.reset()
+    x = torch.randn(2, 16, 6, 6, device=DEVICE)
+    w = torch.randn(16, 16, 3, 3, device=DEVICE) / 12
+    scale, shift = torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE)
+    pack = conv_kernel.pack_weight(w)
+    compiled = torch.compile(_residual_block, fullgraph=True, backend=backend)
+    got = compiled(x, pack, scale, shift)
+    y = ref_conv_bn_act(x, w, scale, shift, None, 1, 1, False)
+    expected = ref_add_relu(ref_bn_act(y, scale, shift, x, True), x)
+    assert_matches(got, expected, tol(torch.float32))
+
+
+def test_torch_compile_fullgraph_aot_eager():
+    _compile_check("aot_eager")
+
+
+def test_torch_compile_fullgraph_public_ops():
+    """The public ops with backend="triton" (packed conv as the fused blocks call it) trace without a break."""
+    torch._dynamo.reset()
+    x, w, scale, shift, _, stride, padding = make_conv_inputs(CONV_CASES[2], torch.float32, DEVICE)
+    pack = pack_conv_bn(w, scale, shift, backend="triton")
+
+    def block(x):
+        y = conv_bn_act_packed(x, pack, None, stride=stride, padding=padding, relu=True)
+        return rf.add_relu(rf.bn_act(y, scale, shift, x, relu=False, backend="triton"), x, backend="triton")
+
+    got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    y = ref_conv_bn_act(x, w, scale, shift, None, stride, padding, True)
+    assert_matches(got, ref_add_relu(ref_bn_act(y, scale, shift, x, False), x), tol(torch.float32))
+
+
+# --- backend availability -----------------------------------------------------------------------------------
+
+def test_backend_availability(monkeypatch):
+    backend = rf.ops.registry._BACKENDS["triton"]
+    assert backend.unavailable_reason(torch.device(DEVICE)) is None
+    assert "CUDA GPU" in backend.unavailable_reason(torch.device("meta"))
+    import resnet_fused.kernels.triton as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    assert backend.unavailable_reason(torch.device("cpu")) == \
+        "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)"
+
+
+def test_launchers_reject_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setattr(common, "INTERPRET", False)
+    with pytest.raises(ValueError, match="Triton kernels need a CUDA tensor"):
+        elementwise.add_relu(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+
+
+# --- GPU: larger shapes on the tensor cores -----------------------------------------------------------------
+
+# ResNet-50 layer classes at small batch: (id, N, Cin, H, W, Cout, k, stride, padding)
+GPU_CASES = [
+    ("stem", 2, 3, 224, 224, 64, 7, 2, 3),
+    ("l1_1x1", 2, 64, 56, 56, 256, 1, 1, 0),
+    ("l1_3x3", 2, 64, 56, 56, 64, 3, 1, 1),
+    ("l2_3x3_s2", 2, 128, 56, 56, 128, 3, 2, 1),
+    ("l2_down_s2", 2, 256, 56, 56, 512, 1, 2, 0),
+    ("l4_3x3_batch1", 1, 512, 7, 7, 512, 3, 1, 1),
+    ("odd", 3, 40, 17, 13, 72, 3, 1, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, False)], ids=["res_relu", "plain"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_conv_bn_act_large(dtype, case, residual, relu):
+    run_conv(case, dtype, residual, relu, channels_last=case[0] != "odd", device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_conv_bn_act_fp32_ieee_when_tf32_is_off(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    run_conv(GPU_CASES[2], torch.float32, True, True, device="cuda")  # tol() is now the tight fp32 one
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_elementwise_large(dtype):
+    x = torch.randn(8, 256, 56, 56, device="cuda").to(dtype).contiguous(memory_format=CL)
+    res = torch.randn_like(x)
+    scale, shift = torch.randn(256, device="cuda"), torch.randn(256, device="cuda")
+    assert_matches(rf.bn_act(x, scale, shift, res, backend="triton"), ref_bn_act(x, scale, shift, res, True), dtype)
+    assert_matches(rf.add_relu(x, res, backend="triton"), ref_add_relu(x, res), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_tensors_past_2_31_elements():
+    """64-bit offsets: a 1x1 conv and bn_act on a 2.2e9-element fp16 tensor; check the far end against the oracle."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with >= 40 GiB")
+    x = torch.randn(1, 16, 11600, 11600, device="cuda", dtype=torch.float16).contiguous(memory_format=CL)
+    assert x.numel() > 2**31
+    w = (torch.randn(16, 16, 1, 1, device="cuda") / 4).half()
+    scale, shift = torch.rand(16, device="cuda") + 0.5, torch.randn(16, device="cuda")
+    tail, w_cpu, scale_cpu, shift_cpu = on_cpu(x[:, :, -3:, :], w, scale, shift)
+    y = rf.conv_bn_act(x, w, scale, shift, backend="triton")
+    assert_matches(y[:, :, -3:, :].cpu(), ref_conv_bn_act(tail, w_cpu, scale_cpu, shift_cpu, None, 1, 0, True),
+                   torch.float16)
+    del y
+    z = rf.bn_act(x, scale, shift, backend="triton")
+    assert_matches(z[:, :, -3:, :].cpu(), ref_bn_act(tail, scale_cpu, shift_cpu, None, True), torch.float16)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor():
+    _compile_check("inductor")

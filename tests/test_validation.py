@@ -1,0 +1,110 @@
+"""Every bad argument to the public ops raises TypeError/ValueError naming the argument, whatever the backend."""
+
+import pytest
+import torch
+
+from resnet_fused import ops
+
+
+def _args(**over):
+    args = dict(x=torch.randn(2, 4, 8, 8), weight=torch.randn(8, 4, 3, 3), scale=torch.ones(8),
+                shift=torch.zeros(8), residual=None, stride=1, padding=1)
+    args.update(over)
+    return args
+
+
+def _call(**over):
+    a = _args(**over)
+    return ops.conv_bn_act(a["x"], a["weight"], a["scale"], a["shift"], a["residual"], stride=a["stride"],
+                           padding=a["padding"], backend="torch")
+
+
+@pytest.mark.parametrize("over, exc, words", [
+    (dict(x=torch.randn(4, 8, 8)), ValueError, "x must be a 4-D"),
+    (dict(x=torch.randn(2, 4, 8, 8, dtype=torch.float64)), TypeError, "x must be float32, float16 or bfloat16"),
+    (dict(x=torch.randint(0, 3, (2, 4, 8, 8))), TypeError, "x must be float32"),
+    (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    (dict(weight=torch.randn(8, 4, 3)), ValueError, "weight must be a 4-D"),
+    (dict(weight=torch.randn(8, 4, 3, 3, dtype=torch.float16)), TypeError, "weight must have x's dtype"),
+    (dict(weight=torch.randn(8, 3, 3, 3)), ValueError, "weight expects C_in=3 input channels but x has 4"),
+    (dict(weight=torch.randn(8, 2, 3, 3)), ValueError, "grouped convolution (groups=2) is not supported"),
+    (dict(scale=torch.ones(7)), ValueError, "scale must be a 1-D tensor of length 8"),
+    (dict(shift=torch.zeros(8, 1)), ValueError, "shift must be a 1-D tensor of length 8"),
+    (dict(scale=torch.ones(8, dtype=torch.int32)), TypeError, "scale must be a floating-point tensor"),
+    (dict(residual=torch.randn(2, 8, 7, 8)), ValueError, "residual must have the output's shape (2, 8, 8, 8)"),
+    (dict(residual=torch.randn(2, 8, 8, 8, dtype=torch.bfloat16)), TypeError, "residual must have x's dtype"),
+    (dict(stride=0), ValueError, "stride must be >= 1"),
+    (dict(stride=1.5), TypeError, "stride must be an int"),
+    (dict(stride=(1, 2)), ValueError, "stride must be an int or a pair of equal ints"),
+    (dict(padding=-1), ValueError, "padding must be >= 0"),
+    (dict(x=torch.randn(2, 4, 2, 2), padding=0), ValueError, "too small for a 3x3 kernel"),
+])
+def test_conv_bn_act_bad_arguments(over, exc, words):
+    with pytest.raises(exc, match=None) as info:
+        _call(**over)
+    assert words in str(info.value)
+
+
+def test_pair_stride_and_padding_accepted():
+    a = _args()
+    y = ops.conv_bn_act(a["x"], a["weight"], a["scale"], a["shift"], stride=(2, 2), padding=(1, 1), backend="torch")
+    assert y.shape == (2, 8, 4, 4)
+
+
+def test_device_mismatch_is_named():
+    meta = torch.ones(8, device="meta")
+    with pytest.raises(ValueError, match="scale is on meta but x is on cpu"):
+        _call(scale=meta)
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        _call_with_backend("nope")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        _call_with_backend(3)
+
+
+def _call_with_backend(backend):
+    a = _args()
+    return ops.conv_bn_act(a["x"], a["weight"], a["scale"], a["shift"], padding=1, backend=backend)
+
+
+def test_relu_must_be_bool():
+    a = _args()
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        ops.conv_bn_act(a["x"], a["weight"], a["scale"], a["shift"], padding=1, relu="yes", backend="torch")
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        ops.bn_act(a["x"], torch.ones(4), torch.zeros(4), relu=1, backend="torch")
+
+
+def test_bn_act_and_add_relu_bad_arguments():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match="scale must be a 1-D tensor of length 4"):
+        ops.bn_act(x, torch.ones(5), torch.zeros(4))
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.bn_act(x, torch.ones(4), torch.zeros(4), torch.randn(2, 4, 5, 4))
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.add_relu(x, torch.randn(1, 4, 5, 5))
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        ops.add_relu(x, None)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.add_relu(x.double(), x.double())
+
+
+def test_named_backend_that_cannot_run_says_why():
+    reasons = ops.available_backends("cpu")
+    assert reasons["torch"] is None
+    blocked = [name for name, why in reasons.items() if why is not None]
+    for name in blocked:
+        with pytest.raises(ValueError, match=f"backend '{name}' cannot run this call"):
+            _call_with_backend(name)
+
+
+def test_auto_always_resolves_and_use_backend_scopes():
+    assert ops.resolve_name("auto", "cpu") in ops.backend_names()
+    with ops.use_backend("torch"):
+        assert ops.get_backend() == "torch"
+        assert ops.resolve_name(None, "cpu") == "torch"
+    assert ops.get_backend() == "auto"
+    with pytest.raises(ValueError):
+        ops.set_backend("nope")
