@@ -5,7 +5,8 @@
 
 Peaks are measured once per (device, dtype) and cached in a JSON file (~/.cache/resnet_fused/roofline.json, or
 $RESNET_FUSED_CACHE_DIR/roofline.json): FLOP/s from a big matmul (2*n^3 FLOPs), bytes/s from a big copy (it
-reads and writes every byte, so 2 * size bytes move).
+reads and writes every byte, so 2 * size bytes move). On a CPU, torch's matmul runs below what oneDNN's
+convolutions reach, so the FLOP/s peak there is the best of the matmul and a compute-bound 3x3 convolution.
 """
 
 from __future__ import annotations
@@ -51,16 +52,24 @@ def measure_peak(device, dtype: torch.dtype, *, matmul_size: Optional[int] = Non
     """Measure this device's matmul FLOP/s and copy bandwidth in `dtype` (a few seconds at most)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    n = matmul_size or (8192 if on_gpu else 1024)
+    n = matmul_size or (8192 if on_gpu else 2048)
     numel = (copy_mib or (1024 if on_gpu else 128)) * 2**20 // torch.finfo(dtype).bits * 8
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     src = torch.empty(numel, device=device, dtype=dtype).fill_(1)
     dst = torch.empty_like(src)
-    times = side_by_side({"matmul": lambda: torch.mm(a, b), "copy": lambda: dst.copy_(src)}, device,
-                         warmup=2, iters=iters)
+    paths = {"matmul": lambda: torch.mm(a, b), "copy": lambda: dst.copy_(src)}
+    if not on_gpu:
+        x = torch.randn(8, 64, 56, 56).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(64, 64, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+        paths["conv"] = lambda: torch.nn.functional.conv2d(x, w, padding=1)
+    with torch.inference_mode():
+        times = side_by_side(paths, device, warmup=2, iters=iters)
+    flops_per_s = 2.0 * n**3 / times["matmul"]
+    if "conv" in times:
+        flops_per_s = max(flops_per_s, 2.0 * 8 * 56 * 56 * 64 * 64 * 9 / times["conv"])
     return Peak(device=device_name(device), dtype=DTYPE_NAMES.get(dtype, str(dtype)),
-                flops_per_s=2.0 * n**3 / times["matmul"],
+                flops_per_s=flops_per_s,
                 bytes_per_s=2.0 * src.numel() * src.element_size() / times["copy"])
 
 

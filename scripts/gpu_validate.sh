@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU validation pass in one command, for a machine with torch+CUDA and triton installed and no network:
+#   scripts/gpu_validate.sh [build] [test] [sanitize] [bench] [profile]     (default: all of them, in order)
+# Logs and results go to $OUT (default ./gpu_out): build.log, tests.log, sanitize.log, bench.json, bench.log,
+# profile.log and the profile's PNG. A failing step is reported and the next ones still run; the exit code is
+# the number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench profile)
+failed=0
+
+run_step() {  # name, command...
+  local name=$1; shift
+  local start=$SECONDS
+  echo "== $name: $*"
+  if "$@" > "$OUT/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - start)) s)"
+  else
+    echo "   FAILED ($((SECONDS - start)) s); last lines:"; tail -n 25 "$OUT/$name.log"
+    failed=$((failed + 1))
+  fi
+}
+
+for step in "${steps[@]}"; do
+  case $step in
+    build) run_step build python3 -m pip install --no-build-isolation --no-deps -e . ;;
+    test) run_step tests python3 -m pytest tests -q -ra ;;
+    sanitize) run_step sanitize compute-sanitizer --tool memcheck --error-exitcode 1 \
+                python3 -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py -q -m "gpu and not slow" ;;
+    bench) run_step bench python3 -m pytest benchmarks -q --benchmark-group-by=group \
+             --benchmark-json "$OUT/bench.json" ;;
+    profile) run_step profile python3 -m resnet_fused profile --model resnet50 --batch 64 --dtype bf16 \
+               --out "$OUT/profile" ;;
+    *) echo "unknown step: $step (expected build, test, sanitize, bench, profile)"; failed=$((failed + 1)) ;;
+  esac
+done
+python3 -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+exit $failed
