@@ -32,6 +32,25 @@ CONV_CASES = [
 ]
 CONV_IDS = [c[0] for c in CONV_CASES]
 
+# For the GPU tests: ResNet-50 layers at small batch, same fields, and one odd shape. Between them they take every
+# kernel path: the stem's scalar loads (Cin=3), 16-byte loads with small tiles (batch 1, late stages) and large
+# ones (r50_l1_expand_b8 and r50_l3_expand_b32 give two waves of 128x128 tiles on an H100/H200), Cout past one
+# tile, a 2048-wide 1x1, and odd sizes.
+GPU_CONV_CASES = [
+    ("r50_stem", 2, 3, 224, 224, 64, 7, 2, 3),
+    ("r50_l1_reduce", 2, 256, 56, 56, 64, 1, 1, 0),
+    ("r50_l1_3x3", 2, 64, 56, 56, 64, 3, 1, 1),
+    ("r50_l1_expand_b8", 8, 64, 56, 56, 256, 1, 1, 0),
+    ("r50_l2_3x3_s2", 2, 128, 56, 56, 128, 3, 2, 1),
+    ("r50_l2_downsample", 2, 256, 56, 56, 512, 1, 2, 0),
+    ("r50_l3_3x3", 4, 256, 14, 14, 256, 3, 1, 1),
+    ("r50_l3_expand_b32", 32, 256, 14, 14, 1024, 1, 1, 0),
+    ("r50_l4_3x3_b1", 1, 512, 7, 7, 512, 3, 1, 1),
+    ("r50_l4_expand_b1", 1, 512, 7, 7, 2048, 1, 1, 0),
+    ("odd", 3, 40, 17, 13, 72, 3, 1, 1),
+]
+GPU_CONV_IDS = [c[0] for c in GPU_CONV_CASES]
+
 _ORACLE = TorchBackend()
 
 

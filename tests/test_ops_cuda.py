@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from tests.oracle import (CONV_CASES, CONV_IDS, assert_matches, make_conv_inputs, ref_add_relu, ref_bn_act,
-                          ref_conv_bn_act)
+from tests.oracle import (CONV_CASES, CONV_IDS, GPU_CONV_CASES, GPU_CONV_IDS, assert_matches, make_conv_inputs,
+                          ref_add_relu, ref_bn_act, ref_conv_bn_act)
 
 
 def _unavailable_reason():
@@ -32,23 +32,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 OPS = torch.ops.resnet_fused
 
-# ResNet-50 layers at small batch, (id, N, Cin, H, W, Cout, k, stride, padding) as in CONV_CASES. Between them
-# they take every kernel path: the stem's scalar loads (Cin=3), 16-byte cp.async loads with the small tile
-# (batch 1, late stages) and with the large tile (r50_l1_expand_b8 and r50_l3_expand_b32 give M*Cout large
-# enough for two waves of 128x128 blocks on an H100/H200), Cout past one tile, and a 2048-wide 1x1.
-R50_CASES = [
-    ("r50_stem", 2, 3, 224, 224, 64, 7, 2, 3),
-    ("r50_l1_reduce", 2, 256, 56, 56, 64, 1, 1, 0),
-    ("r50_l1_3x3", 2, 64, 56, 56, 64, 3, 1, 1),
-    ("r50_l1_expand_b8", 8, 64, 56, 56, 256, 1, 1, 0),
-    ("r50_l2_3x3_s2", 2, 128, 56, 56, 128, 3, 2, 1),
-    ("r50_l2_downsample", 2, 256, 56, 56, 512, 1, 2, 0),
-    ("r50_l3_3x3", 4, 256, 14, 14, 256, 3, 1, 1),
-    ("r50_l3_expand_b32", 32, 256, 14, 14, 1024, 1, 1, 0),
-    ("r50_l4_3x3_b1", 1, 512, 7, 7, 512, 3, 1, 1),
-    ("r50_l4_expand_b1", 1, 512, 7, 7, 2048, 1, 1, 0),
-]
-R50_IDS = [c[0] for c in R50_CASES]
 
 
 def tol(dtype):
@@ -93,13 +76,13 @@ def test_conv_bn_act_shape_classes(dtype, case, residual, relu):
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 @pytest.mark.parametrize("residual", [False, True], ids=["no_res", "res"])
-@pytest.mark.parametrize("case", R50_CASES, ids=R50_IDS)
+@pytest.mark.parametrize("case", GPU_CONV_CASES, ids=GPU_CONV_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_conv_bn_act_resnet50_layers(dtype, case, residual, relu):
     run_conv(case, dtype, residual, relu)
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:4] + R50_CASES[:1], ids=CONV_IDS[:4] + R50_IDS[:1])
+@pytest.mark.parametrize("case", CONV_CASES[:4] + GPU_CONV_CASES[:1], ids=CONV_IDS[:4] + GPU_CONV_IDS[:1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_conv_bn_act_channels_last_input(dtype, case):
     run_conv(case, dtype, residual=True, relu=True, channels_last=True)

@@ -11,8 +11,8 @@ import torch
 
 import resnet_fused as rf
 from resnet_fused.ops import conv_bn_act_packed, pack_conv_bn
-from tests.oracle import (CONV_CASES, CONV_IDS, assert_matches, make_conv_inputs, ref_add_relu,
-                          ref_bn_act, ref_conv_bn_act)
+from tests.oracle import (CONV_CASES, CONV_IDS, GPU_CONV_CASES, GPU_CONV_IDS, assert_matches, make_conv_inputs,
+                          ref_add_relu, ref_bn_act, ref_conv_bn_act)
 
 if rf.available_backends("cpu" if not torch.cuda.is_available() else "cuda")["triton"] is not None:
     pytest.skip("the triton backend is unavailable here (triton not importable)", allow_module_level=True)
@@ -288,21 +288,11 @@ def test_launchers_reject_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 # --- GPU: larger shapes on the tensor cores -----------------------------------------------------------------
 
-# ResNet-50 layer classes at small batch: (id, N, Cin, H, W, Cout, k, stride, padding)
-GPU_CASES = [
-    ("stem", 2, 3, 224, 224, 64, 7, 2, 3),
-    ("l1_1x1", 2, 64, 56, 56, 256, 1, 1, 0),
-    ("l1_3x3", 2, 64, 56, 56, 64, 3, 1, 1),
-    ("l2_3x3_s2", 2, 128, 56, 56, 128, 3, 2, 1),
-    ("l2_down_s2", 2, 256, 56, 56, 512, 1, 2, 0),
-    ("l4_3x3_batch1", 1, 512, 7, 7, 512, 3, 1, 1),
-    ("odd", 3, 40, 17, 13, 72, 3, 1, 1),
-]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("residual,relu", [(True, True), (False, False)], ids=["res_relu", "plain"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CONV_CASES, ids=GPU_CONV_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gpu_conv_bn_act_large(dtype, case, residual, relu):
     run_conv(case, dtype, residual, relu, channels_last=case[0] != "odd", device="cuda")
@@ -311,7 +301,7 @@ def test_gpu_conv_bn_act_large(dtype, case, residual, relu):
 @pytest.mark.gpu
 def test_gpu_conv_bn_act_fp32_ieee_when_tf32_is_off(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    run_conv(GPU_CASES[2], torch.float32, True, True, device="cuda")  # tol() is now the tight fp32 one
+    run_conv(GPU_CONV_CASES[2], torch.float32, True, True, device="cuda")  # tol() is now the tight fp32 one
 
 
 @pytest.mark.gpu
