@@ -32,7 +32,7 @@ from resnet_fused.cli.units import EagerConvBNAct, layer_inputs, random_conv_bn
 ON_GPU = torch.cuda.is_available()
 NO_GPU = "needs a CUDA GPU; none is present on this machine"
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
-PROVIDERS = ("eager", "torch.compile", "torch.compile-max-autotune", "cudnn") + FUSED_BACKENDS
+PROVIDERS = ("eager", "eager-nchw", "torch.compile", "torch.compile-max-autotune", "cudnn") + FUSED_BACKENDS
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -98,6 +98,8 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
     quick = benchmark_disabled(config)
     if quick and setting.batch > 8:
         return "--benchmark-disable smoke run: batch > 8 is skipped"
+    if provider == "eager-nchw" and kind != "model":
+        return "eager with NCHW tensors is benchmarked for whole models only"
     if provider.startswith("torch.compile"):
         if quick:
             return "--benchmark-disable smoke run: torch.compile providers are skipped (compile time)"

@@ -1,6 +1,5 @@
 """Each distinct residual block: ResNet-50's Bottleneck (first and later block of every stage) and ResNet-18's
-BasicBlock, eager vs torch.compile vs FusedBottleneck/FusedBasicBlock on each backend (an op-level stand-in
-built from the fused ops until the fused blocks land)."""
+BasicBlock, eager vs torch.compile vs FusedBottleneck/FusedBasicBlock on each backend."""
 
 import pytest
 import torch

@@ -1,6 +1,8 @@
-"""Whole models (ResNet-50, ResNet-18, eval, channels_last): eager vs torch.compile vs fuse_model on each backend
-(an op-level stand-in built from the fused ops until fuse_model lands). On the CPU this is the issue's case:
+"""Whole models (ResNet-50, ResNet-18, eval, channels_last): eager vs torch.compile vs fuse_model on each backend.
+On the CPU this is the issue's case:
 fused resnet50 eval fp32 batch 8 at 224x224 vs eager and vs torch.compile."""
+
+import copy
 
 import pytest
 import torch
@@ -26,6 +28,9 @@ def test_model(benchmark, request, model_name, setting, provider):
     extra = {"image_size": IMAGE_SIZE}
     if provider == "eager":
         module = model
+    elif provider == "eager-nchw":  # what `model(x)` runs for a user who never asked for channels_last
+        module = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        x = x.contiguous()
     elif provider.startswith("torch.compile"):
         module = compiled(model, provider)
     else:

@@ -105,7 +105,8 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::
 at::Tensor fused_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                       const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
   const at::Tensor xc = x.contiguous(kCL);
-  const at::Tensor wc = weight.contiguous(kCL);
+  // A weight the "cpu" backend prepacked into oneDNN's blocked layout (an opaque mkldnn tensor) is used as is.
+  const at::Tensor wc = weight.is_mkldnn() ? weight : weight.contiguous(kCL);
   const at::Tensor bc = bias.to(x.scalar_type()).contiguous();
   if (!residual.has_value()) return onednn_conv(xc, wc, bc, nullptr, stride, padding, relu);
   const at::Tensor rc = residual->contiguous(kCL);
@@ -146,5 +147,10 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("conv_bn_act", &resnet_fused::cpu::conv_bn_act_cpu);
+  m.impl("conv_bias_act", &resnet_fused::cpu::conv_bias_act_cpu);
+}
+
+// A prepacked (mkldnn-layout) weight makes the dispatcher pick the MkldnnCPU key: the same kernel serves it.
+TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
   m.impl("conv_bias_act", &resnet_fused::cpu::conv_bias_act_cpu);
 }

@@ -71,8 +71,7 @@ def conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, padding=0, 
     """y = conv2d(x, weight, stride, padding) * scale[c] + shift[c] (+ residual), ReLU if relu."""
     stride, padding = check_conv_bn_act(x, weight, scale, shift, residual, stride, padding)
     relu = check_flag("relu", relu)
-    chosen = resolve(backend, x, weight)
-    return chosen.conv_bn_act_packed(x, chosen.pack_conv(weight, scale, shift), residual, stride, padding, relu)
+    return resolve(backend, x, weight).conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu)
 
 
 def bn_act(x, scale, shift, residual=None, *, relu=True, backend=None):

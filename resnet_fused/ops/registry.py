@@ -41,6 +41,11 @@ class Backend:
     def conv_bn_act_packed(self, x, pack, residual, stride: int, padding: int, relu: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def conv_bn_act(self, x, weight, scale, shift, residual, stride: int, padding: int, relu: bool) -> torch.Tensor:
+        """The unpacked call. Packs may be made without autograd: a backend whose op differentiates weight,
+        scale and shift overrides this to call that op directly."""
+        return self.conv_bn_act_packed(x, self.pack_conv(weight, scale, shift), residual, stride, padding, relu)
+
     def bn_act(self, x, scale, shift, residual, relu: bool) -> torch.Tensor:
         raise NotImplementedError
 

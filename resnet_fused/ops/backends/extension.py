@@ -69,10 +69,32 @@ def _capability_reason(index: Optional[int]) -> Optional[str]:
 
 
 class CpuConvPack(NamedTuple):
-    """The BN fold applied once: weight * scale[c] (x's dtype, channels_last) and bias = shift (x's dtype)."""
+    """The BN fold applied once: weight * scale[c] (x's dtype, channels_last) and bias = shift (x's dtype).
+
+    `onednn_weights` holds the same weight reordered into oneDNN's blocked layout (opaque mkldnn tensors), one
+    per input shape, made on first use: without it oneDNN reorders the weight on every call, which dominates
+    small-spatial layers (batch 1, late stages). The layout depends on the input shape: one chosen without it was
+    measured 10-20x slower on some 1x1 convs at 14x14. Autograd and torch.compile take `weight` instead.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor
+    onednn_weights: dict
+
+
+_ONEDNN_SHAPES_PER_PACK = 4  # distinct input shapes kept per pack (bounds memory when shapes vary)
+
+
+def _onednn_weight(pack: CpuConvPack, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    key = (tuple(x.shape), x.dtype, stride, padding)
+    weight = pack.onednn_weights.get(key)
+    if weight is None:
+        if len(pack.onednn_weights) >= _ONEDNN_SHAPES_PER_PACK:
+            pack.onednn_weights.clear()
+        weight = torch.ops.mkldnn._reorder_convolution_weight(pack.weight.contiguous(), [padding] * 2,
+                                                              [stride] * 2, [1, 1], 1, list(x.shape))
+        pack.onednn_weights[key] = weight
+    return weight
 
 
 class _ExtensionBackend(Backend):
@@ -89,6 +111,11 @@ class _ExtensionBackend(Backend):
         if x.dtype not in SUPPORTED_DTYPES:
             return f"no kernel for {x.dtype}"
         return None
+
+    def conv_bn_act(self, x, weight, scale, shift, residual, stride, padding, relu):
+        # The public op, with autograd for x, weight, scale, shift and residual (a pack would be detached).
+        return torch.ops.resnet_fused.conv_bn_act.default(x, weight, scale.float(), shift.float(), residual, stride,
+                                                          padding, relu)
 
     def bn_act(self, x, scale, shift, residual, relu):
         return torch.ops.resnet_fused.bn_act.default(x, scale, shift, residual, relu)
@@ -108,13 +135,15 @@ class CpuBackend(_ExtensionBackend):
 
     @torch.no_grad()
     def pack_conv(self, weight, scale, shift):
-        folded = weight.float() * scale.float().view(-1, 1, 1, 1)
-        return CpuConvPack(folded.to(weight.dtype).contiguous(memory_format=CL),
-                           shift.detach().to(weight.dtype).contiguous())
+        folded = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype)
+        return CpuConvPack(folded.contiguous(memory_format=CL), shift.detach().to(weight.dtype).contiguous(), {})
 
     def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
-        return torch.ops.resnet_fused.conv_bias_act.default(x, pack.weight, pack.bias, residual, stride, padding,
-                                                            relu)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+            weight = pack.weight
+        else:
+            weight = _onednn_weight(pack, x, stride, padding)
+        return torch.ops.resnet_fused.conv_bias_act.default(x, weight, pack.bias, residual, stride, padding, relu)
 
 
 class CudaBackend(_ExtensionBackend):
