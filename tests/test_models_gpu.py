@@ -71,11 +71,15 @@ def test_batch_one_and_odd_image_size(backend):
     assert_no_worse_than_eager(out, expected, truth, torch.bfloat16)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_cuda_graph_capture_and_replay(backend):
+def _fused_resnet18_bf16(backend):
     _require(backend)
     model = _randomize_bn(rf.resnet18(num_classes=10)).eval().cuda().to(torch.bfloat16)
-    fused, _ = rf.fuse_model(model, backend=backend)
+    return rf.fuse_model(model, backend=backend)[0]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_and_replay(backend):
+    fused = _fused_resnet18_bf16(backend)
     static_x = _images(1, dtype=torch.bfloat16)
     with torch.no_grad():
         side = torch.cuda.Stream()
@@ -97,9 +101,7 @@ def test_cuda_graph_capture_and_replay(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_torch_compile_of_fused_model(backend):
-    _require(backend)
-    model = _randomize_bn(rf.resnet18(num_classes=10)).eval().cuda().to(torch.bfloat16)
-    fused, _ = rf.fuse_model(model, backend=backend)
+    fused = _fused_resnet18_bf16(backend)
     x = _images(2, dtype=torch.bfloat16)
     compiled = torch.compile(fused)
     with torch.no_grad():
