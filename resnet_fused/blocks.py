@@ -70,10 +70,6 @@ def _copy_module_state(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _check_backend(backend) -> str:
-    return _check_name(backend)
-
-
 # ---------------------------------------------------------------------------------------------- plans
 
 
@@ -127,7 +123,7 @@ class _FusedReference(_FusedResidual):
                             f"{type(block).__name__} lacks {', '.join(missing) or 'downsample'}")
         new = cls.__new__(cls)
         _copy_module_state(new, block)
-        new.backend = _check_backend(backend)
+        new.backend = _check_name(backend)
         return new
 
 
@@ -142,7 +138,7 @@ class FusedBottleneck(_FusedReference, Bottleneck):
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
                  backend: str = "auto") -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
-        self.backend = _check_backend(backend)
+        self.backend = _check_name(backend)
 
 
 class FusedBasicBlock(_FusedReference, BasicBlock):
@@ -156,7 +152,7 @@ class FusedBasicBlock(_FusedReference, BasicBlock):
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
                  backend: str = "auto") -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
-        self.backend = _check_backend(backend)
+        self.backend = _check_name(backend)
 
 
 class FusedResidualBlock(_FusedResidual, nn.Module):
@@ -169,7 +165,7 @@ class FusedResidualBlock(_FusedResidual, nn.Module):
         for name, module in modules.items():
             self.add_module(name, module)
         self.plan = plan
-        self.backend = _check_backend(backend)
+        self.backend = _check_name(backend)
         self.original_class = None
 
     @classmethod
@@ -177,7 +173,7 @@ class FusedResidualBlock(_FusedResidual, nn.Module):
         new = cls.__new__(cls)
         _copy_module_state(new, block)
         new.plan = plan
-        new.backend = _check_backend(backend)
+        new.backend = _check_name(backend)
         new.original_class = f"{type(block).__module__}.{type(block).__qualname__}"
         return new
 
@@ -223,7 +219,7 @@ class FusedConvBNAct(_FoldCached, nn.Conv2d):
         new = _copy_module_state(cls.__new__(cls), conv)
         new.__dict__["absorbed_bn"] = bn  # a plain reference: registering it would duplicate its state_dict keys
         new.fused_relu = bool(relu)
-        new.backend = _check_backend(backend)
+        new.backend = _check_name(backend)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

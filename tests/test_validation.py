@@ -108,3 +108,34 @@ def test_auto_always_resolves_and_use_backend_scopes():
     assert ops.get_backend() == "auto"
     with pytest.raises(ValueError):
         ops.set_backend("nope")
+
+
+def test_packed_path_validates_like_the_op():
+    # A wrong residual must be an error before any kernel reads it (the kernels index it by the output's shape).
+    a = _args()
+    pack = ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], backend="torch")
+    x = a["x"]
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 8, 8\)"):
+        ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 4, 4), padding=1)
+    with pytest.raises(TypeError, match="residual must have x's dtype"):
+        ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 8, 8, dtype=torch.float16), padding=1)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        ops.conv_bn_act_packed(x, pack, stride=0, padding=1)
+    with pytest.raises(ValueError, match="too small for a 3x3 kernel"):
+        ops.conv_bn_act_packed(torch.randn(1, 4, 2, 2), pack)
+    with pytest.raises(ValueError, match="the pack was made for torch.float32"):
+        ops.conv_bn_act_packed(x.half(), pack, padding=1)
+    with pytest.raises(ValueError, match="pack's C_in=4"):
+        ops.conv_bn_act_packed(torch.randn(2, 3, 8, 8), pack, padding=1)
+    assert ops.conv_bn_act_packed(x, pack, stride=(2, 2), padding=(1, 1)).shape == (2, 8, 4, 4)
+
+
+def test_pack_bad_arguments():
+    with pytest.raises(ValueError, match="weight must be a 4-D"):
+        ops.pack_conv_bn(torch.randn(8, 4, 3), torch.ones(8), torch.zeros(8))
+    with pytest.raises(TypeError, match="weight must be float32, float16 or bfloat16"):
+        ops.pack_conv_bn(torch.randn(8, 4, 3, 3).double(), torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="scale must be a 1-D tensor of length 8"):
+        ops.pack_conv_bn(torch.randn(8, 4, 3, 3), torch.ones(4), torch.zeros(8))
+    with pytest.raises(ValueError, match="shift is on meta but weight is on cpu"):
+        ops.pack_conv_bn(torch.randn(8, 4, 3, 3), torch.ones(8), torch.zeros(8, device="meta"))

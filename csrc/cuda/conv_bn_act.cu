@@ -81,6 +81,15 @@ struct Params {
   bool vec_epilogue;  // Cout % EV == 0 and y / residual 16-byte aligned
 };
 
+// fp32 operands loaded into TF32 fragments must be rounded to TF32 before mma_sync.
+template <typename Fragment>
+__device__ __forceinline__ void round_to_tf32(Fragment& f) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#pragma unroll
+  for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
+#endif
+}
+
 template <typename T, typename Cfg>
 __host__ __device__ constexpr size_t smem_bytes() {
   constexpr size_t pipeline = size_t(Cfg::STAGES) * (Cfg::BM + Cfg::BN) * Smem<T>::LDS * sizeof(T);
@@ -195,18 +204,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_bn_act_kernel(const Params 
 #pragma unroll
       for (int i = 0; i < Cfg::FRAGS_M; ++i) {
         wmma::load_matrix_sync(a[i], a_base + i * 16 * LDS + kk, LDS);
-        if constexpr (sizeof(T) == 4) {
-#pragma unroll
-          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
-        }
+        if constexpr (sizeof(T) == 4) round_to_tf32(a[i]);
       }
 #pragma unroll
       for (int j = 0; j < Cfg::FRAGS_N; ++j) {
         wmma::load_matrix_sync(b[j], b_base + j * 16 * LDS + kk, LDS);
-        if constexpr (sizeof(T) == 4) {
-#pragma unroll
-          for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
-        }
+        if constexpr (sizeof(T) == 4) round_to_tf32(b[j]);
       }
 #pragma unroll
       for (int i = 0; i < Cfg::FRAGS_M; ++i)

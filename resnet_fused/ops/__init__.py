@@ -19,7 +19,8 @@ from . import backends as _backends  # noqa: F401  (registers the backends)
 from .folding import fold_bn
 from .registry import (AUTO_ORDER, Backend, available_backends, backend_names, get_backend, register_backend,
                        resolve, resolve_name, set_backend, use_backend)
-from .validation import SUPPORTED_DTYPES, check_add_relu, check_bn_act, check_conv_bn_act, check_flag
+from .validation import (SUPPORTED_DTYPES, check_add_relu, check_bn_act, check_conv_bn_act, check_conv_packed,
+                         check_flag, check_pack)
 
 __all__ = [
     "conv_bn_act", "bn_act", "add_relu", "ConvBNPack", "pack_conv_bn", "conv_bn_act_packed", "fold_bn",
@@ -47,9 +48,8 @@ def pack_conv_bn(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
 
     The backend is resolved for the weight's device and dtype, as it will be for inputs like it.
     """
-    probe = torch.empty((1, weight.shape[1], 1, 1), device=weight.device, dtype=weight.dtype)
-    check_conv_bn_act(probe, weight, scale, shift, None, 1, weight.shape[-1] // 2)
-    chosen = resolve(backend, probe, weight)
+    check_pack(weight, scale, shift)
+    chosen = resolve(backend, weight, weight)  # the weight has the device and dtype of the inputs to come
     return ConvBNPack(chosen.name, chosen.pack_conv(weight, scale, shift), weight.shape[0], weight.shape[1],
                       tuple(weight.shape[2:]), weight.dtype, weight.device)
 
@@ -59,12 +59,9 @@ def conv_bn_act_packed(x: torch.Tensor, pack: ConvBNPack, residual: Optional[tor
     """conv_bn_act with a weight packed by `pack_conv_bn` (the hot path of the fused blocks)."""
     from .registry import _BACKENDS
 
-    if x.dtype != pack.dtype or x.device != pack.device:
-        raise ValueError(f"x is {x.dtype} on {x.device} but the pack was made for {pack.dtype} on {pack.device}")
-    if x.dim() != 4 or x.shape[1] != pack.in_channels:
-        raise ValueError(f"x must be (N, {pack.in_channels}, H, W), got shape {tuple(x.shape)}")
+    stride, padding = check_conv_packed(x, pack, residual, stride, padding)
     relu = check_flag("relu", relu)
-    return _BACKENDS[pack.backend].conv_bn_act_packed(x, pack.payload, residual, int(stride), int(padding), relu)
+    return _BACKENDS[pack.backend].conv_bn_act_packed(x, pack.payload, residual, stride, padding, relu)
 
 
 def conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, padding=0, relu=True, backend=None):

@@ -27,19 +27,19 @@ def _activation(name: str, value) -> torch.Tensor:
     return t
 
 
-def _same_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+def _same_device(name: str, t: torch.Tensor, x: torch.Tensor, x_name: str = "x") -> None:
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+        raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}; all tensors must be on one device")
 
 
-def _channel_vector(name: str, value, channels: int, x: torch.Tensor) -> None:
+def _channel_vector(name: str, value, channels: int, x: torch.Tensor, x_name: str = "x") -> None:
     t = _tensor(name, value)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.dim() != 1 or t.numel() != channels:
         raise ValueError(f"{name} must be a 1-D tensor of length {channels} (one per output channel), "
                          f"got shape {tuple(t.shape)}")
-    _same_device(name, t, x)
+    _same_device(name, t, x, x_name)
 
 
 def _residual(residual, expected_shape: tuple, x: torch.Tensor) -> None:
@@ -70,33 +70,66 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding) -> tuple[int, int]:
-    """Validate conv_bn_act's arguments; return (stride, padding) as ints."""
-    x = _activation("x", x)
+def _conv_weight(weight) -> torch.Tensor:
     w = _tensor("weight", weight)
     if w.dim() != 4:
         raise ValueError(f"weight must be a 4-D (C_out, C_in, KH, KW) tensor, got {w.dim()}-D "
                          f"with shape {tuple(w.shape)}")
-    if w.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {w.dtype}")
-    _same_device("weight", w, x)
-    c_out, c_in, kh, kw = w.shape
-    if c_in != x.shape[1]:
-        groups_hint = (f"; grouped convolution (groups={x.shape[1] // c_in}) is not supported"
-                       if c_in and x.shape[1] % c_in == 0 and x.shape[1] != c_in else "")
-        raise ValueError(f"weight expects C_in={c_in} input channels but x has {x.shape[1]}{groups_hint}")
-    if c_out == 0 or kh == 0 or kw == 0:
-        raise ValueError(f"weight must have non-zero C_out, KH and KW, got shape {tuple(w.shape)}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"weight must be {_DTYPE_NAMES}, got {w.dtype}")
+    if 0 in w.shape:
+        raise ValueError(f"weight must have non-zero C_out, C_in, KH and KW, got shape {tuple(w.shape)}")
+    return w
+
+
+def _conv_geometry(x, c_out, kernel_size, stride, padding) -> tuple[int, int, tuple]:
+    """(stride, padding, output shape) of a conv of x with this kernel, or the error naming what is wrong."""
     stride = as_square("stride", stride, 1)
     padding = as_square("padding", padding, 0)
+    kh, kw = kernel_size
     h_out = conv_output_size(x.shape[2], kh, stride, padding)
     w_out = conv_output_size(x.shape[3], kw, stride, padding)
     if h_out < 1 or w_out < 1:
         raise ValueError(f"x's spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
                          f"with padding {padding}")
+    return stride, padding, (x.shape[0], c_out, h_out, w_out)
+
+
+def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding) -> tuple[int, int]:
+    """Validate conv_bn_act's arguments; return (stride, padding) as ints."""
+    x = _activation("x", x)
+    w = _conv_weight(weight)
+    if w.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {w.dtype}")
+    _same_device("weight", w, x)
+    c_out, c_in = w.shape[:2]
+    if c_in != x.shape[1]:
+        groups_hint = (f"; grouped convolution (groups={x.shape[1] // c_in}) is not supported"
+                       if x.shape[1] % c_in == 0 and x.shape[1] != c_in else "")
+        raise ValueError(f"weight expects C_in={c_in} input channels but x has {x.shape[1]}{groups_hint}")
+    stride, padding, out_shape = _conv_geometry(x, c_out, w.shape[2:], stride, padding)
     _channel_vector("scale", scale, c_out, x)
     _channel_vector("shift", shift, c_out, x)
-    _residual(residual, (x.shape[0], c_out, h_out, w_out), x)
+    _residual(residual, out_shape, x)
+    return stride, padding
+
+
+def check_pack(weight, scale, shift) -> None:
+    """Validate pack_conv_bn's arguments (the conv_bn_act checks that do not need an input)."""
+    w = _conv_weight(weight)
+    _channel_vector("scale", scale, w.shape[0], w, "weight")
+    _channel_vector("shift", shift, w.shape[0], w, "weight")
+
+
+def check_conv_packed(x, pack, residual, stride, padding) -> tuple[int, int]:
+    """Validate conv_bn_act_packed's arguments against the pack; return (stride, padding) as ints."""
+    x = _activation("x", x)
+    if x.dtype != pack.dtype or x.device != pack.device:
+        raise ValueError(f"x is {x.dtype} on {x.device} but the pack was made for {pack.dtype} on {pack.device}")
+    if x.shape[1] != pack.in_channels:
+        raise ValueError(f"x must have the pack's C_in={pack.in_channels} channels, got shape {tuple(x.shape)}")
+    stride, padding, out_shape = _conv_geometry(x, pack.out_channels, pack.kernel_size, stride, padding)
+    _residual(residual, out_shape, x)
     return stride, padding
 
 
