@@ -5,6 +5,9 @@ Providers, side by side in one `benchmark.group` per case:
     torch.compile              default mode; max-autotune too with RESNET_FUSED_BENCH_AUTOTUNE=1 (GPU)
     cudnn                      torch.cudnn_convolution_relu / _add_relu on the folded weight (GPU convs with ReLU)
     triton, cuda, cpu          resnet_fused's backends (fused ops, FusedBottleneck/FusedBasicBlock, fuse_model)
+    eager+cudagraph, triton+cudagraph, cuda+cudagraph
+                               whole models replayed through rf.cuda_graphed (GPU, batch <= 32, where launch
+                               overhead matters): graphs for eager too, so the graphs' own gain shows apart
 
 Timing: warm-ups (compilation, autotuning, first-call caches) run before the timed region; on a GPU each timed
 call ends with torch.cuda.synchronize(); rounds and iterations are fixed per case from one untimed measurement.
@@ -32,7 +35,11 @@ from resnet_fused.cli.units import EagerConvBNAct, layer_inputs, random_conv_bn
 ON_GPU = torch.cuda.is_available()
 NO_GPU = "needs a CUDA GPU; none is present on this machine"
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
-PROVIDERS = ("eager", "eager-nchw", "torch.compile", "torch.compile-max-autotune", "cudnn") + FUSED_BACKENDS
+GRAPHED = "+cudagraph"
+GRAPH_PROVIDERS = ("eager" + GRAPHED, "triton" + GRAPHED, "cuda" + GRAPHED)
+GRAPH_MAX_BATCH = 32
+PROVIDERS = ("eager", "eager-nchw", "torch.compile", "torch.compile-max-autotune", "cudnn") + FUSED_BACKENDS \
+    + GRAPH_PROVIDERS
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -96,6 +103,12 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
     if setting.device == "cuda" and not ON_GPU:
         return NO_GPU
     quick = benchmark_disabled(config)
+    if provider.endswith(GRAPHED):
+        if kind != "model":
+            return "CUDA graph replay is benchmarked for whole models only"
+        if setting.batch > GRAPH_MAX_BATCH:
+            return f"CUDA graph replay is benchmarked at batch <= {GRAPH_MAX_BATCH}, where launch overhead matters"
+        provider = provider[:-len(GRAPHED)]
     if quick and setting.batch > 8:
         return "--benchmark-disable smoke run: batch > 8 is skipped"
     if provider == "eager-nchw" and kind != "model":

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from bench_harness import (CPU_MODEL, GPU_SETTINGS, PROVIDERS, check_close, compiled, count_macs,
+import resnet_fused as rf
+from bench_harness import (CPU_MODEL, GPU_SETTINGS, GRAPHED, PROVIDERS, check_close, compiled, count_macs,
                            fuse_for_benchmark, model_bytes, reference_model, run_case, skip_reason)
 from resnet_fused.cli.layers import conv_layers
 
@@ -26,7 +27,8 @@ def test_model(benchmark, request, model_name, setting, provider):
     x = torch.randn(setting.batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     x = x.to(device=setting.device, dtype=setting.dtype).contiguous(memory_format=torch.channels_last)
     extra = {"image_size": IMAGE_SIZE}
-    if provider == "eager":
+    base = provider[:-len(GRAPHED)] if provider.endswith(GRAPHED) else provider
+    if base == "eager":
         module = model
     elif provider == "eager-nchw":  # what `model(x)` runs for a user who never asked for channels_last
         module = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
@@ -34,7 +36,9 @@ def test_model(benchmark, request, model_name, setting, provider):
     elif provider.startswith("torch.compile"):
         module = compiled(model, provider)
     else:
-        module, extra["fused_with"] = fuse_for_benchmark(model, provider)
+        module, extra["fused_with"] = fuse_for_benchmark(model, base)
+    if base != provider:  # captured during run_case's warm-ups
+        module, extra["cuda_graphs"] = rf.cuda_graphed(module), True
     layers = conv_layers(model, image_size=IMAGE_SIZE)
     element = x.element_size()
     out = run_case(benchmark, request, lambda: module(x), provider=provider, setting=setting,

@@ -3,6 +3,7 @@
     import resnet_fused as rf
     model = rf.resnet50()                      # torchvision-identical reference model
     fused, report = rf.fuse_model(model)       # the same model with fused blocks, weights carried
+    run = rf.cuda_graphed(fused.cuda().eval())  # optional, on a GPU: one graph launch per forward
 """
 
 from . import _extension
@@ -17,3 +18,4 @@ from .ops import (add_relu, available_backends, bn_act, conv_bn_act, fold_bn, ge
 __version__ = "0.1.0"
 from .blocks import FusedBasicBlock, FusedBottleneck  # noqa: E402
 from .fuse import FuseReport, fuse_model  # noqa: E402
+from .graphs import CUDAGraphed, cuda_graphed  # noqa: E402

@@ -29,6 +29,7 @@ CONV_CASES = [
     ("7x7_stem_gray", 1, 1, 12, 12, 16, 7, 2, 3),
     ("odd_channels", 3, 5, 7, 5, 7, 3, 1, 1),
     ("batch1_wide", 1, 32, 6, 6, 64, 3, 1, 1),
+    ("cin24_partial_k", 2, 24, 5, 6, 16, 3, 1, 1),  # Cin not a multiple of the K block: a masked channel tail
 ]
 CONV_IDS = [c[0] for c in CONV_CASES]
 

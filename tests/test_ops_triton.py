@@ -93,14 +93,13 @@ def test_conv_bn_act_empty_batch():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_packed_path_reuses_one_pack(dtype):
     """pack_conv_bn lays the weight out once; conv_bn_act_packed then serves inputs of several sizes."""
-    case = CONV_CASES[4]  # 7x7 stem, Cin=3: the pack pads Cin to 16
+    case = CONV_CASES[4]  # 7x7 stem, Cin=3: K = 7*7*3 = 147 flattened, padded to 160 rows
     x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, DEVICE, residual=True)
     pack = pack_conv_bn(w, scale, shift, backend="triton")
     assert pack.backend == "triton"
     packed = pack.payload.weight
-    assert packed.shape == (7 * 7 * 16, 16) and packed.dtype == dtype
-    taps = packed.view(7, 7, 16, 16)
-    assert torch.equal(taps[:, :, :3, :], w.permute(2, 3, 1, 0)) and not taps[:, :, 3:, :].any()
+    assert packed.shape == (160, 16) and packed.dtype == dtype
+    assert torch.equal(packed[:147], w.permute(2, 3, 1, 0).reshape(147, 16)) and not packed[147:].any()
     other_x = torch.randn(2, 3, 10, 13, device=DEVICE).to(dtype)
     other_res = torch.randn(2, 16, 5, 7, device=DEVICE).to(dtype)  # (10 + 6 - 7) // 2 + 1, (13 + 6 - 7) // 2 + 1
     for x_in, res in ((x, res), (other_x, other_res), (x, None)):
@@ -115,6 +114,14 @@ def test_conv_bn_act_64bit_offsets_path():
     for index_64 in (False, True):
         y = conv_kernel.conv_bn_act(x, packed, scale, shift, res, 3, 3, stride, padding, True, index_64=index_64)
         assert_matches(y, ref_conv_bn_act(x, w, scale, shift, res, stride, padding, True), tol(torch.float32))
+
+
+def test_per_tap_pack_pads_each_tap_to_16_channels():
+    w = torch.randn(8, 20, 3, 3, device=DEVICE)
+    packed = conv_kernel.pack_weight(w)
+    assert packed.shape == (3 * 3 * 32, 8)
+    taps = packed.view(3, 3, 32, 8)
+    assert torch.equal(taps[:, :, :20], w.permute(2, 3, 1, 0)) and not taps[:, :, 20:].any()
 
 
 def test_conv_launcher_rejects_mismatched_pack():

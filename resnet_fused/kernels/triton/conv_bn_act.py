@@ -4,10 +4,18 @@
                             + shift[co]  (+ residual[n, ho, wo, co]) )        act = ReLU or identity
 
 read as a GEMM  Y[M, N] = A[M, K] @ B[K, N]  with  M = batch*Ho*Wo (output pixels), N = Cout, K = KH*KW*Cin.
-A is never materialized: each program walks the KH*KW taps in static loops (the spatial bounds mask and base
-pointer are computed once per tap; out-of-image taps read zeros, which is the zero padding) and runs a loop
-over Cin blocks inside each tap. B is the weight prepacked once by `pack_weight` as [KH*KW*Cin_pad, Cout]
-(Cin padded with zero rows to a multiple of 16, so every tap's rows start aligned; the 7x7 stem has Cin=3).
+A is never materialized. B is the weight prepacked once by `pack_weight`, in one of two layouts:
+
+  per tap (Cin >= 16)   [KH*KW*Cin_pad, Cout], Cin padded with zero rows to a multiple of 16. The K loop is ONE
+                        runtime loop over (tap, Cin block) steps: each step decodes its tap with scalar
+                        arithmetic, masks the rows whose input pixel falls outside the image (the zero padding)
+                        and loads a [BLOCK_M, BLOCK_K] slice of contiguous channels. One loop, so the compiler
+                        pipelines loads across taps, and compile time does not grow with KH*KW (statically
+                        unrolled tap loops took 138 s to compile the 7x7 stem for sm_90, measured).
+  flat K (Cin < 16)     [KH*KW*Cin rounded up to 16, Cout] with no per-tap padding: the 7x7 stem (Cin=3) would
+                        otherwise spend 81% of its MMAs on zeros. Each K column decodes its own (kh, kw, ci).
+                        4 warps only: PyTorch Inductor's conv template miscomputed such per-element decodes with
+                        8 warps (pytorch issue 173068).
 
 Accumulation is fp32. fp16/bf16 tiles go to the tensor cores as they are; fp32 tiles go through TF32 on the GPU
 when torch.backends.cudnn.allow_tf32 is set (PyTorch's default for convolutions), else full-precision fp32.
@@ -23,17 +31,33 @@ import triton.language as tl
 
 from .common import INTERPRET, check_device
 
-CIN_ALIGN = 16  # packed Cin is a multiple of this (the smallest BLOCK_K the GPU's dot accepts)
+CIN_ALIGN = 16  # packed K rows come in multiples of this (the smallest BLOCK_K the GPU's dot accepts)
 _INT32_LIMIT = 2**31 - 1
 
 
+def uses_flat_k(c_in: int) -> bool:
+    """Below 16 input channels a per-tap padded K would be mostly zeros: flatten K instead."""
+    return c_in < CIN_ALIGN
+
+
+def packed_rows(c_in: int, kernel_h: int, kernel_w: int) -> int:
+    """Rows of the packed weight for this Cin and kernel size (see pack_weight)."""
+    if uses_flat_k(c_in):
+        return triton.cdiv(kernel_h * kernel_w * c_in, CIN_ALIGN) * CIN_ALIGN
+    return kernel_h * kernel_w * triton.cdiv(c_in, CIN_ALIGN) * CIN_ALIGN
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, Cin, KH, KW) -> contiguous (KH*KW*Cin_pad, Cout) in the weight's dtype, zero rows for padded Cin."""
+    """(Cout, Cin, KH, KW) -> contiguous (rows, Cout) in the weight's dtype, K row = (kh*KW + kw)*Cin_pad + ci
+    with Cin_pad = Cin rounded up to 16 (per tap), or = Cin (flat K, Cin < 16); padding rows are zeros."""
     c_out, c_in, kh, kw = weight.shape
-    c_in_pad = triton.cdiv(c_in, CIN_ALIGN) * CIN_ALIGN
-    packed = weight.new_zeros((kh, kw, c_in_pad, c_out))
-    packed[:, :, :c_in, :] = weight.permute(2, 3, 1, 0)
-    return packed.reshape(kh * kw * c_in_pad, c_out)
+    packed = weight.new_zeros((packed_rows(c_in, kh, kw), c_out))
+    taps = weight.permute(2, 3, 1, 0)  # (KH, KW, Cin, Cout)
+    if uses_flat_k(c_in):
+        packed[:kh * kw * c_in] = taps.reshape(kh * kw * c_in, c_out)
+    else:
+        packed.view(kh, kw, -1, c_out)[:, :, :c_in, :] = taps
+    return packed
 
 
 def _config(block_m, block_n, block_k, warps, stages):
@@ -41,25 +65,30 @@ def _config(block_m, block_n, block_k, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
+# Flat K (Cin < 16: the stem): 4 warps only (see the module docstring); K = 49*3 = 147 fits 5 steps of 32.
+_FLAT_K_CONFIGS = [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 4, 3), _config(128, 128, 32, 4, 3)]
+_PER_TAP_CONFIGS = [
+    # small M (batch 1, late stages: M = 49..3136): narrow M tiles keep the SMs busy
+    _config(32, 64, 64, 4, 4), _config(32, 128, 64, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 32, 4, 4),
+    # mid to large M (batch 32..256)
+    _config(128, 64, 32, 4, 4), _config(128, 128, 32, 8, 4), _config(128, 128, 64, 8, 3),
+    _config(128, 256, 32, 8, 3), _config(256, 128, 32, 8, 3), _config(256, 64, 32, 8, 4),
+]
+
+
 def _configs():
     if INTERPRET:  # autotune with several configs fails without a GPU driver; one mid-size tile is fastest here
         return [_config(64, 32, 16, 4, 1)]
-    return [
-        # Cin <= 16 (the stem, tiny layers): BLOCK_K = 16
-        _config(64, 64, 16, 4, 4), _config(128, 64, 16, 4, 4), _config(128, 128, 16, 8, 4),
-        # small M (batch 1, late stages: M = 49..784)
-        _config(32, 64, 64, 4, 4), _config(32, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
-        _config(64, 128, 32, 4, 4),
-        # mid to large M (batch 32..256)
-        _config(128, 64, 32, 4, 4), _config(128, 128, 32, 8, 4), _config(128, 128, 64, 8, 3),
-        _config(128, 256, 32, 8, 3), _config(256, 128, 32, 8, 3), _config(256, 64, 32, 8, 4),
-    ]
+    return _FLAT_K_CONFIGS + _PER_TAP_CONFIGS
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles larger than the problem in any GEMM dimension (keeping the smallest such tile)."""
-    caps = {"BLOCK_M": named_args["M"], "BLOCK_N": named_args["Cout"], "BLOCK_K": named_args["Cin"]}
-    kept = configs
+    """The configs of the call's K layout, without tiles larger than the problem in any GEMM dimension (keeping
+    the smallest such tile). named_args: the positional kernel arguments; kwargs: the constexprs of the call."""
+    flat = kwargs["FLAT_K"]
+    kept = [c for c in configs if (c in _FLAT_K_CONFIGS) == flat]
+    k_extent = kwargs["KH"] * kwargs["KW"] * named_args["Cin"] if flat else named_args["Cin"]
+    caps = {"BLOCK_M": named_args["M"], "BLOCK_N": named_args["Cout"], "BLOCK_K": k_extent}
     for key, size in caps.items():
         smallest = min(c.kwargs[key] for c in kept)
         cap = max(triton.next_power_of_2(size), smallest)
@@ -67,14 +96,20 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
+def _quick_bench(kernel_call, quantiles):
+    """Autotuning timer: a few ms per config instead of triton's default ~125 ms (dozens of shapes x configs
+    are tuned on first use); kernel times here are 10 us .. 2 ms, so 20 ms of repetitions is plenty."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 @triton.autotune(configs=_configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
 @triton.jit
 def _conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
     M, H, W, Cin, Ho, Wo, Cout, Cin_pad,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -105,25 +140,47 @@ def _conv_bn_act_kernel(
     pixel = offs_m % (Ho * Wo)
     h_top = (pixel // Wo) * STRIDE - PAD
     w_left = (pixel % Wo) * STRIDE - PAD
+    corner = (image * H + h_top) * W + w_left  # input pixel under tap (0, 0); may lie in the padding
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
+    if FLAT_K:
+        k_total = KH * KW * Cin
+        for k0 in range(0, k_total, BLOCK_K):
+            k = k0 + offs_k
+            tap = k // Cin
+            kh = tap // KW
+            kw = tap % KW
+            h_in = h_top[:, None] + kh[None, :]
+            w_in = w_left[:, None] + kw[None, :]
+            a_mask = (m_mask[:, None] & (k < k_total)[None, :]
+                      & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W))
+            a_offs = (corner[:, None] + (kh * W + kw)[None, :]) * Cin + (k % Cin)[None, :]
+            a = tl.load(x_ptr + a_offs, mask=a_mask, other=0.0)
+            b = tl.load(w_ptr + k[:, None] * Cout + offs_n[None, :],
+                        mask=(k < k_total)[:, None] & n_mask[None, :], other=0.0)
+            if DOT_IN_FP32:  # the interpreter's bf16 dot is broken
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        cin_blocks = tl.cdiv(Cin, BLOCK_K)
+        for step in range(0, KH * KW * cin_blocks):
+            tap = step // cin_blocks  # scalar decode, once per step for the whole tile
+            c0 = (step - tap * cin_blocks) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
             h_in = h_top + kh
             w_in = w_left + kw
             in_image = m_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-            a_ptrs = x_ptr + (((image * H + h_in) * W + w_in) * Cin)[:, None] + offs_k[None, :]
-            b_ptrs = w_ptr + ((kh * KW + kw) * Cin_pad + offs_k)[:, None] * Cout + offs_n[None, :]
-            for c0 in range(0, Cin, BLOCK_K):
-                k_mask = offs_k < Cin - c0
-                a = tl.load(a_ptrs, mask=in_image[:, None] & k_mask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                if DOT_IN_FP32:  # the interpreter's bf16 dot is broken
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K * Cout
+            k_mask = offs_k < Cin - c0
+            a_ptrs = x_ptr + ((corner + kh * W + kw) * Cin + c0)[:, None] + offs_k[None, :]
+            b_ptrs = w_ptr + (tap * Cin_pad + c0 + offs_k)[:, None] * Cout + offs_n[None, :]
+            a = tl.load(a_ptrs, mask=in_image[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue in fp32 on the accumulator, one store. y (and the residual) are (M, Cout) row-major = NHWC.
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
@@ -156,10 +213,9 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
     check_device(x)
     n, c_in, h, w = x.shape
     k_rows, c_out = weight_packed.shape
-    taps = kernel_h * kernel_w
-    if k_rows % taps or k_rows // taps < c_in:
-        raise ValueError(f"weight_packed must be (KH*KW*Cin_pad, Cout) with Cin_pad >= {c_in} for a "
-                         f"{kernel_h}x{kernel_w} kernel, got shape {tuple(weight_packed.shape)}")
+    if k_rows != packed_rows(c_in, kernel_h, kernel_w):
+        raise ValueError(f"weight_packed must be pack_weight's ({packed_rows(c_in, kernel_h, kernel_w)}, Cout) for "
+                         f"Cin={c_in} and a {kernel_h}x{kernel_w} kernel, got shape {tuple(weight_packed.shape)}")
     y = empty_output(x, c_out, kernel_h, kernel_w, stride, padding)
     h_out, w_out = y.shape[2:]
     m = n * h_out * w_out
@@ -175,9 +231,9 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
     _conv_bn_act_kernel[grid](
         x, weight_packed, scale.float().contiguous(), shift.float().contiguous(),
         residual if residual is not None else y, y,
-        m, h, w, c_in, h_out, w_out, c_out, k_rows // taps,
+        m, h, w, c_in, h_out, w_out, c_out, k_rows // (kernel_h * kernel_w),
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
-        HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64,
+        HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, FLAT_K=uses_flat_k(c_in),
         DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
     )
     return y

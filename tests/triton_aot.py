@@ -1,0 +1,65 @@
+"""Compile the Triton conv kernel for sm_90 ahead of time, without a GPU, and print what the tests check as JSON.
+
+Run as `python -m tests.triton_aot` in a process with TRITON_INTERPRET unset: code generation and the
+interpreter do not mix in one process. Cases: each K layout (per tap: a 3x3 conv; flat K: the 7x7 stem) x each
+dtype with the layout's last config, and every config of each layout in fp32 (the most shared memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from resnet_fused.kernels.triton import conv_bn_act as conv_kernel
+
+SM90 = GPUTarget("cuda", 90, 32)
+POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
+LAYOUTS = {"flat": (7, 2, 3, conv_kernel._FLAT_K_CONFIGS), "per_tap": (3, 1, 1, conv_kernel._PER_TAP_CONFIGS)}
+
+
+def tile(config) -> str:
+    return "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+
+
+def compile_case(dtype: str, layout: str, config) -> dict:
+    kernel, stride, padding, _ = LAYOUTS[layout]
+    flat = layout == "flat"
+    # In the kernel's parameter order: attrs below address parameters by position.
+    signature = {"x_ptr": POINTER[dtype], "w_ptr": POINTER[dtype], "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                 "res_ptr": POINTER[dtype], "y_ptr": POINTER[dtype]}
+    signature.update({name: "i32" for name in ("M", "H", "W", "Cin", "Ho", "Wo", "Cout", "Cin_pad")})
+    constants = dict(KH=kernel, KW=kernel, STRIDE=stride, PAD=padding, HAS_RESIDUAL=True, RELU=True,
+                     INDEX_64=False, FLAT_K=flat, DOT_IN_FP32=False, INPUT_PRECISION="tf32", **config.kwargs)
+    signature.update({name: "constexpr" for name in constants})
+    names = list(signature)
+    aligned = ["x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "Cout", "Cin_pad"]
+    if not flat:
+        aligned.append("Cin")  # the launcher's divisibility specialization for ResNet channel counts
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(conv_kernel._conv_bn_act_kernel.fn, signature, constants, attrs)
+    compiled = triton.compile(source, target=SM90, options={"num_warps": config.num_warps,
+                                                            "num_stages": config.num_stages})
+    ptx = compiled.asm["ptx"]
+    return {"layout": layout, "dtype": dtype, "tile": tile(config), "num_warps": config.num_warps,
+            "shared": compiled.metadata.shared, "tensor_cores": "wgmma" in ptx or "mma.sync" in ptx,
+            "cp_async": "cp.async" in ptx}
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run with TRITON_INTERPRET unset: the interpreter cannot compile for a GPU")
+    results = []
+    for layout, (_, _, _, configs) in LAYOUTS.items():
+        for dtype in ("float16", "bfloat16"):
+            results.append(compile_case(dtype, layout, configs[-1]))
+        results += [compile_case("float32", layout, config) for config in configs]
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
