@@ -104,6 +104,8 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
         return NO_GPU
     quick = benchmark_disabled(config)
     if provider.endswith(GRAPHED):
+        if setting.device != "cuda":
+            return "CUDA graphs replay GPU work"
         if kind != "model":
             return "CUDA graph replay is benchmarked for whole models only"
         if setting.batch > GRAPH_MAX_BATCH:
@@ -121,9 +123,11 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
                 return "max-autotune targets GPU kernels; not benchmarked on the CPU"
             if os.environ.get("RESNET_FUSED_BENCH_AUTOTUNE") != "1":
                 return "max-autotune compiles for minutes per case: set RESNET_FUSED_BENCH_AUTOTUNE=1 to include it"
-        if setting.device == "cuda" and os.environ.get("RESNET_FUSED_BENCH_COMPILE") != "all" \
-                and (setting.dtype != BF16 or setting.batch != 256):
-            return "torch.compile on GPU runs at bf16 batch 256 only (RESNET_FUSED_BENCH_COMPILE=all for every case)"
+        if setting.device == "cuda" and os.environ.get("RESNET_FUSED_BENCH_COMPILE") != "all":
+            if setting.dtype != BF16 or setting.batch != 256:
+                return "torch.compile on GPU runs at bf16 batch 256 only (RESNET_FUSED_BENCH_COMPILE=all for every case)"
+            if kind == "conv":  # ~5 s of compile per layer; cuDNN's fused ops are the per-layer baseline
+                return "torch.compile on GPU runs for blocks and models only (RESNET_FUSED_BENCH_COMPILE=all for convs)"
         if setting.device == "cpu" and kind != "model":
             return "torch.compile on the CPU runs for the whole-model case only (compile time)"
     if provider == "cudnn":
