@@ -107,12 +107,15 @@ def test_packed_path_reuses_one_pack(dtype):
         assert_matches(y, ref_conv_bn_act(x_in, w, scale, shift, res, stride, padding, True), tol(dtype))
 
 
-def test_conv_bn_act_64bit_offsets_path():
+@pytest.mark.parametrize("case", [CONV_CASES[3], CONV_CASES[4]], ids=["per_tap_3x3", "flat_k_stem"])
+def test_conv_bn_act_64bit_offsets_path(case):
     """The INDEX_64 code path (chosen automatically past 2^31 elements) computes the same result."""
-    x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[3], torch.float32, DEVICE, True)
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, torch.float32, DEVICE, True)
     packed = conv_kernel.pack_weight(w)
+    kernel = w.shape[2]
     for index_64 in (False, True):
-        y = conv_kernel.conv_bn_act(x, packed, scale, shift, res, 3, 3, stride, padding, True, index_64=index_64)
+        y = conv_kernel.conv_bn_act(x, packed, scale, shift, res, kernel, kernel, stride, padding, True,
+                                    index_64=index_64)
         assert_matches(y, ref_conv_bn_act(x, w, scale, shift, res, stride, padding, True), tol(torch.float32))
 
 
