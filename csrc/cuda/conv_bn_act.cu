@@ -18,6 +18,7 @@
 // Offsets into x, w, residual and y are 64-bit; per-element sizes (H, W, C, K) are 32-bit (checked on the host).
 // Tile configs: SmallTile (64x64, 4 warps) for small M*Cout (batch 1, late stages) and the generic path,
 // LargeTile (128x128, 8 warps) when it still gives two waves of blocks.
+#include <atomic>
 #include <cstdint>
 
 #include <mma.h>
@@ -291,9 +292,17 @@ template <typename T, typename Cfg, bool kVecLoads>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
   constexpr size_t smem = smem_bytes<T, Cfg>();
   auto kernel = conv_bn_act_kernel<T, Cfg, kVecLoads>;
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
+  if constexpr (smem > 48 * 1024) {
+    // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device (the attribute lives in the
+    // device's context); not on every launch: cudaFuncSetAttribute can wait for pending host-device copies.
+    static std::atomic<bool> opted_in[kMaxCachedDevices] = {};
+    const int device = current_device();
+    if (!cacheable_device(device) || !opted_in[device].load(std::memory_order_relaxed)) {
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+      if (cacheable_device(device)) opted_in[device].store(true, std::memory_order_relaxed);
+    }
+  }
   const long long grid_m = (p.M + Cfg::BM - 1) / Cfg::BM;
   const int grid_n = (p.Cout + Cfg::BN - 1) / Cfg::BN;
   if (grid_m > 0x7fffffffLL || grid_n > 65535) return cudaErrorInvalidConfiguration;

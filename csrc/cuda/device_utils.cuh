@@ -114,27 +114,41 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // ---- host: device facts for launch decisions -------------------------------------------------------------
-// SM count of the current device, cached per device (read on every launch for grid sizing).
-inline int current_sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
+constexpr int kMaxCachedDevices = 64;
+
+// The current device's ordinal, or -1.
+inline int current_device() {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (device >= 0 && device < kMaxDevices) {
+  return cudaGetDevice(&device) == cudaSuccess ? device : -1;
+}
+
+inline bool cacheable_device(int device) { return device >= 0 && device < kMaxCachedDevices; }
+
+// An attribute of the current device, read once per device: launches consult these on every call.
+// 0 if it cannot be read (every attribute read here is >= 1 on a real device).
+template <cudaDeviceAttr kAttr>
+inline int current_device_attribute() {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  const int device = current_device();
+  if (device < 0) return 0;
+  if (cacheable_device(device)) {
     const int cached = cache[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) count = 1;
-  if (device >= 0 && device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
-  return count;
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) return 0;
+  if (cacheable_device(device) && value > 0) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+// SM count of the current device (grid sizing); at least 1.
+inline int current_sm_count() {
+  const int count = current_device_attribute<cudaDevAttrMultiProcessorCount>();
+  return count > 0 ? count : 1;
 }
 
 inline int current_compute_capability_major() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
-  return major;
+  return current_device_attribute<cudaDevAttrComputeCapabilityMajor>();
 }
 
 }  // namespace cuda_kernels

@@ -29,6 +29,11 @@ def _offsets(BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
 
 
 @triton.jit
+def _relu(x):
+    return tl.where(x < 0.0, 0.0, x)  # not tl.maximum, which turns NaN into 0 (torch.relu keeps NaN)
+
+
+@triton.jit
 def _bn_act_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, total, C,
                    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _offsets(BLOCK, INDEX_64)
@@ -39,7 +44,7 @@ def _bn_act_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, total, C,
     if HAS_RESIDUAL:
         out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        out = tl.maximum(out, 0.0)
+        out = _relu(out)
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -49,7 +54,7 @@ def _add_relu_kernel(x_ptr, res_ptr, y_ptr, total, INDEX_64: tl.constexpr, BLOCK
     mask = offs < total
     out = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, tl.maximum(out, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _relu(out).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
