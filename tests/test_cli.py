@@ -179,9 +179,11 @@ def _bench(group, provider, median):
 
 def _write_benchmark_json(path):
     data = {"machine_info": {}, "benchmarks": [
-        _bench("conv stem fp32 b1", "eager", 0.004), _bench("conv stem fp32 b1", "cpu", 0.002),
-        _bench("conv stem fp32 b1", "torch.compile", 0.008),
-        _bench("model resnet50 fp32 b8", "eager", 1.0), _bench("model resnet50 fp32 b8", "cpu", 0.8),
+        _bench("conv stem | fp32 b1 cpu", "eager", 0.004), _bench("conv stem | fp32 b1 cpu", "cpu", 0.002),
+        _bench("conv stem | fp32 b1 cpu", "torch.compile", 0.008),
+        _bench("conv layer1.conv2 | fp32 b1 cpu", "eager", 0.003),
+        _bench("conv layer1.conv2 | fp32 b1 cpu", "cpu", 0.001),
+        _bench("model resnet50 | fp32 b8 cpu", "eager", 1.0), _bench("model resnet50 | fp32 b8 cpu", "cpu", 0.8),
     ]}
     path.write_text(json.dumps(data))
     return path
@@ -197,8 +199,26 @@ def test_report_prints_speedups_and_writes_a_png(tmp_path, capsys):
     assert ["cpu", "2.0000", "2.00x"] in lines
     assert ["torch.compile", "8.0000", "0.50x"] in lines
     assert ["cpu", "800.0000", "1.25x"] in lines
-    assert "conv stem fp32 b1" in out and "model resnet50 fp32 b8" in out
+    assert "conv stem | fp32 b1 cpu" in out and "model resnet50 | fp32 b8 cpu" in out
     assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_summarizes_each_kind_and_setting(tmp_path, capsys):
+    src = _write_benchmark_json(tmp_path / "run.json")
+    summary = report.summarize(report.load_groups(src))
+    assert list(summary) == [("model", "fp32 b8 cpu"), ("conv", "fp32 b1 cpu")]  # models first
+    conv = summary[("conv", "fp32 b1 cpu")]
+    assert conv["cpu"].geomean == pytest.approx(6 ** 0.5) and conv["cpu"].worst == pytest.approx(2.0)
+    assert conv["cpu"].cases == 2 and conv["torch.compile"].cases == 1
+    assert main(["report", str(src), "--markdown", "--out", str(tmp_path / "s.png"),
+                 "--cases", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| kind | setting | cases | cpu | torch.compile |" in out
+    assert "| conv | fp32 b1 cpu | 2 | 2.45x (2.00x) | 0.50x (0.50x) |" in out
+    assert "| model | fp32 b8 cpu | 1 | 1.25x (1.25x) | - |" in out
+    if plotting.have_matplotlib():
+        assert (tmp_path / "s.png").read_bytes().startswith(PNG_MAGIC)
+        assert (tmp_path / "c.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_report_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):

@@ -1,25 +1,33 @@
-"""`python -m resnet_fused report FILE.json [--out PNG]`: a pytest-benchmark JSON as a speedup table and plot.
+"""`python -m resnet_fused report FILE.json [--out PNG] [--cases PNG] [--markdown]`: a pytest-benchmark JSON as
+speedup tables and plots.
 
 Per benchmark group (one case: layer/block/model, dtype, batch, device), each provider's median time and
     speedup = median(eager) / median(provider)          (> 1: faster than eager)
-The provider comes from extra_info["provider"] (set by benchmarks/), else params["provider"].
+and per kind (conv, block, model) and setting (dtype, batch, device), each provider's geometric-mean speedup
+over the cases it ran, with its worst case. The provider comes from extra_info["provider"] (set by
+benchmarks/), else params["provider"]; the kind and setting from the group name "<kind> <case> | <setting>".
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from pathlib import Path
+from typing import Dict, List, NamedTuple, Tuple
 
-from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib
+from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib, panel_chart
 
 BASELINE = "eager"
+KIND_ORDER = ("model", "block", "conv")
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="speedup table and PNG from a pytest-benchmark JSON")
+    p = subparsers.add_parser("report", help="speedup tables and PNGs from a pytest-benchmark JSON")
     p.add_argument("file", help="the JSON written by `pytest benchmarks --benchmark-json FILE`")
-    p.add_argument("--out", default=None, help="PNG path (default: FILE with .png)")
+    p.add_argument("--out", default=None, help="summary PNG path (default: FILE with .png)")
+    p.add_argument("--cases", default=None, help="also write a PNG with every case's speedups (tall)")
+    p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table too")
     p.set_defaults(run=run)
 
 
@@ -49,6 +57,13 @@ def load_groups(path) -> "OrderedDict[str, dict[str, float]]":
     return groups
 
 
+def split_group(group: str) -> Tuple[str, str, str]:
+    """(kind, case, setting) of a group named "<kind> <case> | <setting>" (the benchmarks' naming)."""
+    head, _, setting = group.partition(" | ")
+    kind, _, case = head.partition(" ")
+    return kind, case or head, setting
+
+
 def format_table(groups) -> str:
     lines = []
     for group, providers in groups.items():
@@ -61,6 +76,50 @@ def format_table(groups) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+class Summary(NamedTuple):
+    """Geomean and worst speedup vs eager of one provider over one (kind, setting)'s cases."""
+
+    geomean: float
+    worst: float
+    cases: int
+
+
+def summarize(groups) -> "OrderedDict[Tuple[str, str], Dict[str, Summary]]":
+    """(kind, setting) -> {provider: Summary}, kinds in KIND_ORDER, settings in file order."""
+    speedups: Dict[Tuple[str, str], Dict[str, List[float]]] = OrderedDict()
+    for group, providers in groups.items():
+        base = providers.get(BASELINE)
+        if not base:
+            continue
+        kind, _, setting = split_group(group)
+        row = speedups.setdefault((kind, setting), {})
+        for provider, median in providers.items():
+            row.setdefault(provider, []).append(base / median)
+    rank = {kind: i for i, kind in enumerate(KIND_ORDER)}
+    ordered = sorted(speedups.items(), key=lambda kv: rank.get(kv[0][0], len(rank)))
+    return OrderedDict((key, {p: Summary(math.exp(sum(map(math.log, v)) / len(v)), min(v), len(v))
+                              for p, v in row.items()}) for key, row in ordered)
+
+
+def summary_providers(summary) -> List[str]:
+    names = {p for row in summary.values() for p in row}
+    return [BASELINE] * (BASELINE in names) + sorted(names - {BASELINE})
+
+
+def format_summary(summary, markdown: bool = False) -> str:
+    providers = [p for p in summary_providers(summary) if p != BASELINE]
+    cell = lambda s: f"{s.geomean:.2f}x ({s.worst:.2f}x)" if s else "-"  # noqa: E731
+    rows = [[kind, setting, str(max(s.cases for s in row.values()))] + [cell(row.get(p)) for p in providers]
+            for (kind, setting), row in summary.items()]
+    header = ["kind", "setting", "cases"] + providers
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header)] + [fmt(r) for r in rows])
+
+
 def speedup_series(groups):
     """(group labels, {provider: [speedup per group, NaN where absent]}) for groups that have an eager run."""
     labels = [g for g, p in groups.items() if BASELINE in p]
@@ -70,17 +129,46 @@ def speedup_series(groups):
     return labels, series
 
 
+def summary_panels(groups, summary):
+    """One panel per kind: models case by case, convs and blocks as geomeans per setting."""
+    panels = []
+    for kind in dict.fromkeys(k for k, _ in summary):
+        if kind == "model":
+            names = [g for g in groups if split_group(g)[0] == "model" and BASELINE in groups[g]]
+            labels, series = speedup_series(OrderedDict((g, groups[g]) for g in names))
+            labels = [f"{split_group(g)[1]} | {split_group(g)[2]}" for g in labels]
+            panels.append(("whole models: speedup vs eager", labels, series))
+            continue
+        keys = [key for key in summary if key[0] == kind]
+        providers = [p for p in summary_providers({k: summary[k] for k in keys}) if p != BASELINE]
+        series = {p: [summary[k][p].geomean if p in summary[k] else float("nan") for k in keys] for p in providers}
+        cases = max(s.cases for k in keys for s in summary[k].values())
+        panels.append((f"{kind}s: geomean speedup vs eager over {cases} cases", [k[1] for k in keys], series))
+    return panels
+
+
 def run(args) -> int:
     groups = load_groups(args.file)
     print(format_table(groups))
-    labels, series = speedup_series(groups)
-    if not labels or not series:
+    summary = summarize(groups)
+    if not summary:
+        print("\nno group has an eager run: no summary, no plot")
+        return 0
+    print("\nSummary: geomean speedup vs eager over each kind's cases (worst case in brackets)\n")
+    print(format_summary(summary))
+    if args.markdown:
+        print("\n" + format_summary(summary, markdown=True))
+    if not any(len(row) > 1 for row in summary.values()):
         print("\nno group has both an eager run and another provider: no plot")
         return 0
     if not have_matplotlib():
         print("\n" + MISSING_MATPLOTLIB)
         return 0
     out = Path(args.out) if args.out else Path(args.file).with_suffix(".png")
-    bar_chart(out, labels, series, title=f"speedup vs eager: {Path(args.file).name}")
+    panel_chart(out, summary_panels(groups, summary), title=Path(args.file).name)
     print(f"\nwrote {out}")
+    if args.cases:
+        labels, series = speedup_series(groups)
+        bar_chart(Path(args.cases), labels, series, title=f"speedup vs eager, every case: {Path(args.file).name}")
+        print(f"wrote {args.cases}")
     return 0
