@@ -13,6 +13,7 @@ import copy
 import torch
 
 from .. import ops
+from ..graphs import cuda_graphed
 from .common import DTYPE_NAMES, build_model, environment, make_images, pick_device, pick_dtype
 from .fusing import fuse_for_benchmark
 from .timing import side_by_side
@@ -92,12 +93,16 @@ def run(args) -> int:
         # "eager NCHW" is `model(x)` as most users run it: default (contiguous) memory format throughout.
         eager_nchw = copy.deepcopy(eager).to(memory_format=torch.contiguous_format)
         x_nchw = x.contiguous()
-        times = side_by_side({"eager NCHW": lambda: eager_nchw(x_nchw), "eager": lambda: eager(x),
-                              "fused": lambda: fused(x)}, device, warmup=1, iters=iters)
+        contenders = {"eager NCHW": lambda: eager_nchw(x_nchw), "eager": lambda: eager(x), "fused": lambda: fused(x)}
+        if device.type == "cuda":  # one graph launch per forward: what small batches need on a GPU
+            graphed = cuda_graphed(fused)
+            contenders["fused+graph"] = lambda: graphed(x)
+        times = side_by_side(contenders, device, warmup=1, iters=iters)
     print(f"\n{'path':<11} {'ms/batch':>10} {'images/s':>10} {'vs eager':>9} {'vs NCHW':>8}")
     for name, seconds in times.items():
         print(f"{name:<11} {seconds * 1e3:>10.1f} {batch / seconds:>10.1f} {times['eager'] / seconds:>8.2f}x"
               f" {times['eager NCHW'] / seconds:>7.2f}x")
-    print("(eager: channels_last, the faster eager layout; fused takes either layout)")
+    print("(eager: channels_last, the faster eager layout; fused takes either layout"
+          + ("; fused+graph: rf.cuda_graphed(fused))" if device.type == "cuda" else ")"))
     print("\nRESULT: " + ("outputs match" if ok else "OUTPUTS DO NOT MATCH"))
     return 0 if ok else 1
