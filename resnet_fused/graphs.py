@@ -79,8 +79,9 @@ class _Captured:
     """One CUDA graph of module(*static_inputs) with its static inputs and output."""
 
     def __init__(self, module: nn.Module, args: Tuple[torch.Tensor, ...], pool) -> None:
-        self.static_inputs = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
-                                   for a in args)
+        with torch.inference_mode(False):  # normal tensors: later calls may copy into them outside inference mode
+            self.static_inputs = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+                                       for a in args)
         for static, arg in zip(self.static_inputs, args):
             static.copy_(arg)
         side = torch.cuda.Stream(device=args[0].device)

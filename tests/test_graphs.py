@@ -161,6 +161,17 @@ def test_one_graph_per_input_signature_with_lru_eviction():
 
 
 @pytest.mark.gpu
+def test_captured_in_inference_mode_replays_outside_it():
+    model = _model("triton")
+    graphed = rf.cuda_graphed(model)
+    with torch.inference_mode():
+        graphed(_images(2))
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_without_clone_the_static_output_is_returned():
     graphed = rf.cuda_graphed(_model("eager"), clone_output=False)
     with torch.no_grad():

@@ -100,7 +100,9 @@ def _prune(configs, named_args, **kwargs):
 def _quick_bench(kernel_call, quantiles):
     """Autotuning timer: a few ms per config instead of triton's default ~125 ms (dozens of shapes x configs
     are tuned on first use); kernel times here are 10 us .. 2 ms, so 20 ms of repetitions is plenty."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    from triton.testing import do_bench  # explicit: `import triton` need not import its testing module
+
+    return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 @triton.autotune(configs=_configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE"],
