@@ -38,6 +38,13 @@ FUSED_BACKENDS = ("triton", "cuda", "cpu")
 GRAPHED = "+cudagraph"
 GRAPH_PROVIDERS = ("eager" + GRAPHED, "triton" + GRAPHED, "cuda" + GRAPHED)
 GRAPH_MAX_BATCH = 32
+
+
+def split_graphed(provider: str):
+    """("triton", True) for "triton+cudagraph"; (provider, False) otherwise."""
+    graphed = provider.endswith(GRAPHED)
+    return (provider[:-len(GRAPHED)] if graphed else provider), graphed
+
 PROVIDERS = ("eager", "eager-nchw", "torch.compile", "torch.compile-max-autotune", "cudnn") + FUSED_BACKENDS \
     + GRAPH_PROVIDERS
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -103,14 +110,14 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
     if setting.device == "cuda" and not ON_GPU:
         return NO_GPU
     quick = benchmark_disabled(config)
-    if provider.endswith(GRAPHED):
+    provider, graphed = split_graphed(provider)
+    if graphed:
         if setting.device != "cuda":
             return "CUDA graphs replay GPU work"
         if kind != "model":
             return "CUDA graph replay is benchmarked for whole models only"
         if setting.batch > GRAPH_MAX_BATCH:
             return f"CUDA graph replay is benchmarked at batch <= {GRAPH_MAX_BATCH}, where launch overhead matters"
-        provider = provider[:-len(GRAPHED)]
     if quick and setting.batch > 8:
         return "--benchmark-disable smoke run: batch > 8 is skipped"
     if provider == "eager-nchw" and kind != "model":
@@ -222,4 +229,4 @@ def reference_model(name: str, setting: Setting, submodule: str = "") -> nn.Modu
 __all__ = ["BLOCK_CASES", "CPU_MODEL", "CPU_SMALL", "GPU_SETTINGS", "PROVIDERS", "RESNET50_CONVS", "Setting",
            "check_close", "compiled", "count_macs", "cudnn_conv_fn", "EagerConvBNAct", "fuse_for_benchmark",
            "fused_block", "layer_inputs", "model_bytes", "PackedConvBN", "random_conv_bn", "reference_model",
-           "run_case", "skip_reason", "pytest"]
+           "run_case", "skip_reason", "split_graphed", "pytest"]

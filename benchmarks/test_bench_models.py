@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from bench_harness import (CPU_MODEL, GPU_SETTINGS, GRAPHED, PROVIDERS, check_close, compiled, count_macs,
-                           fuse_for_benchmark, model_bytes, reference_model, run_case, skip_reason)
+from bench_harness import (CPU_MODEL, GPU_SETTINGS, PROVIDERS, check_close, compiled, count_macs,
+                           fuse_for_benchmark, model_bytes, reference_model, run_case, skip_reason,
+                           split_graphed)
 from resnet_fused.cli.layers import conv_layers
 
 IMAGE_SIZE = 224
@@ -27,7 +28,7 @@ def test_model(benchmark, request, model_name, setting, provider):
     x = torch.randn(setting.batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     x = x.to(device=setting.device, dtype=setting.dtype).contiguous(memory_format=torch.channels_last)
     extra = {"image_size": IMAGE_SIZE}
-    base = provider[:-len(GRAPHED)] if provider.endswith(GRAPHED) else provider
+    base, graphed = split_graphed(provider)
     if base == "eager":
         module = model
     elif provider == "eager-nchw":  # what `model(x)` runs for a user who never asked for channels_last
@@ -37,7 +38,7 @@ def test_model(benchmark, request, model_name, setting, provider):
         module = compiled(model, provider)
     else:
         module, extra["fused_with"] = fuse_for_benchmark(model, base)
-    if base != provider:  # captured during run_case's warm-ups
+    if graphed:  # captured during run_case's warm-ups
         module, extra["cuda_graphs"] = rf.cuda_graphed(module), True
     layers = conv_layers(model, image_size=IMAGE_SIZE)
     element = x.element_size()

@@ -9,6 +9,8 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.graphs import _StateSnapshot
 from tests.test_blocks import _randomize_bn
+from tests.test_models_gpu import _images as gpu_images
+from tests.test_models_gpu import _require
 
 CL = torch.channels_last
 
@@ -99,12 +101,6 @@ def test_snapshot_of_inference_tensors_still_sees_storage_swaps():
 # -------------------------------------------------------------------------------------- replay (GPU)
 
 
-def _require(backend):
-    reason = rf.available_backends("cuda")[backend]
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
-
-
 def _model(backend, dtype=torch.bfloat16):
     model = _randomize_bn(rf.resnet18(num_classes=10)).eval().cuda().to(dtype).to(memory_format=CL)
     if backend == "eager":
@@ -113,8 +109,8 @@ def _model(backend, dtype=torch.bfloat16):
     return rf.fuse_model(model, backend=backend)[0]
 
 
-def _images(batch, size=64, dtype=torch.bfloat16):
-    return torch.randn(batch, 3, size, size, device="cuda").to(dtype).contiguous(memory_format=CL)
+def _images(batch, dtype=torch.bfloat16):
+    return gpu_images(batch, dtype=dtype)
 
 
 @pytest.mark.gpu

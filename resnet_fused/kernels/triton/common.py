@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _interpreting() -> bool:
@@ -24,3 +26,9 @@ def check_device(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"x is on {x.device}: Triton kernels need a CUDA tensor "
                          f"(or TRITON_INTERPRET=1 set before triton is imported, for tests on CPU)")
+
+
+@triton.jit
+def relu_keep_nan(x):
+    """ReLU as torch.relu computes it: NaN stays NaN (tl.maximum(x, 0) would return 0 for NaN)."""
+    return tl.where(x < 0.0, 0.0, x)

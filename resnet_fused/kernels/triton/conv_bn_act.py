@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, check_device
+from .common import INTERPRET, check_device, relu_keep_nan
 
 CIN_ALIGN = 16  # packed K rows come in multiples of this (the smallest BLOCK_K the GPU's dot accepts)
 _INT32_LIMIT = 2**31 - 1
@@ -194,7 +194,7 @@ def _conv_bn_act_kernel(
     if HAS_RESIDUAL:
         out += tl.load(res_ptr + y_offs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
-        out = tl.where(out < 0.0, 0.0, out)  # not tl.maximum, which turns NaN into 0 (torch.relu keeps NaN)
+        out = relu_keep_nan(out)
     tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 

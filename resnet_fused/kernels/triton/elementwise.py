@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_device
+from .common import check_device, relu_keep_nan
 
 _INT32_LIMIT = 2**31 - 1
 _BLOCK = 1024
@@ -29,11 +29,6 @@ def _offsets(BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
 
 
 @triton.jit
-def _relu(x):
-    return tl.where(x < 0.0, 0.0, x)  # not tl.maximum, which turns NaN into 0 (torch.relu keeps NaN)
-
-
-@triton.jit
 def _bn_act_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, total, C,
                    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _offsets(BLOCK, INDEX_64)
@@ -44,7 +39,7 @@ def _bn_act_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, total, C,
     if HAS_RESIDUAL:
         out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        out = _relu(out)
+        out = relu_keep_nan(out)
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -54,7 +49,7 @@ def _add_relu_kernel(x_ptr, res_ptr, y_ptr, total, INDEX_64: tl.constexpr, BLOCK
     mask = offs < total
     out = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, _relu(out).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, relu_keep_nan(out).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
