@@ -7,8 +7,12 @@
 //       the same with the BN fold done here: w' = w * scale[c] (in fp32, rounded once to x's dtype), b = shift
 //
 // oneDNN accumulates in fp32 and applies bias / residual add / ReLU to the fp32 accumulator before the single
-// rounding to x's dtype. ATen requires the bias in x's dtype, so for bf16/fp16 the folded shift is rounded to that
-// dtype (as the folded weight is). The output is channels_last in x's dtype.
+// rounding to x's dtype. ATen requires the bias in the convolution's dtype, so for bf16/fp16 the folded shift is
+// rounded to that dtype (as the folded weight is). The output is channels_last in x's dtype.
+//
+// The convolution's dtype is x's, or fp32 when the weight is fp32 or this CPU has no native bf16/fp16 convolution
+// (bf16 needs AVX512-BF16 or AMX, fp16 AVX512-FP16 or AMX-FP16): x, bias and residual are then widened exactly to
+// fp32 and the output rounded once to x's dtype, so every CPU runs every dtype, natively where it can.
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -26,8 +30,9 @@ bool onednn_query(const char* op_name) {
   return handle.typed<bool()>().call();
 }
 
-// Whether oneDNN runs a convolution in `dtype` on this CPU (bf16 needs AVX512-BF16/AMX, fp16 AVX512-FP16/AMX).
-bool onednn_handles(at::ScalarType dtype) {
+// Whether oneDNN runs a convolution natively in `dtype` on this CPU (bf16 needs AVX512-BF16/AMX, fp16
+// AVX512-FP16/AMX-FP16; fp32 always, where torch has oneDNN at all).
+bool onednn_native(at::ScalarType dtype) {
   static const bool has_onednn = at::hasMKLDNN();
   static const bool bf16 = has_onednn && onednn_query("mkldnn::_is_mkldnn_bf16_supported");
   static const bool fp16 = has_onednn && onednn_query("mkldnn::_is_mkldnn_fp16_supported");
@@ -35,6 +40,25 @@ bool onednn_handles(at::ScalarType dtype) {
   if (dtype == at::kBFloat16) return bf16;
   if (dtype == at::kHalf) return fp16;
   return false;
+}
+
+// The dtype the convolution runs in: x's, or fp32 for an fp32 weight or where this CPU has no native x-dtype
+// convolution (see the top of this file).
+at::ScalarType conv_dtype(at::ScalarType x_dtype, at::ScalarType weight_dtype) {
+  return weight_dtype == at::kFloat || !onednn_native(x_dtype) ? at::kFloat : x_dtype;
+}
+
+// t in channels_last, with plain row-major strides where its size-1 dims make it contiguous in both layouts
+// (batch 1 with 1x1 spatial, say). Such a tensor may carry any strides on its size-1 dims, and oneDNN's own outputs
+// come as (C, 1, C, C) for (1, C, 1, 1), which torch 2.11's oneDNN rejects as an input ("could not create a
+// memory"); row-major strides are the ones every version takes. Restriding is a view: size-1 dims are never
+// stepped over, so the bytes and their order are the same.
+at::Tensor channels_last_canonical(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous(kCL);
+  if (!c.is_contiguous()) return c;  // a true channels_last tensor: its strides are already the canonical ones
+  const auto size = c.sizes();
+  const std::vector<int64_t> row_major{size[1] * size[2] * size[3], size[2] * size[3], size[3], 1};
+  return c.strides() == at::IntArrayRef(row_major) ? c : c.as_strided(size, row_major);
 }
 
 int64_t conv_out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding) {
@@ -48,8 +72,8 @@ std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::T
   TORCH_CHECK(weight.dim() == 4, op, ": weight must be a 4-D (C_out, C_in, KH, KW) tensor, got ", weight.dim(),
               "-D with shape ", weight.sizes());
   TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got device ", weight.device());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
-              ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
+              ": weight must have x's dtype ", x.scalar_type(), " (or float32), got ", weight.scalar_type());
   TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight expects C_in=", weight.size(1), " input channels but x has ",
               x.size(1), " (grouped convolution is not supported)");
   TORCH_CHECK(weight.size(0) > 0 && weight.size(2) > 0 && weight.size(3) > 0, op,
@@ -60,10 +84,8 @@ std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::T
   const int64_t w_out = conv_out_size(x.size(3), weight.size(3), stride, padding);
   TORCH_CHECK(h_out >= 1 && w_out >= 1, op, ": x's spatial size ", x.sizes().slice(2), " is too small for a ",
               weight.size(2), "x", weight.size(3), " kernel with padding ", padding);
-  TORCH_CHECK(onednn_handles(x.scalar_type()), op, ": x is ", x.scalar_type(),
-              " but oneDNN on this CPU has no ", x.scalar_type(), " convolution",
-              at::hasMKLDNN() ? " (it needs AVX512-BF16/FP16 or AMX)" : " (torch was built without oneDNN)",
-              "; use float32 or the 'torch' backend");
+  TORCH_CHECK(at::hasMKLDNN(), op, ": torch was built without oneDNN (mkldnn), which this convolution runs on; "
+              "use the 'torch' backend");
   return {x.size(0), weight.size(0), h_out, w_out};
 }
 
@@ -97,19 +119,19 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::
   stack.emplace_back(no_value);                                  // (unary_)algorithm
   (residual ? binary_op : unary_op).callBoxed(&stack);
   // oneDNN follows x's suggested format; an x that is NCHW-contiguous too (C_in=1, or 1x1 spatial) may get NCHW.
-  return stack.back().toTensor().contiguous(kCL);
+  return channels_last_canonical(stack.back().toTensor());
 }
 
-// The fused conv with arguments already checked. weight channels_last and bias in x's dtype are no-ops for a
-// pack made by the "cpu" backend.
-at::Tensor fused_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                      const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
-  const at::Tensor xc = x.contiguous(kCL);
+// The fused conv with arguments already checked, in `dtype` (conv_dtype's choice; x, weight, bias and residual
+// are all converted to it). Conversions and channels_last are no-ops for a pack made by the "cpu" backend.
+at::Tensor fused_conv_in(at::ScalarType dtype, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
+  const at::Tensor xc = channels_last_canonical(x.to(dtype));
   // A weight the "cpu" backend prepacked into oneDNN's blocked layout (an opaque mkldnn tensor) is used as is.
-  const at::Tensor wc = weight.is_mkldnn() ? weight : weight.contiguous(kCL);
-  const at::Tensor bc = bias.to(x.scalar_type()).contiguous();
+  const at::Tensor wc = weight.is_mkldnn() ? weight : channels_last_canonical(weight.to(dtype));
+  const at::Tensor bc = bias.to(dtype).contiguous();
   if (!residual.has_value()) return onednn_conv(xc, wc, bc, nullptr, stride, padding, relu);
-  const at::Tensor rc = residual->contiguous(kCL);
+  const at::Tensor rc = channels_last_canonical(residual->to(dtype));
   // ATen takes oneDNN's binary post-op only for an unambiguously channels_last x; otherwise it falls back to an
   // add_relu that has no bf16/fp16 kernel. There (C_in=1 stems, 1x1 inputs) the add+ReLU is our own single pass.
   if (xc.suggest_memory_format() == kCL) return onednn_conv(xc, wc, bc, &rc, stride, padding, relu);
@@ -119,6 +141,16 @@ at::Tensor fused_conv(const at::Tensor& x, const at::Tensor& weight, const at::T
     epilogue_flat<scalar_t>(out, rc.const_data_ptr<scalar_t>(), out, y.numel(), relu);
   });
   return y;
+}
+
+// y in x's dtype; an fp32 convolution of bf16/fp16 x is rounded once at the end.
+at::Tensor fused_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                      const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
+  const at::ScalarType dtype = conv_dtype(x.scalar_type(), weight.scalar_type());
+  TORCH_CHECK(!weight.is_mkldnn() || weight.scalar_type() == dtype, "conv_bias_act: a prepacked (mkldnn) weight "
+              "must be in the convolution's dtype ", dtype, ", got ", weight.scalar_type());
+  const at::Tensor y = fused_conv_in(dtype, x, weight, bias, residual, stride, padding, relu);
+  return dtype == x.scalar_type() ? y : channels_last_canonical(y.to(x.scalar_type()));
 }
 
 at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -136,9 +168,11 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   check_channel_vector("conv_bn_act", "scale", scale, out_shape[1]);
   check_channel_vector("conv_bn_act", "shift", shift, out_shape[1]);
   check_residual("conv_bn_act", residual, out_shape, x.scalar_type());
-  // The BN fold (per call here; the "cpu" backend's pack does it once and calls conv_bias_act).
-  const at::Tensor folded =
-      (weight.to(at::kFloat) * scale.to(at::kFloat).view({-1, 1, 1, 1})).to(x.scalar_type()).contiguous(kCL);
+  // The BN fold (per call here; the "cpu" backend's pack does it once and calls conv_bias_act), in fp32, rounded
+  // once to the convolution's dtype.
+  const at::Tensor folded = (weight.to(at::kFloat) * scale.to(at::kFloat).view({-1, 1, 1, 1}))
+                                .to(conv_dtype(x.scalar_type(), weight.scalar_type()))
+                                .contiguous(kCL);
   return fused_conv(x, folded, shift, residual, stride, padding, relu);
 }
 

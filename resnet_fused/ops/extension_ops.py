@@ -71,14 +71,16 @@ def _setup_conv(ctx, inputs, output):
 
 
 def _conv_grads(ctx, g, grad_conv, need_x, need_w):
-    """d x and d weight of conv2d(x, weight) given the gradient at its output (in x's dtype)."""
+    """d x and d weight of conv2d(x, weight) given the gradient at its output, in the forward's convolution dtype
+    (x's; fp32 for an fp32 weight, which the cpu kernels accept with bf16/fp16 x), each returned in its input's."""
     x, weight = ctx.saved_tensors[:2]
     if not (need_x or need_w):
         return None, None
+    dtype = torch.promote_types(x.dtype, weight.dtype)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_conv.to(x.dtype), x, weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1,
-        [need_x, need_w, False])
-    return grad_x, grad_w
+        grad_conv.to(dtype), x.to(dtype), weight.to(dtype), None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1],
+        False, [0, 0], 1, [need_x, need_w, False])
+    return (None if grad_x is None else grad_x.to(x.dtype)), (None if grad_w is None else grad_w.to(weight.dtype))
 
 
 def _backward_conv_bn_act(ctx, grad):

@@ -5,8 +5,9 @@
     add_relu:    y = max(x + residual, 0)
 
 "cpu" (csrc/cpu): oneDNN convolution with the BN fold in the weight and the epilogue as oneDNN post-ops. Its pack
-is the folded weight w * scale[c] (x's dtype, channels_last) and the folded shift as the conv bias (x's dtype, as
-oneDNN requires), run by the internal op conv_bias_act: nothing is re-laid-out per call.
+is the folded weight w * scale[c] (channels_last) and the folded shift as the conv bias, both in the convolution's
+dtype (x's, or fp32 for bf16/fp16 on a CPU without native kernels for them), run by the internal op conv_bias_act:
+nothing is re-laid-out per call.
 "cuda" (csrc/cuda): its pack is (weight in channels_last, fp32 scale, fp32 shift) for resnet_fused::conv_bn_act.
 """
 
@@ -42,21 +43,27 @@ def _extension_reason(dispatch_key: str) -> Optional[str]:
     return None
 
 
-def _onednn_reason(dtype: torch.dtype) -> Optional[str]:
-    """None if oneDNN runs convolutions in `dtype` on this CPU (what the cpu backend's conv needs)."""
+def _onednn_reason() -> Optional[str]:
+    """None if torch has oneDNN, which the cpu backend's convolution runs on."""
     if not torch.backends.mkldnn.is_available():
         return "torch was built without oneDNN (mkldnn), which the cpu backend's convolution runs on"
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "oneDNN has no bfloat16 convolution on this CPU (it needs AVX512-BF16 or AMX)"
-    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return "oneDNN has no float16 convolution on this CPU (it needs AVX512-FP16 or AMX-FP16)"
     return None
+
+
+def onednn_conv_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the cpu backend convolves `dtype` inputs in: their own where oneDNN has a native kernel on this
+    CPU (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16 or AMX-FP16), else fp32, rounding the output once (the C++
+    kernel makes the same choice, csrc/cpu/conv.cpp)."""
+    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
+    return dtype if native is None or native() else torch.float32
 
 
 # Computed once at import (the package loads the extension first): plain dicts, so that resolving a backend costs
 # a lookup and torch.compile traces it as a constant.
 _EXTENSION_REASON = {key: _extension_reason(key) for key in ("CPU", "CUDA")}
-_ONEDNN_REASON = {dtype: _onednn_reason(dtype) for dtype in SUPPORTED_DTYPES}
+_ONEDNN_REASON = _onednn_reason()
+_CONV_DTYPE = {dtype: onednn_conv_dtype(dtype) for dtype in SUPPORTED_DTYPES} if _ONEDNN_REASON is None else {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,12 +138,13 @@ class CpuBackend(_ExtensionBackend):
 
     def unsupported_reason(self, x, weight):
         # The elementwise kernels take every supported dtype; only the convolution depends on oneDNN.
-        return super().unsupported_reason(x, weight) or (_ONEDNN_REASON[x.dtype] if weight is not None else None)
+        return super().unsupported_reason(x, weight) or (_ONEDNN_REASON if weight is not None else None)
 
     @torch.no_grad()
     def pack_conv(self, weight, scale, shift):
-        folded = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype)
-        return CpuConvPack(folded.contiguous(memory_format=CL), shift.detach().to(weight.dtype).contiguous(), {})
+        dtype = _CONV_DTYPE[weight.dtype]  # fp32 for bf16/fp16 where this CPU has no native kernel
+        folded = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(dtype)
+        return CpuConvPack(folded.contiguous(memory_format=CL), shift.detach().to(dtype).contiguous(), {})
 
     def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
