@@ -64,7 +64,8 @@ class Setting:
 
 
 GPU_SETTINGS = [Setting("cuda", d, b) for d in (F32, F16, BF16) for b in (1, 32, 256)]
-CPU_SMALL = [Setting("cpu", F32, 2), Setting("cpu", BF16, 2)]
+# fp16 too: on CPUs without AVX512-FP16 eager falls back to a slow path and the "cpu" backend convolves in fp32.
+CPU_SMALL = [Setting("cpu", F32, 2), Setting("cpu", BF16, 2), Setting("cpu", F16, 2)]
 # The CPU model case: fused resnet50 eval fp32 batch 8 at 224x224 vs eager and vs torch.compile.
 CPU_MODEL = [Setting("cpu", F32, 8)]
 

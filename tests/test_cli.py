@@ -221,6 +221,21 @@ def test_report_summarizes_each_kind_and_setting(tmp_path, capsys):
         assert (tmp_path / "c.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_report_merges_several_files(tmp_path, capsys, monkeypatch):
+    # A run split across calls (e.g. max-autotune timed apart): one case's providers gathered from every file.
+    monkeypatch.setattr(report, "have_matplotlib", lambda: False)
+    first = _write_benchmark_json(tmp_path / "run.json")
+    second = tmp_path / "autotune.json"
+    second.write_text(json.dumps({"benchmarks": [
+        _bench("model resnet50 | fp32 b8 cpu", "torch.compile-max-autotune", 0.5),
+        _bench("conv stem | fp32 b1 cpu", "cpu", 0.001)]}))  # a later timing of the same provider wins
+    groups = report.load_all([first, second])
+    assert groups["model resnet50 | fp32 b8 cpu"] == {"eager": 1.0, "cpu": 0.8, "torch.compile-max-autotune": 0.5}
+    assert groups["conv stem | fp32 b1 cpu"]["cpu"] == 0.001
+    assert main(["report", str(first), str(second), "--markdown"]) == 0
+    assert "| model | fp32 b8 cpu | 1 | 1.25x (1.25x) | - | 2.00x (2.00x) |" in capsys.readouterr().out
+
+
 def test_report_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(report, "have_matplotlib", lambda: False)
     src = _write_benchmark_json(tmp_path / "run.json")

@@ -1,5 +1,7 @@
-"""`python -m resnet_fused report FILE.json [--out PNG] [--cases PNG] [--markdown]`: a pytest-benchmark JSON as
-speedup tables and plots.
+"""`python -m resnet_fused report FILE.json [FILE.json ...] [--out PNG] [--cases PNG] [--markdown]`: pytest-benchmark
+JSONs as speedup tables and plots. Several files (runs split across calls, e.g. torch.compile max-autotune timed
+apart) merge into one table: a case's providers are gathered from every file, a later file's timing of the same
+provider replacing an earlier one's.
 
 Per benchmark group (one case: layer/block/model, dtype, batch, device), each provider's median time and
     speedup = median(eager) / median(provider)          (> 1: faster than eager)
@@ -24,8 +26,9 @@ KIND_ORDER = ("model", "block", "conv")
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("report", help="speedup tables and PNGs from a pytest-benchmark JSON")
-    p.add_argument("file", help="the JSON written by `pytest benchmarks --benchmark-json FILE`")
-    p.add_argument("--out", default=None, help="summary PNG path (default: FILE with .png)")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="JSONs written by `pytest benchmarks --benchmark-json FILE` (several merge into one report)")
+    p.add_argument("--out", default=None, help="summary PNG path (default: the first FILE with .png)")
     p.add_argument("--cases", default=None, help="also write a PNG with every case's speedups (tall)")
     p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table too")
     p.set_defaults(run=run)
@@ -55,6 +58,15 @@ def load_groups(path) -> "OrderedDict[str, dict[str, float]]":
         raise SystemExit(f"report: {path} holds no benchmark with timing stats "
                          f"(was it run with --benchmark-disable?)")
     return groups
+
+
+def load_all(paths) -> "OrderedDict[str, dict[str, float]]":
+    """load_groups of each file, merged: groups in first-seen order, later files' providers added or replacing."""
+    merged: "OrderedDict[str, dict[str, float]]" = OrderedDict()
+    for path in paths:
+        for group, providers in load_groups(path).items():
+            merged.setdefault(group, {}).update(providers)
+    return merged
 
 
 def split_group(group: str) -> Tuple[str, str, str]:
@@ -148,7 +160,8 @@ def summary_panels(groups, summary):
 
 
 def run(args) -> int:
-    groups = load_groups(args.file)
+    groups = load_all(args.files)
+    title = ", ".join(Path(f).name for f in args.files)
     print(format_table(groups))
     summary = summarize(groups)
     if not summary:
@@ -164,11 +177,11 @@ def run(args) -> int:
     if not have_matplotlib():
         print("\n" + MISSING_MATPLOTLIB)
         return 0
-    out = Path(args.out) if args.out else Path(args.file).with_suffix(".png")
-    panel_chart(out, summary_panels(groups, summary), title=Path(args.file).name)
+    out = Path(args.out) if args.out else Path(args.files[0]).with_suffix(".png")
+    panel_chart(out, summary_panels(groups, summary), title=title)
     print(f"\nwrote {out}")
     if args.cases:
         labels, series = speedup_series(groups)
-        bar_chart(Path(args.cases), labels, series, title=f"speedup vs eager, every case: {Path(args.file).name}")
+        bar_chart(Path(args.cases), labels, series, title=f"speedup vs eager, every case: {title}")
         print(f"wrote {args.cases}")
     return 0
