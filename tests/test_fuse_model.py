@@ -342,3 +342,49 @@ def test_timm_models(name):
     assert_matches(out, expected, torch.float32)
     if not name.startswith("se"):
         assert len(report.blocks) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+
+
+# ------------------------------------------------------------------------------------------- triton, whole model
+
+class NarrowResNet(nn.Module):
+    """torchvision's ResNet structure at small widths, so that a whole model runs through the Triton interpreter
+    in seconds: the 7x7 stem (flat-K layout) and max-pool, Bottlenecks with and without a projection, a stride-2
+    BasicBlock with a strided 1x1 downsample, pooling and the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(rf.Bottleneck(16, 8, downsample=_projection(16, 32, 1)), rf.Bottleneck(32, 8))
+        self.layer2 = nn.Sequential(rf.BasicBlock(32, 48, stride=2, downsample=_projection(32, 48, 2)))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _projection(inplanes, outplanes, stride):
+    return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), nn.BatchNorm2d(outplanes))
+
+
+@pytest.mark.skipif(rf.available_backends("cpu")["triton"] is not None,
+                    reason=f"triton backend: {rf.available_backends('cpu')['triton']}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_whole_model_through_the_triton_backend(dtype):
+    # The path a GPU takes (fuse_model -> triton packs -> both K layouts, residual epilogues, downsample), run by
+    # the Triton interpreter on CPU tensors; odd input size and batch 1.
+    model = _randomize_bn(NarrowResNet()).eval()
+    fused, report = rf.fuse_model(model, backend="triton")
+    assert len(report.blocks) == 3 and [c.name for c in report.chains] == ["conv1"] and not report.left
+    x = torch.randn(1, 3, 37, 29)
+    with torch.no_grad():
+        truth = model(x.to(dtype).float())
+        eager = copy.deepcopy(model).to(dtype)(x.to(dtype))
+        out = fused.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    assert_no_worse_than_eager(out, eager, truth, dtype)
