@@ -119,6 +119,64 @@ def test_conv_bn_act_64bit_offsets_path(case):
         assert_matches(y, ref_conv_bn_act(x, w, scale, shift, res, stride, padding, True), tol(torch.float32))
 
 
+# Split K: the 1x1 case has one K step here (Cin=16), so most slices are empty; 3x3 and the stem's flat K have
+# several steps, split evenly (2) and unevenly (3, 8: a short or empty last slice).
+SPLIT_CASES = [CONV_CASES[1], CONV_CASES[3], CONV_CASES[4], CONV_CASES[8]]
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_conv_bn_act_split_k(dtype, case, split_k):
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, DEVICE, residual=True)
+    kernel = w.shape[2]
+    for r, relu in ((res, True), (None, False)):
+        y = conv_kernel.conv_bn_act(x, conv_kernel.pack_weight(w), scale, shift, r, kernel, kernel, stride, padding,
+                                    relu, split_k=split_k)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+        assert_matches(y.cpu(), ref_conv_bn_act(*on_cpu(x, w, scale, shift, r), stride, padding, relu), tol(dtype))
+
+
+def test_split_k_candidate_fills_one_wave_of_sms():
+    sms = 132
+    assert conv_kernel.split_k_candidate(256 * 56 * 56, 64, 64 * 9, sms) == 1  # batch 256: many waves already
+    assert conv_kernel.split_k_candidate(49, 512, 512 * 9, sms) == 16  # layer4 3x3 at batch 1: 8 tiles, 144 steps
+    assert conv_kernel.split_k_candidate(196, 256, 256 * 9, sms) == 8   # layer3 3x3 at batch 1: 16 tiles, 72 steps
+    assert conv_kernel.split_k_candidate(49, 512, 64, sms) == 1        # 2 steps of K: nothing to split
+    for m, c_out, k_rows in [(49, 2048, 512), (1, 64, 147), (3136, 64, 576), (784, 128, 1152)]:
+        split = conv_kernel.split_k_candidate(m, c_out, k_rows, sms)
+        tiles = -(-m // 64) * -(-c_out // 64)
+        assert split == 1 or (tiles * split <= sms and k_rows // 32 // split >= conv_kernel.SPLIT_K_MIN_STEPS)
+
+
+def test_choose_split_k_times_both_once_and_remembers(monkeypatch):
+    import triton.testing
+
+    monkeypatch.setattr(conv_kernel, "INTERPRET", False)
+    monkeypatch.setattr(conv_kernel, "_split_choices", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls = []
+    seconds = {1: 3.0, 8: 1.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), seconds[calls[-1]])[1])
+    assert conv_kernel.choose_split_k("key", 8, calls.append) == 8
+    assert set(calls) == {1, 8}
+    calls.clear()
+    assert conv_kernel.choose_split_k("key", 8, calls.append) == 8 and not calls  # remembered, not re-timed
+    seconds[1] = 0.5
+    assert conv_kernel.choose_split_k("other", 8, calls.append) == 1
+    assert conv_kernel.choose_split_k("none", 1, calls.append) == 1  # nothing to compare
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    calls.clear()
+    assert conv_kernel.choose_split_k("captured", 8, calls.append) == 1 and not calls  # no timing inside a graph
+
+
+def test_split_k_argument_is_checked():
+    x, w, scale, shift, _, stride, padding = make_conv_inputs(CONV_CASES[2], torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="split_k must be >= 1"):
+        conv_kernel.conv_bn_act(x, conv_kernel.pack_weight(w), scale, shift, None, 3, 3, stride, padding, True,
+                                split_k=0)
+
+
 def test_per_tap_pack_pads_each_tap_to_16_channels():
     w = torch.randn(8, 20, 3, 3, device=DEVICE)
     packed = conv_kernel.pack_weight(w)
@@ -306,6 +364,19 @@ def test_launchers_reject_cpu_tensors_outside_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gpu_conv_bn_act_large(dtype, case, residual, relu):
     run_conv(case, dtype, residual, relu, channels_last=case[0] != "odd", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [None, 2, 5, 16])
+@pytest.mark.parametrize("case", [GPU_CONV_CASES[6], GPU_CONV_CASES[8], GPU_CONV_CASES[0]], ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_conv_bn_act_split_k(dtype, case, split_k):
+    """Forced splits (even, uneven, 16) on the tensor cores, and None: whatever choose_split_k measured faster."""
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, "cuda", residual=True)
+    kernel = w.shape[2]
+    y = conv_kernel.conv_bn_act(x, conv_kernel.pack_weight(w), scale, shift, res, kernel, kernel, stride, padding,
+                                True, split_k=split_k)
+    assert_matches(y.cpu(), ref_conv_bn_act(*on_cpu(x, w, scale, shift, res), stride, padding, True), tol(dtype))
 
 
 @pytest.mark.gpu

@@ -2,7 +2,8 @@
 
 Run as `python -m tests.triton_aot` in a process with TRITON_INTERPRET unset: code generation and the
 interpreter do not mix in one process. Cases: each K layout (per tap: a 3x3 conv; flat K: the 7x7 stem) x each
-dtype with the layout's last config, and every config of each layout in fp32 (the most shared memory).
+dtype with the layout's last config, every config of each layout in fp32 (the most shared memory), the split-K
+variant of each layout, and the split-K epilogue kernel.
 """
 
 from __future__ import annotations
@@ -26,18 +27,22 @@ def tile(config) -> str:
     return "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 
 
-def compile_case(dtype: str, layout: str, config) -> dict:
+def compile_case(dtype: str, layout: str, config, split_k: bool = False) -> dict:
     kernel, stride, padding, _ = LAYOUTS[layout]
     flat = layout == "flat"
     # In the kernel's parameter order: attrs below address parameters by position.
     signature = {"x_ptr": POINTER[dtype], "w_ptr": POINTER[dtype], "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                 "res_ptr": POINTER[dtype], "y_ptr": POINTER[dtype]}
+                 "res_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "ws_ptr": "*fp32"}
     signature.update({name: "i32" for name in ("M", "H", "W", "Cin", "Ho", "Wo", "Cout", "Cin_pad")})
-    constants = dict(KH=kernel, KW=kernel, STRIDE=stride, PAD=padding, HAS_RESIDUAL=True, RELU=True,
+    # SPLIT_K: a runtime int for split K; the value 1 (no split) is specialized to a constant, as at run time.
+    constants = {} if split_k else {"SPLIT_K": 1}
+    if split_k:
+        signature["SPLIT_K"] = "i32"
+    constants.update(KH=kernel, KW=kernel, STRIDE=stride, PAD=padding, HAS_RESIDUAL=True, RELU=True,
                      INDEX_64=False, FLAT_K=flat, DOT_IN_FP32=False, INPUT_PRECISION="tf32", **config.kwargs)
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
-    aligned = ["x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "Cout", "Cin_pad"]
+    aligned = ["x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "ws_ptr", "Cout", "Cin_pad"]
     if not flat:
         aligned.append("Cin")  # the launcher's divisibility specialization for ResNet channel counts
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
@@ -46,7 +51,7 @@ def compile_case(dtype: str, layout: str, config) -> dict:
                                                             "num_stages": config.num_stages})
     ptx = compiled.asm["ptx"]
     return {"layout": layout, "dtype": dtype, "tile": tile(config), "num_warps": config.num_warps,
-            "shared": compiled.metadata.shared, "tensor_cores": "wgmma" in ptx or "mma.sync" in ptx,
+            "split_k": split_k, "shared": compiled.metadata.shared, "tensor_cores": "wgmma" in ptx or "mma.sync" in ptx,
             "cp_async": "cp.async" in ptx}
 
 
@@ -58,7 +63,18 @@ def main() -> None:
         for dtype in ("float16", "bfloat16"):
             results.append(compile_case(dtype, layout, configs[-1]))
         results += [compile_case("float32", layout, config) for config in configs]
-    print(json.dumps(results))
+        results.append(compile_case("bfloat16", layout, configs[0], split_k=True))
+    print(json.dumps(results + [compile_split_k_epilogue()]))
+
+
+def compile_split_k_epilogue() -> dict:
+    signature = {"ws_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": "*bf16",
+                 "y_ptr": "*bf16", "M": "i32", "Cout": "i32", "SPLIT_K": "i32"}
+    constants = dict(HAS_RESIDUAL=True, RELU=True, BLOCK_M=32, BLOCK_N=64)
+    signature.update({name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(conv_kernel._split_k_epilogue_kernel, signature, constants, {}),
+                              target=SM90, options={"num_warps": 4})
+    return {"layout": "split_k_epilogue", "dtype": "bfloat16", "shared": compiled.metadata.shared}
 
 
 if __name__ == "__main__":

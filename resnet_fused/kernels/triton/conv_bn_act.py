@@ -17,6 +17,10 @@ A is never materialized. B is the weight prepacked once by `pack_weight`, in one
                         4 warps only: PyTorch Inductor's conv template miscomputed such per-element decodes with
                         8 warps (pytorch issue 173068).
 
+Split K (small M x N, long K: batch 1, late stages): with SPLIT_K > 1 program (tile, s) sums only the s-th slice
+of the K steps and stores its fp32 partial P_s[M, N] to a workspace; `_split_k_epilogue_kernel` then computes
+y = act(scale * sum_s P_s + shift (+ residual)). Whether to split is measured, not guessed (`choose_split_k`).
+
 Accumulation is fp32. fp16/bf16 tiles go to the tensor cores as they are; fp32 tiles go through TF32 on the GPU
 when torch.backends.cudnn.allow_tf32 is set (PyTorch's default for convolutions), else full-precision fp32.
 The epilogue (scale, shift, residual, ReLU) runs on the fp32 accumulator and rounds once to the output dtype.
@@ -24,6 +28,8 @@ Offsets are 64-bit when any tensor of the call has 2^31 elements or more.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -105,12 +111,13 @@ def _quick_bench(kernel_call, quantiles):
     return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-@triton.autotune(configs=_configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE"],
+@triton.autotune(configs=_configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["SPLIT_K"])  # one compiled split kernel for every split factor
 def _conv_bn_act_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, ws_ptr,
     M, H, W, Cin, Ho, Wo, Cout, Cin_pad,
+    SPLIT_K,  # a runtime int: Triton specializes the value 1 as a constant, so the unsplit kernel is unchanged
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -148,7 +155,8 @@ def _conv_bn_act_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
         k_total = KH * KW * Cin
-        for k0 in range(0, k_total, BLOCK_K):
+        first, last = _k_range(k_total, BLOCK_K, SPLIT_K)
+        for k0 in range(first, last, BLOCK_K):
             k = k0 + offs_k
             tap = k // Cin
             kh = tap // KW
@@ -167,7 +175,8 @@ def _conv_bn_act_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         cin_blocks = tl.cdiv(Cin, BLOCK_K)
-        for step in range(0, KH * KW * cin_blocks):
+        first, last = _k_range(KH * KW * cin_blocks, 1, SPLIT_K)
+        for step in range(first, last):
             tap = step // cin_blocks  # scalar decode, once per step for the whole tile
             c0 = (step - tap * cin_blocks) * BLOCK_K
             kh = tap // KW
@@ -185,17 +194,56 @@ def _conv_bn_act_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    # Epilogue in fp32 on the accumulator, one store. y (and the residual) are (M, Cout) row-major = NHWC.
+    y_offs = offs_m[:, None] * Cout + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:  # this slice's partial sum; _split_k_epilogue_kernel adds the slices and applies the epilogue
+        partial = tl.program_id(1).to(tl.int64) * M * Cout
+        tl.store(ws_ptr + partial + y_offs, acc, mask=out_mask)
+    else:
+        # Epilogue in fp32 on the accumulator, one store. y (and the residual) are (M, Cout) row-major = NHWC.
+        _store_epilogue(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, offs_n, y_offs, n_mask, out_mask,
+                        HAS_RESIDUAL, RELU)
+
+
+@triton.jit
+def _k_range(total, BLOCK: tl.constexpr, SPLIT_K):
+    """[first, last) of range(0, total, BLOCK) that program_id(1) sums: all of it (the bounds the unsplit kernel
+    always had, constant 0 included) unless K is split, else a slice of whole blocks (the last short or empty)."""
+    per_slice = tl.cdiv(tl.cdiv(total, BLOCK), SPLIT_K) * BLOCK
+    first = tl.program_id(1) * per_slice if SPLIT_K > 1 else 0
+    last = tl.minimum(first + per_slice, total) if SPLIT_K > 1 else total
+    return first, last
+
+
+@triton.jit
+def _store_epilogue(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, offs_n, y_offs, n_mask, out_mask,
+                    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """y = act(acc * scale[n] + shift[n] (+ residual)) in fp32, rounded once to y's dtype."""
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
     shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
     out = acc * scale[None, :] + shift[None, :]
-    y_offs = offs_m[:, None] * Cout + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
         out += tl.load(res_ptr + y_offs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
         out = relu_keep_nan(out)
     tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _split_k_epilogue_kernel(ws_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, M, Cout, SPLIT_K,
+                             HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[m, n] = act(scale[n] * sum_s ws[s, m, n] + shift[n] (+ residual[m, n])), summed in slice order."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < Cout
+    out_mask = (offs_m < M)[:, None] & n_mask[None, :]
+    y_offs = offs_m[:, None] * Cout + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(ws_ptr + (offs_m[:, None] + s * M) * Cout + offs_n[None, :], mask=out_mask, other=0.0)
+    _store_epilogue(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, offs_n, y_offs, n_mask, out_mask,
+                    HAS_RESIDUAL, RELU)
 
 
 def empty_output(x: torch.Tensor, c_out: int, kernel_h: int, kernel_w: int, stride: int, padding: int):
@@ -206,12 +254,58 @@ def empty_output(x: torch.Tensor, c_out: int, kernel_h: int, kernel_w: int, stri
                        memory_format=torch.channels_last)
 
 
+# ---- split K: when and by how much ------------------------------------------------------------------------
+
+SPLIT_K_TILE = 64        # the tile side the wave estimate assumes (the autotuner picks the real tile)
+SPLIT_K_MAX = 16
+SPLIT_K_MIN_STEPS = 4    # K steps (of 32) each slice keeps at least
+_split_choices: dict = {}  # (shape key) -> the measured choice
+
+
+def split_k_candidate(m: int, c_out: int, k_rows: int, sm_count: int) -> int:
+    """The split factor worth measuring against no split (1: none is): the largest power of two that keeps the
+    tiles x slices within one wave of SMs and each slice at least SPLIT_K_MIN_STEPS steps of 32 K rows, when one
+    unsplit wave would leave more than half the SMs idle."""
+    tiles = triton.cdiv(m, SPLIT_K_TILE) * triton.cdiv(c_out, SPLIT_K_TILE)
+    steps = triton.cdiv(k_rows, 32)
+    if 2 * tiles > sm_count:
+        return 1
+    split = 1
+    while (split * 2 <= SPLIT_K_MAX and tiles * split * 2 <= sm_count
+           and steps // (split * 2) >= SPLIT_K_MIN_STEPS and split * 2 * m * c_out <= _INT32_LIMIT):
+        split *= 2
+    return split
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_split_k(key, candidate: int, launch) -> int:
+    """1 or `candidate`, whichever `launch(split)` runs faster, timed once per key (shape, dtype, epilogue).
+    Not timed while a CUDA graph is being captured (then 1 unless already chosen), nor in the interpreter."""
+    choice = _split_choices.get(key)
+    if choice is not None:
+        return choice
+    if candidate == 1 or INTERPRET or torch.cuda.is_current_stream_capturing():
+        return 1
+    from triton.testing import do_bench
+
+    for split in (1, candidate):  # compiles and autotunes each variant outside the timing
+        launch(split)
+    times = {split: do_bench(lambda: launch(split), warmup=5, rep=20) for split in (1, candidate)}
+    _split_choices[key] = choice = min(times, key=times.get)
+    return choice
+
+
 def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 residual, kernel_h: int, kernel_w: int, stride: int, padding: int, relu: bool,
-                index_64=None) -> torch.Tensor:
+                index_64=None, split_k=None) -> torch.Tensor:
     """Launch the kernel. x: logical NCHW (any layout; made channels_last once), weight_packed from pack_weight.
 
-    Returns a channels_last tensor of x's dtype. index_64=None picks 64-bit offsets only where needed.
+    Returns a channels_last tensor of x's dtype. index_64=None picks 64-bit offsets only where needed;
+    split_k=None splits K where that measured faster on this GPU (choose_split_k), an int forces a split.
     """
     check_device(x)
     n, c_in, h, w = x.shape
@@ -230,13 +324,33 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
         index_64 = max(x.numel(), y.numel()) > _INT32_LIMIT
     # Only fp32 tiles care: TF32 tensor cores unless the user turned TF32 off for convolutions.
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
-    _conv_bn_act_kernel[grid](
-        x, weight_packed, scale.float().contiguous(), shift.float().contiguous(),
-        residual if residual is not None else y, y,
-        m, h, w, c_in, h_out, w_out, c_out, k_rows // (kernel_h * kernel_w),
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
-        HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, FLAT_K=uses_flat_k(c_in),
-        DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
-    )
+    scale, shift = scale.float().contiguous(), shift.float().contiguous()
+    res = residual if residual is not None else y
+
+    def launch(split: int) -> None:
+        workspace = scale if split == 1 else torch.empty((split, m, c_out), dtype=torch.float32, device=x.device)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), split)  # noqa
+        _conv_bn_act_kernel[grid](
+            x, weight_packed, scale, shift, res, y, workspace,
+            m, h, w, c_in, h_out, w_out, c_out, k_rows // (kernel_h * kernel_w), split,
+            KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
+            HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, FLAT_K=uses_flat_k(c_in),
+            DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+        )
+        if split > 1:
+            block_m, block_n = 32, 64
+            _split_k_epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))](
+                workspace, scale, shift, res, y, m, c_out, split,
+                HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n)
+
+    if split_k is None:
+        candidate = 1 if INTERPRET or index_64 else split_k_candidate(m, c_out, k_rows, _sm_count(x.device.index
+                                                                                                   or 0))
+        key = (m, h, w, c_in, c_out, kernel_h, kernel_w, stride, padding, x.dtype, residual is not None, relu,
+               precision, x.device.index)
+        split_k = choose_split_k(key, candidate, launch)
+    elif split_k < 1 or (split_k > 1 and split_k * m * c_out > _INT32_LIMIT):
+        raise ValueError(f"split_k must be >= 1 with split_k * M * Cout < 2^31, got {split_k} for M={m}, "
+                         f"Cout={c_out}")
+    launch(split_k)
     return y
