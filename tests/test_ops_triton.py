@@ -157,7 +157,7 @@ def test_choose_split_k_times_both_once_and_remembers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     calls = []
     seconds = {1: 3.0, 8: 1.0}
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), seconds[calls[-1]])[1])
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: (fn(), seconds[calls[-1]])[1])
     assert conv_kernel.choose_split_k("key", 8, calls.append) == 8
     assert set(calls) == {1, 8}
     calls.clear()
@@ -165,6 +165,7 @@ def test_choose_split_k_times_both_once_and_remembers(monkeypatch):
     seconds[1] = 0.5
     assert conv_kernel.choose_split_k("other", 8, calls.append) == 1
     assert conv_kernel.choose_split_k("none", 1, calls.append) == 1  # nothing to compare
+    assert conv_kernel._split_choices == {"key": 8, "other": 1, "none": 1}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     calls.clear()
     assert conv_kernel.choose_split_k("captured", 8, calls.append) == 1 and not calls  # no timing inside a graph
