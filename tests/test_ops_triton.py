@@ -150,14 +150,12 @@ def test_split_k_candidate_fills_one_wave_of_sms():
 
 
 def test_choose_split_k_times_both_once_and_remembers(monkeypatch):
-    import triton.testing
-
     monkeypatch.setattr(conv_kernel, "INTERPRET", False)
     monkeypatch.setattr(conv_kernel, "_split_choices", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     calls = []
     seconds = {1: 3.0, 8: 1.0}
-    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: (fn(), seconds[calls[-1]])[1])
+    monkeypatch.setattr(conv_kernel, "graph_replay_ms", lambda fn: (fn(), seconds[calls[-1]])[1])
     assert conv_kernel.choose_split_k("key", 8, calls.append) == 8
     assert set(calls) == {1, 8}
     calls.clear()
@@ -349,6 +347,22 @@ def test_backend_availability(monkeypatch):
         "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)"
 
 
+def test_launches_are_guarded_to_the_tensors_device():
+    from types import SimpleNamespace
+
+    guard = common.device_guard(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # entered around every launch
+    assert not isinstance(common.device_guard(torch.ones(1)), torch.cuda.device)
+
+
+@pytest.mark.gpu
+def test_gpu_second_device_while_the_first_is_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    with torch.cuda.device(0):
+        run_conv(GPU_CONV_CASES[8], torch.bfloat16, True, True, device="cuda:1")
+
+
 def test_launchers_reject_cpu_tensors_outside_the_interpreter(monkeypatch):
     monkeypatch.setattr(common, "INTERPRET", False)
     with pytest.raises(ValueError, match="Triton kernels need a CUDA tensor"):
@@ -378,6 +392,14 @@ def test_gpu_conv_bn_act_split_k(dtype, case, split_k):
     y = conv_kernel.conv_bn_act(x, conv_kernel.pack_weight(w), scale, shift, res, kernel, kernel, stride, padding,
                                 True, split_k=split_k)
     assert_matches(y.cpu(), ref_conv_bn_act(*on_cpu(x, w, scale, shift, res), stride, padding, True), tol(dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_timer():
+    x = torch.randn(1 << 22, device="cuda")
+    small, large = conv_kernel.graph_replay_ms(lambda: x[: 1 << 12].mul_(1.0)), \
+        conv_kernel.graph_replay_ms(lambda: x.mul_(1.0))
+    assert 0 < small < large  # 4 K vs 4 M elements: a timer that measures the GPU work tells them apart
 
 
 @pytest.mark.gpu

@@ -1,7 +1,9 @@
-"""What the Triton kernels share: whether they run in the interpreter, and the device check of the launchers."""
+"""What the Triton kernels share: whether they run in the interpreter, the launchers' device check and guard,
+and the NaN-keeping ReLU."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -26,6 +28,12 @@ def check_device(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"x is on {x.device}: Triton kernels need a CUDA tensor "
                          f"(or TRITON_INTERPRET=1 set before triton is imported, for tests on CPU)")
+
+
+def device_guard(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make that x's for the launch (a model moved to cuda:1 while
+    cuda:0 is current would otherwise run its kernels on the wrong GPU)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, check_device, relu_keep_nan
+from .common import INTERPRET, check_device, device_guard, relu_keep_nan
 
 CIN_ALIGN = 16  # packed K rows come in multiples of this (the smallest BLOCK_K the GPU's dot accepts)
 _INT32_LIMIT = 2**31 - 1
@@ -282,6 +282,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def graph_replay_ms(fn, calls: int = 20, replays: int = 5) -> float:
+    """GPU milliseconds per fn() call: one CUDA graph of `calls` calls, replayed `replays` times between two
+    events (a few ms in all; fn must be warm: compiled, autotuned)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # first replay uploads the graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (calls * replays)
+
+
 def choose_split_k(key, candidate: int, launch) -> int:
     """1 or `candidate`, whichever `launch(split)` takes less GPU time, timed once per key (shape, dtype,
     epilogue). Timed as CUDA graph replays: split K pays off where launches are cheap (small batches run through
@@ -295,11 +312,9 @@ def choose_split_k(key, candidate: int, launch) -> int:
         return 1
     if INTERPRET or torch.cuda.is_current_stream_capturing():
         return 1
-    from triton.testing import do_bench_cudagraph
-
     for split in (1, candidate):  # compiles and autotunes each variant outside the timing
         launch(split)
-    times = {split: do_bench_cudagraph(lambda: launch(split), rep=20) for split in (1, candidate)}
+    times = {split: graph_replay_ms(lambda: launch(split)) for split in (1, candidate)}
     _split_choices[key] = choice = min(times, key=times.get)
     return choice
 
@@ -348,16 +363,17 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
                 workspace, scale, shift, res, y, m, c_out, split,
                 HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n)
 
-    if split_k is None:  # the cached choice first: this runs on every call
-        key = (m, h, w, c_in, c_out, kernel_h, kernel_w, stride, padding, x.dtype, residual is not None, relu,
-               precision, x.device.index)
-        split_k = _split_choices.get(key)
-        if split_k is None:
-            candidate = 1 if INTERPRET or index_64 else split_k_candidate(m, c_out, k_rows,
-                                                                          _sm_count(x.device.index or 0))
-            split_k = choose_split_k(key, candidate, launch)
-    elif split_k < 1 or (split_k > 1 and split_k * m * c_out > _INT32_LIMIT):
+    if split_k is not None and (split_k < 1 or (split_k > 1 and split_k * m * c_out > _INT32_LIMIT)):
         raise ValueError(f"split_k must be >= 1 with split_k * M * Cout < 2^31, got {split_k} for M={m}, "
                          f"Cout={c_out}")
-    launch(split_k)
+    with device_guard(x):
+        if split_k is None:  # the cached choice first: this runs on every call
+            key = (m, h, w, c_in, c_out, kernel_h, kernel_w, stride, padding, x.dtype, residual is not None, relu,
+                   precision, x.device.index)
+            split_k = _split_choices.get(key)
+            if split_k is None:
+                candidate = 1 if INTERPRET or index_64 else split_k_candidate(m, c_out, k_rows,
+                                                                              _sm_count(x.device.index))
+                split_k = choose_split_k(key, candidate, launch)
+        launch(split_k)
     return y

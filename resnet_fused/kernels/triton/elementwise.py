@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_device, relu_keep_nan
+from .common import check_device, device_guard, relu_keep_nan
 
 _INT32_LIMIT = 2**31 - 1
 _BLOCK = 1024
@@ -76,10 +76,11 @@ def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual, 
         return y
     residual = None if residual is None else _channels_last(residual)
     grid, total, index_64 = _launch_args(y, index_64)
-    _bn_act_kernel[grid](x, scale.float().contiguous(), shift.float().contiguous(),
-                         residual if residual is not None else x, y, total, x.shape[1],
-                         HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, BLOCK=_BLOCK,
-                         num_warps=_WARPS)
+    with device_guard(x):
+        _bn_act_kernel[grid](x, scale.float().contiguous(), shift.float().contiguous(),
+                             residual if residual is not None else x, y, total, x.shape[1],
+                             HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, BLOCK=_BLOCK,
+                             num_warps=_WARPS)
     return y
 
 
@@ -91,6 +92,7 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor, index_64=None) -> torch.Te
     if y.numel() == 0:
         return y
     grid, total, index_64 = _launch_args(y, index_64)
-    _add_relu_kernel[grid](x, _channels_last(residual), y, total, INDEX_64=index_64, BLOCK=_BLOCK,
-                           num_warps=_WARPS)
+    with device_guard(x):
+        _add_relu_kernel[grid](x, _channels_last(residual), y, total, INDEX_64=index_64, BLOCK=_BLOCK,
+                               num_warps=_WARPS)
     return y
