@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The GPU validation pass in one command, for a machine with torch+CUDA and triton installed and no network:
-#   scripts/gpu_validate.sh [build] [test] [sanitize] [headline] [bench] [profile]   (default: all, in order)
-# Logs and results go to $OUT (default ./gpu_out): build.log, tests.log, sanitize.log, headline.json +
-# headline_autotune.json + headline.png (the issue's goals), bench.json, bench.log, report.log + bench.png (the
-# speedup summary), profile.log and the profile's PNG. A failing step is reported and the next ones still run;
-# the exit code is the number of failed steps.
-# headline: resnet50 bf16 at batch 256 (eager, torch.compile, triton, cuda) and batch 1 (eager, triton, cuda, each
-# also through CUDA graphs), then torch.compile(mode="max-autotune") at batch 256 in a run of its own, last,
-# since it compiles for minutes. HEADLINE_BUDGET_S (default 240), AUTOTUNE_BUDGET_S (default 300) and
-# BENCH_BUDGET_S (default 540) stop those runs early, keeping what ran.
-# With the device tool's 10-minute calls on a machine that goes cold between them, split it:
-#   call 1: scripts/gpu_validate.sh build test sanitize     call 2: scripts/gpu_validate.sh build headline
-#   call 3: BENCH_BUDGET_S=420 scripts/gpu_validate.sh build bench profile
-# Triton's autotuning choices are printed into the logs (TRITON_PRINT_AUTOTUNING=1), slowest tests last.
+#   scripts/gpu_validate.sh [build] [test] [sanitize] [headline] [autotune] [bench] [profile]  (default: all)
+# Logs and results go to $OUT (default ./gpu_out). A failing step is reported and the next ones still run; the
+# exit code is the number of failed steps. Runs that a budget stops (SIGINT) keep the JSON of what ran.
+#   build      pip install -e . (the CUDA extension for TORCH_CUDA_ARCH_LIST, default 9.0)      build.log
+#   test       pytest tests, every backend and dtype on the GPU                                  tests.log
+#   sanitize   compute-sanitizer memcheck over the Triton and CUDA op tests                      sanitize.log
+#   headline   the issue's goals, resnet50 bf16: batch 256 first (eager, torch.compile, triton, cuda;
+#              HEADLINE_BUDGET_S, default 200), then batch 1 (eager, triton, cuda, each also through CUDA graphs;
+#              HEADLINE_B1_BUDGET_S, default 120)          headline_b256.json, headline_b1.json, headline.png
+#   autotune   torch.compile(mode="max-autotune") beside eager at batch 256 bf16 (compiles for minutes;
+#              AUTOTUNE_BUDGET_S, default 480)                                  headline_autotune.json
+#   bench      every suite (models first; BENCH_BUDGET_S, default 540)         bench.json, bench.png, report.log
+#   profile    python -m resnet_fused profile, resnet50 batch 64 bf16          profile.log, profile/
+# headline and autotune each end with a report of the headline JSONs present in $OUT; JSONs of several calls merge
+# afterwards with `python -m resnet_fused report A.json B.json ... --markdown`.
+# With the device tool's 10-minute calls (a warm machine keeps the build between calls), in order of priority:
+#   1: build test sanitize   2: build headline profile   3: build autotune   4: build bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -20,7 +24,7 @@ mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build test sanitize headline bench profile)
+[ ${#steps[@]} -eq 0 ] && steps=(build test sanitize headline autotune bench profile)
 failed=0
 
 run_step() {  # name, command...
@@ -35,22 +39,35 @@ run_step() {  # name, command...
   fi
 }
 
+report_headline() {  # the headline JSONs this call wrote, as one report
+  local files=() f
+  for f in "$OUT"/headline_b256.json "$OUT"/headline_b1.json "$OUT"/headline_autotune.json; do
+    [ -s "$f" ] && files+=("$f")
+  done
+  [ ${#files[@]} -gt 0 ] && run_step headline_report python3 -m resnet_fused report "${files[@]}" \
+    --out "$OUT/headline.png" --markdown
+  return 0
+}
+
 for step in "${steps[@]}"; do
   case $step in
     build) run_step build python3 -m pip install --no-build-isolation --no-deps -e . ;;
     test) run_step tests python3 -m pytest tests -q -ra --durations=15 ;;
     sanitize) run_step sanitize compute-sanitizer --tool memcheck --error-exitcode 1 \
                 python3 -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py -q -m "gpu and not slow" ;;
-    # SIGINT (not KILL) at the budget lets pytest-benchmark write the JSON of what ran.
-    headline) run_step headline timeout -s INT "${HEADLINE_BUDGET_S:-240}" python3 -m pytest -q \
-                benchmarks/test_bench_models.py -k "resnet50 and (bf16-b256 or bf16-b1-) and not max-autotune" \
-                --benchmark-group-by=group --benchmark-json "$OUT/headline.json"
-              run_step headline_autotune env RESNET_FUSED_BENCH_AUTOTUNE=1 timeout -s INT "${AUTOTUNE_BUDGET_S:-300}" \
-                python3 -m pytest -q benchmarks/test_bench_models.py -k "resnet50 and bf16-b256 and max-autotune" \
+    # SIGINT (not KILL) at a budget lets pytest-benchmark write the JSON of what ran.
+    headline) run_step headline_b256 timeout -s INT "${HEADLINE_BUDGET_S:-200}" python3 -m pytest -q \
+                benchmarks/test_bench_models.py -k "resnet50 and bf16-b256 and not max-autotune" \
+                --benchmark-group-by=group --benchmark-json "$OUT/headline_b256.json"
+              run_step headline_b1 timeout -s INT "${HEADLINE_B1_BUDGET_S:-120}" python3 -m pytest -q \
+                benchmarks/test_bench_models.py -k "resnet50 and bf16-b1-" \
+                --benchmark-group-by=group --benchmark-json "$OUT/headline_b1.json"
+              report_headline ;;
+    autotune) run_step autotune env RESNET_FUSED_BENCH_AUTOTUNE=1 timeout -s INT "${AUTOTUNE_BUDGET_S:-480}" \
+                python3 -m pytest -q benchmarks/test_bench_models.py \
+                -k "resnet50 and bf16-b256 and (max-autotune or eager) and not eager-nchw" \
                 --benchmark-group-by=group --benchmark-json "$OUT/headline_autotune.json"
-              files=(); for f in "$OUT/headline.json" "$OUT/headline_autotune.json"; do [ -s "$f" ] && files+=("$f"); done
-              [ ${#files[@]} -gt 0 ] && run_step headline_report python3 -m resnet_fused report "${files[@]}" \
-                --out "$OUT/headline.png" --markdown ;;
+              report_headline ;;
     # Models first, so a run cut short still has the whole-model numbers.
     bench) run_step bench timeout -s INT "${BENCH_BUDGET_S:-540}" python3 -m pytest -q \
              benchmarks/test_bench_models.py benchmarks/test_bench_blocks.py benchmarks/test_bench_convs.py \
@@ -59,7 +76,8 @@ for step in "${steps[@]}"; do
              --out "$OUT/bench.png" --markdown ;;
     profile) run_step profile python3 -m resnet_fused profile --model resnet50 --batch 64 --dtype bf16 \
                --out "$OUT/profile" ;;
-    *) echo "unknown step: $step (expected build, test, sanitize, headline, bench, profile)"; failed=$((failed + 1)) ;;
+    *) echo "unknown step: $step (expected build, test, sanitize, headline, autotune, bench, profile)"
+       failed=$((failed + 1)) ;;
   esac
 done
 python3 -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"

@@ -87,10 +87,13 @@ def test_pack_folds_into_the_convolution_dtype():
     assert onednn_conv_dtype(torch.float32) == torch.float32
 
 
-# Inputs whose NCHW and channels_last layouts coincide (1x1 spatial, C_in=1): oneDNN's fused residual add is not
-# taken for them, and the kernel adds the residual in its own pass.
+# Inputs or outputs whose NCHW and channels_last layouts coincide (1x1 spatial, C_in=1, C_out=1): oneDNN's fused
+# residual add is not taken for them, and the kernel adds the residual in its own pass.
 AMBIGUOUS_CASES = [("1x1_spatial", 2, 16, 1, 1, 8, 1, 1, 0), ("1x1_spatial_pad", 1, 16, 1, 1, 8, 3, 1, 1),
-                   ("cin1_3x3", 2, 1, 5, 5, 8, 3, 1, 1)]
+                   ("cin1_3x3", 2, 1, 5, 5, 8, 3, 1, 1),
+                   # x unambiguous, the output not (torch 2.11's oneDNN rejected these with a fused residual)
+                   ("3x3_valid_to_1x1", 2, 16, 3, 3, 8, 3, 1, 0), ("1x1_s2_to_1x1", 2, 16, 2, 2, 8, 1, 2, 0),
+                   ("cout1", 2, 16, 5, 5, 1, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
@@ -282,6 +285,23 @@ def test_conv_bn_act_grad(case, residual):
     ours, theirs = _leaves(x, w, scale, shift, res), _leaves(x, w, scale, shift, res)
     out = torch.ops.resnet_fused.conv_bn_act(*ours, stride, padding, True)
     _assert_same_grads(ours, theirs, out, ref_conv_bn_act(*theirs, stride, padding, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_conv_bn_act_grad_with_fp32_weight_and_low_precision_x(dtype):
+    # The kernels take an fp32 weight with bf16/fp16 x (convolving in fp32); backward does the same.
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[3], torch.float32, residual=True)
+    ours = [x.to(dtype).requires_grad_(), w.requires_grad_(), scale.requires_grad_(), shift.requires_grad_(),
+            res.to(dtype).requires_grad_()]
+    theirs = _leaves(ours[0].float(), w, scale, shift, ours[4].float())
+    out = torch.ops.resnet_fused.conv_bn_act(*ours, stride, padding, True)
+    assert out.dtype == dtype
+    grad = torch.randn_like(out, dtype=torch.float32)
+    got = torch.autograd.grad(out, ours, grad.to(dtype))
+    want = torch.autograd.grad(ref_conv_bn_act(*theirs, stride, padding, True), theirs, grad.to(dtype).float())
+    for g, t, w_ in zip(got, ours, want):
+        assert g.dtype == t.dtype
+        assert_matches(g, w_, dtype)
 
 
 def test_packed_path_grad_reaches_x():

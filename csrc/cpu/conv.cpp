@@ -10,9 +10,10 @@
 // rounding to x's dtype. ATen requires the bias in the convolution's dtype, so for bf16/fp16 the folded shift is
 // rounded to that dtype (as the folded weight is). The output is channels_last in x's dtype.
 //
-// The convolution's dtype is x's, or fp32 when the weight is fp32 or this CPU has no native bf16/fp16 convolution
-// (bf16 needs AVX512-BF16 or AMX, fp16 AVX512-FP16 or AMX-FP16): x, bias and residual are then widened exactly to
-// fp32 and the output rounded once to x's dtype, so every CPU runs every dtype, natively where it can.
+// The convolution's dtype is x's, or fp32 when the weight is fp32 or torch's oneDNN has no bf16/fp16 convolution on
+// this CPU (bf16: AVX-512 CPUs, natively with AVX512-BF16 or AMX, emulated on other AVX-512 cores; fp16:
+// AVX512-FP16 or AMX-FP16): x, bias and residual are then widened exactly to fp32 and the output rounded once to
+// x's dtype, so every CPU runs every dtype.
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -30,8 +31,8 @@ bool onednn_query(const char* op_name) {
   return handle.typed<bool()>().call();
 }
 
-// Whether oneDNN runs a convolution natively in `dtype` on this CPU (bf16 needs AVX512-BF16/AMX, fp16
-// AVX512-FP16/AMX-FP16; fp32 always, where torch has oneDNN at all).
+// Whether torch's oneDNN runs a convolution in `dtype` on this CPU (what torch.ops.mkldnn._is_mkldnn_*_supported
+// report: bf16 on AVX-512 CPUs, fp16 with AVX512-FP16 or AMX-FP16; fp32 wherever torch has oneDNN at all).
 bool onednn_native(at::ScalarType dtype) {
   static const bool has_onednn = at::hasMKLDNN();
   static const bool bf16 = has_onednn && onednn_query("mkldnn::_is_mkldnn_bf16_supported");
@@ -132,9 +133,13 @@ at::Tensor fused_conv_in(at::ScalarType dtype, const at::Tensor& x, const at::Te
   const at::Tensor bc = bias.to(dtype).contiguous();
   if (!residual.has_value()) return onednn_conv(xc, wc, bc, nullptr, stride, padding, relu);
   const at::Tensor rc = channels_last_canonical(residual->to(dtype));
-  // ATen takes oneDNN's binary post-op only for an unambiguously channels_last x; otherwise it falls back to an
-  // add_relu that has no bf16/fp16 kernel. There (C_in=1 stems, 1x1 inputs) the add+ReLU is our own single pass.
-  if (xc.suggest_memory_format() == kCL) return onednn_conv(xc, wc, bc, &rc, stride, padding, relu);
+  // oneDNN's binary post-op is used only where x and the output are both unambiguously channels_last: for an
+  // ambiguous x ATen falls back to an add_relu that has no bf16/fp16 kernel, and torch 2.11's oneDNN rejects an
+  // ambiguous output ("could not create a memory"). There (C_in=1 stems, 1x1 inputs or outputs, C_out=1) the
+  // add+ReLU is our own single pass over the conv's output.
+  if (xc.suggest_memory_format() == kCL && !rc.is_contiguous()) {
+    return onednn_conv(xc, wc, bc, &rc, stride, padding, relu);
+  }
   at::Tensor y = onednn_conv(xc, wc, bc, nullptr, stride, padding, /*relu=*/false);
   RESNET_FUSED_DISPATCH(y.scalar_type(), "conv_bn_act_residual_cpu", [&] {
     scalar_t* out = y.mutable_data_ptr<scalar_t>();

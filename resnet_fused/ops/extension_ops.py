@@ -90,7 +90,8 @@ def _backward_conv_bn_act(ctx, grad):
     grad_x, grad_w = _conv_grads(ctx, g, g * scale.float().view(1, -1, 1, 1), need[0], need[1])
 
     def grad_scale():
-        conv = torch.nn.functional.conv2d(x, weight, None, ctx.stride, ctx.padding)
+        dtype = torch.promote_types(x.dtype, weight.dtype)  # the forward's convolution dtype (see _conv_grads)
+        conv = torch.nn.functional.conv2d(x.to(dtype), weight.to(dtype), None, ctx.stride, ctx.padding)
         return _channel_sum(g * conv.float()).to(scale.dtype)
 
     grad_scale = _grad_or_none(need[2], grad_scale)

@@ -113,7 +113,7 @@ def _quick_bench(kernel_call, quantiles):
 
 @triton.autotune(configs=_configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
-@triton.jit(do_not_specialize_on_alignment=["SPLIT_K"])  # one compiled split kernel for every split factor
+@triton.jit
 def _conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, ws_ptr,
     M, H, W, Cin, Ho, Wo, Cout, Cin_pad,

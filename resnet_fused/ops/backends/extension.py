@@ -51,9 +51,9 @@ def _onednn_reason() -> Optional[str]:
 
 
 def onednn_conv_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the cpu backend convolves `dtype` inputs in: their own where oneDNN has a native kernel on this
-    CPU (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16 or AMX-FP16), else fp32, rounding the output once (the C++
-    kernel makes the same choice, csrc/cpu/conv.cpp)."""
+    """The dtype the cpu backend convolves `dtype` inputs in: their own where torch's oneDNN has a kernel for it
+    on this CPU (bf16: AVX-512 CPUs, natively with AVX512-BF16 or AMX; fp16: AVX512-FP16 or AMX-FP16), else fp32,
+    rounding the output once (the C++ kernel makes the same choice, csrc/cpu/conv.cpp)."""
     native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
               torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
     return dtype if native is None or native() else torch.float32
