@@ -155,7 +155,7 @@ at::Tensor fused_conv(const at::Tensor& x, const at::Tensor& weight, const at::T
   TORCH_CHECK(!weight.is_mkldnn() || weight.scalar_type() == dtype, "conv_bias_act: a prepacked (mkldnn) weight "
               "must be in the convolution's dtype ", dtype, ", got ", weight.scalar_type());
   const at::Tensor y = fused_conv_in(dtype, x, weight, bias, residual, stride, padding, relu);
-  return dtype == x.scalar_type() ? y : channels_last_canonical(y.to(x.scalar_type()));
+  return dtype == x.scalar_type() ? y : y.to(x.scalar_type());  // to() keeps y's (canonical) strides
 }
 
 at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

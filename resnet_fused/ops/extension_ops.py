@@ -70,15 +70,22 @@ def _setup_conv(ctx, inputs, output):
     ctx.has_residual = residual is not None
 
 
+def _in_conv_dtype(x, weight):
+    """x and weight in the forward's convolution dtype: x's, or fp32 for an fp32 weight (which the cpu kernels
+    accept with bf16/fp16 x)."""
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    return x.to(dtype), weight.to(dtype)
+
+
 def _conv_grads(ctx, g, grad_conv, need_x, need_w):
-    """d x and d weight of conv2d(x, weight) given the gradient at its output, in the forward's convolution dtype
-    (x's; fp32 for an fp32 weight, which the cpu kernels accept with bf16/fp16 x), each returned in its input's."""
+    """d x and d weight of conv2d(x, weight) given the gradient at its output, computed in the forward's
+    convolution dtype and each returned in its input's."""
     x, weight = ctx.saved_tensors[:2]
     if not (need_x or need_w):
         return None, None
-    dtype = torch.promote_types(x.dtype, weight.dtype)
+    conv_x, conv_w = _in_conv_dtype(x, weight)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_conv.to(dtype), x.to(dtype), weight.to(dtype), None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1],
+        grad_conv.to(conv_x.dtype), conv_x, conv_w, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1],
         False, [0, 0], 1, [need_x, need_w, False])
     return (None if grad_x is None else grad_x.to(x.dtype)), (None if grad_w is None else grad_w.to(weight.dtype))
 
@@ -90,8 +97,7 @@ def _backward_conv_bn_act(ctx, grad):
     grad_x, grad_w = _conv_grads(ctx, g, g * scale.float().view(1, -1, 1, 1), need[0], need[1])
 
     def grad_scale():
-        dtype = torch.promote_types(x.dtype, weight.dtype)  # the forward's convolution dtype (see _conv_grads)
-        conv = torch.nn.functional.conv2d(x.to(dtype), weight.to(dtype), None, ctx.stride, ctx.padding)
+        conv = torch.nn.functional.conv2d(*_in_conv_dtype(x, weight), None, ctx.stride, ctx.padding)
         return _channel_sum(g * conv.float()).to(scale.dtype)
 
     grad_scale = _grad_or_none(need[2], grad_scale)
