@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/conv_dtype.h"
+
 TORCH_LIBRARY(resnet_fused, m) {
   m.def("conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
         "int stride, int padding, bool relu) -> Tensor");
@@ -18,5 +20,11 @@ TORCH_LIBRARY(resnet_fused, m) {
         "int stride, int padding, bool relu) -> Tensor");
 }
 
-// An empty Python module: importing resnet_fused._C runs the registrations above and in the kernel files.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+// Importing resnet_fused._C runs the registrations above and in the kernel files; the module itself only answers
+// the "cpu" backend's question of which dtype to fold a pack into.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def(
+      "cpu_conv_dtype", [](at::ScalarType dtype) { return resnet_fused::cpu::conv_dtype(dtype, dtype); },
+      "The dtype the CPU convolution runs for inputs of `dtype`: its own, or float32 where this CPU has no "
+      "hardware convolution for it (bf16 without AVX512-BF16/AMX, fp16 without AVX512-FP16/AMX-FP16).");
+}

@@ -1,10 +1,12 @@
 """The "cpu" backend (the C++ extension's CPU kernels) against the fp32 oracle.
 
-Every op, in every dtype (on every CPU: bf16/fp16 convolutions run natively where oneDNN can, else in fp32, and
-both ways are tested here whatever this CPU has), over CONV_CASES, with residual and ReLU on and off, NCHW and
+Every op, in every dtype (on every CPU: bf16/fp16 convolutions run natively where the CPU has hardware for them,
+else in fp32, and both ways are tested here whatever this CPU has), over CONV_CASES, with residual and ReLU on and off, NCHW and
 channels_last inputs; the packed path against the unpacked one; argument errors from the C++ checks; bn_act and
 add_relu (and conv_bn_act) gradients against autograd through the oracle.
 """
+
+import platform
 
 import pytest
 import torch
@@ -85,6 +87,19 @@ def test_pack_folds_into_the_convolution_dtype():
         pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu").payload
         assert pack.weight.dtype == pack.bias.dtype == onednn_conv_dtype(dtype)
     assert onednn_conv_dtype(torch.float32) == torch.float32
+
+
+@pytest.mark.skipif(not hasattr(torch.cpu, "get_capabilities"), reason="this torch has no torch.cpu.get_capabilities")
+def test_convolution_dtype_follows_the_cpus_hardware():
+    # The extension reads CPUID itself; torch's cpuinfo must agree. bf16 runs as bf16 only with hardware bf16 dot
+    # products (on other AVX-512 cores oneDNN emulates them, slower than fp32); fp16 wherever oneDNN has it.
+    caps = torch.cpu.get_capabilities()
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    bf16_dot = not x86 or bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    want_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() and bf16_dot
+    assert onednn_conv_dtype(torch.bfloat16) == (torch.bfloat16 if want_bf16 else torch.float32)
+    want_fp16 = torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    assert onednn_conv_dtype(torch.float16) == (torch.float16 if want_fp16 else torch.float32)
 
 
 # Inputs or outputs whose NCHW and channels_last layouts coincide (1x1 spatial, C_in=1, C_out=1): oneDNN's fused
@@ -218,13 +233,19 @@ def _call_conv(args):
     (dict(shift=torch.ones(16, dtype=torch.int32)), r"shift must be a floating-point tensor"),
     (dict(residual=torch.randn(2, 16, 4, 4)), r"residual must have the output's shape"),
     (dict(residual=torch.randn(2, 16, 8, 8).bfloat16()), r"residual must have x's dtype"),
-    (dict(stride=0), r"stride must be >= 1"),
-    (dict(padding=-1), r"padding must be >= 0"),
+    (dict(stride=0), r"stride must be in \[1, 2\^31 - 1\], got 0"),
+    (dict(padding=-1), r"padding must be in \[0, 2\^31 - 1\], got -1"),
+    (dict(padding=2**62), r"padding must be in \[0, 2\^31 - 1\]"),  # (would overflow the output size)
     (dict(x=torch.randn(2, 16, 1, 1), padding=0), r"too small for a 3x3 kernel"),
+    (dict(x=torch.randn(2, 16, 0, 8)), r"x must have non-zero height and width"),
+    (dict(x=torch.randn(2, 0, 8, 8), weight=torch.randn(16, 0, 3, 3)), r"non-zero C_out, C_in, KH and KW"),
+    (dict(scale=torch.rand(16, device="meta")), r"scale is on meta but x is on cpu"),
+    (dict(residual=torch.randn(2, 16, 8, 8, device="meta")), r"residual is on meta but x is on cpu"),
 ], ids=["x_rank", "x_dtype", "w_rank", "w_dtype", "cin", "scale_len", "shift_dtype", "res_shape", "res_dtype",
-        "stride", "padding", "too_small"])
+        "stride", "padding", "padding_huge", "too_small", "empty_spatial", "cin_0", "scale_meta", "res_meta"])
 def test_conv_bn_act_errors(overrides, message):
-    with pytest.raises(RuntimeError, match=message):
+    # RuntimeError from the C++ checks; ValueError from the fake kernel, which a meta argument dispatches to.
+    with pytest.raises((RuntimeError, ValueError), match=message):
         _call_conv(_conv_args(**overrides))
 
 
@@ -244,6 +265,10 @@ def test_elementwise_errors():
         torch.ops.resnet_fused.add_relu(x, x.half())
     with pytest.raises(RuntimeError, match=r"add_relu: x must be a 4-D"):
         torch.ops.resnet_fused.add_relu(x[0], x[0])
+    with pytest.raises(ValueError, match=r"scale is on meta but x is on cpu"):
+        torch.ops.resnet_fused.bn_act(x, torch.ones(4, device="meta"), torch.zeros(4), None, True)
+    with pytest.raises(ValueError, match=r"residual is on meta but x is on cpu"):
+        torch.ops.resnet_fused.add_relu(x, x.to("meta"))
 
 
 # ---- gradients, compared in fp32 with autograd through the oracle -----------------------------------------------

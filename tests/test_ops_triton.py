@@ -191,6 +191,28 @@ def test_conv_launcher_rejects_mismatched_pack():
         conv_kernel.conv_bn_act(x, packed, torch.ones(8), torch.zeros(8), None, 3, 3, 1, 1, True)
 
 
+def test_launchers_check_every_length_and_shape_before_the_kernel_reads():
+    # The kernels index scale, shift and residual by the output's shape: a short one would be read out of bounds.
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    scale, shift = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="scale must be a 1-D tensor of length 8"):
+        elementwise.bn_act(x, scale[:2], shift, None, False)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 3, 3\)"):
+        elementwise.bn_act(x, scale, shift, x[:, :, :1, :1], False)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 3, 3\)"):
+        elementwise.add_relu(x, x[:1])
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        elementwise.bn_act(x.int(), scale, shift, None, False)
+    packed = conv_kernel.pack_weight(torch.randn(4, 8, 3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="shift must be a 1-D tensor of length 4"):
+        conv_kernel.conv_bn_act(x, packed, scale[:4], shift[:3], None, 3, 3, 1, 1, True)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 4, 3, 3\)"):
+        conv_kernel.conv_bn_act(x, packed, scale[:4], shift[:4], torch.randn(2, 4, 2, 2, device=DEVICE), 3, 3, 1,
+                                1, True)
+    with pytest.raises(ValueError, match="weight_packed must be a 2-D"):
+        conv_kernel.conv_bn_act(x, packed.half(), scale[:4], shift[:4], None, 3, 3, 1, 1, True)
+
+
 # --- bn_act and add_relu ------------------------------------------------------------------------------------
 
 EW_SHAPES = [(2, 16, 5, 7), (1, 3, 1, 1), (3, 37, 4, 9)]  # odd C and sizes: channel = offset % C must hold

@@ -33,11 +33,19 @@ def _call(**over):
     (dict(scale=torch.ones(8, dtype=torch.int32)), TypeError, "scale must be a floating-point tensor"),
     (dict(residual=torch.randn(2, 8, 7, 8)), ValueError, "residual must have the output's shape (2, 8, 8, 8)"),
     (dict(residual=torch.randn(2, 8, 8, 8, dtype=torch.bfloat16)), TypeError, "residual must have x's dtype"),
-    (dict(stride=0), ValueError, "stride must be >= 1"),
+    (dict(stride=0), ValueError, "stride must be in [1, 2147483647], got 0"),
+    (dict(stride=2**31), ValueError, "stride must be in [1, 2147483647]"),
     (dict(stride=1.5), TypeError, "stride must be an int"),
     (dict(stride=(1, 2)), ValueError, "stride must be an int or a pair of equal ints"),
-    (dict(padding=-1), ValueError, "padding must be >= 0"),
+    (dict(padding=-1), ValueError, "padding must be in [0, 2147483647], got -1"),
+    (dict(padding=2**40), ValueError, "padding must be in [0, 2147483647]"),
+    (dict(padding=2**30), ValueError, "more than 2^63 elements"),
     (dict(x=torch.randn(2, 4, 2, 2), padding=0), ValueError, "too small for a 3x3 kernel"),
+    (dict(x=torch.randn(2, 4, 0, 8)), ValueError, "x must have non-zero height and width"),
+    (dict(x=torch.randn(2, 4, 8, 8).to_sparse()), TypeError, "x must be a dense (strided) tensor"),
+    (dict(weight=torch.randn(8, 4, 3, 3).to_sparse()), TypeError, "weight must be a dense (strided) tensor"),
+    (dict(residual=torch.randn(2, 8, 8, 8).to_sparse()), TypeError, "residual must be a dense (strided) tensor"),
+    (dict(scale=torch.ones(8).to_sparse()), TypeError, "scale must be a dense (strided) tensor"),
 ])
 def test_conv_bn_act_bad_arguments(over, exc, words):
     with pytest.raises(exc, match=None) as info:
@@ -119,8 +127,10 @@ def test_packed_path_validates_like_the_op():
         ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 4, 4), padding=1)
     with pytest.raises(TypeError, match="residual must have x's dtype"):
         ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 8, 8, dtype=torch.float16), padding=1)
-    with pytest.raises(ValueError, match="stride must be >= 1"):
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 2147483647\]"):
         ops.conv_bn_act_packed(x, pack, stride=0, padding=1)
+    with pytest.raises(TypeError, match="pack must be a ConvBNPack from pack_conv_bn, got NoneType"):
+        ops.conv_bn_act_packed(x, None)
     with pytest.raises(ValueError, match="too small for a 3x3 kernel"):
         ops.conv_bn_act_packed(torch.randn(1, 4, 2, 2), pack)
     with pytest.raises(ValueError, match="the pack was made for torch.float32"):
@@ -139,3 +149,22 @@ def test_pack_bad_arguments():
         ops.pack_conv_bn(torch.randn(8, 4, 3, 3), torch.ones(4), torch.zeros(8))
     with pytest.raises(ValueError, match="shift is on meta but weight is on cpu"):
         ops.pack_conv_bn(torch.randn(8, 4, 3, 3), torch.ones(8), torch.zeros(8, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_empty_batch_gives_an_empty_channels_last_output(backend):
+    if ops.available_backends("cpu")[backend] is not None:
+        pytest.skip(f"backend {backend!r}: {ops.available_backends('cpu')[backend]}")
+    a = _args(x=torch.randn(0, 4, 8, 8))
+    pack = ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], backend=backend)
+    for y in (ops.conv_bn_act(a["x"], a["weight"], a["scale"], a["shift"], padding=1, backend=backend),
+              ops.conv_bn_act_packed(a["x"], pack, padding=1)):
+        assert y.shape == (0, 8, 8, 8) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fold_bn_bad_arguments():
+    bn = torch.nn.BatchNorm2d(8)
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
+        ops.fold_bn(torch.nn.Linear(3, 8), bn)
+    with pytest.raises(ValueError, match="bn is on cpu but conv is on meta"):
+        ops.fold_bn(torch.nn.Conv2d(3, 8, 3).to("meta"), bn)

@@ -10,44 +10,23 @@
 // rounding to x's dtype. ATen requires the bias in the convolution's dtype, so for bf16/fp16 the folded shift is
 // rounded to that dtype (as the folded weight is). The output is channels_last in x's dtype.
 //
-// The convolution's dtype is x's, or fp32 when the weight is fp32 or torch's oneDNN has no bf16/fp16 convolution on
-// this CPU (bf16: AVX-512 CPUs, natively with AVX512-BF16 or AMX, emulated on other AVX-512 cores; fp16:
-// AVX512-FP16 or AMX-FP16): x, bias and residual are then widened exactly to fp32 and the output rounded once to
-// x's dtype, so every CPU runs every dtype.
+// The convolution's dtype is x's, or fp32 when the weight is fp32 or this CPU has no hardware bf16/fp16 convolution
+// (conv_dtype.cpp): x, bias and residual are then widened exactly to fp32 and the output rounded once to x's dtype,
+// so every CPU runs every dtype.
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "checks.h"
+#include "conv_dtype.h"
 #include "epilogue.h"
 
 namespace resnet_fused::cpu {
 namespace {
 
 constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-
-bool onednn_query(const char* op_name) {
-  auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "");
-  return handle.typed<bool()>().call();
-}
-
-// Whether torch's oneDNN runs a convolution in `dtype` on this CPU (what torch.ops.mkldnn._is_mkldnn_*_supported
-// report: bf16 on AVX-512 CPUs, fp16 with AVX512-FP16 or AMX-FP16; fp32 wherever torch has oneDNN at all).
-bool onednn_native(at::ScalarType dtype) {
-  static const bool has_onednn = at::hasMKLDNN();
-  static const bool bf16 = has_onednn && onednn_query("mkldnn::_is_mkldnn_bf16_supported");
-  static const bool fp16 = has_onednn && onednn_query("mkldnn::_is_mkldnn_fp16_supported");
-  if (dtype == at::kFloat) return has_onednn;
-  if (dtype == at::kBFloat16) return bf16;
-  if (dtype == at::kHalf) return fp16;
-  return false;
-}
-
-// The dtype the convolution runs in: x's, or fp32 for an fp32 weight or where this CPU has no native x-dtype
-// convolution (see the top of this file).
-at::ScalarType conv_dtype(at::ScalarType x_dtype, at::ScalarType weight_dtype) {
-  return weight_dtype == at::kFloat || !onednn_native(x_dtype) ? at::kFloat : x_dtype;
-}
 
 // t in channels_last, with plain row-major strides where its size-1 dims make it contiguous in both layouts
 // (batch 1 with 1x1 spatial, say). Such a tensor may carry any strides on its size-1 dims, and oneDNN's own outputs
@@ -77,10 +56,14 @@ std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::T
               ": weight must have x's dtype ", x.scalar_type(), " (or float32), got ", weight.scalar_type());
   TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight expects C_in=", weight.size(1), " input channels but x has ",
               x.size(1), " (grouped convolution is not supported)");
-  TORCH_CHECK(weight.size(0) > 0 && weight.size(2) > 0 && weight.size(3) > 0, op,
-              ": weight must have non-zero C_out, KH and KW, got shape ", weight.sizes());
-  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(weight.size(0) > 0 && weight.size(1) > 0 && weight.size(2) > 0 && weight.size(3) > 0, op,
+              ": weight must have non-zero C_out, C_in, KH and KW, got shape ", weight.sizes());
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, ": x must have non-zero height and width for a convolution, "
+              "got shape ", x.sizes());
+  // Bounded so that the output size arithmetic cannot overflow.
+  constexpr int64_t kMaxGeometry = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(stride >= 1 && stride <= kMaxGeometry, op, ": stride must be in [1, 2^31 - 1], got ", stride);
+  TORCH_CHECK(padding >= 0 && padding <= kMaxGeometry, op, ": padding must be in [0, 2^31 - 1], got ", padding);
   const int64_t h_out = conv_out_size(x.size(2), weight.size(2), stride, padding);
   const int64_t w_out = conv_out_size(x.size(3), weight.size(3), stride, padding);
   TORCH_CHECK(h_out >= 1 && w_out >= 1, op, ": x's spatial size ", x.sizes().slice(2), " is too small for a ",
@@ -163,6 +146,7 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const auto out_shape = check_conv("conv_bias_act", x, weight, stride, padding);
   check_channel_vector("conv_bias_act", "bias", bias, out_shape[1]);
   check_residual("conv_bias_act", residual, out_shape, x.scalar_type());
+  if (out_shape[0] == 0) return at::empty(out_shape, x.options().memory_format(kCL));
   return fused_conv(x, weight, bias, residual, stride, padding, relu);
 }
 
@@ -173,6 +157,7 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   check_channel_vector("conv_bn_act", "scale", scale, out_shape[1]);
   check_channel_vector("conv_bn_act", "shift", shift, out_shape[1]);
   check_residual("conv_bn_act", residual, out_shape, x.scalar_type());
+  if (out_shape[0] == 0) return at::empty(out_shape, x.options().memory_format(kCL));
   // The BN fold (per call here; the "cpu" backend's pack does it once and calls conv_bias_act), in fp32, rounded
   // once to the convolution's dtype.
   const at::Tensor folded = (weight.to(at::kFloat) * scale.to(at::kFloat).view({-1, 1, 1, 1}))

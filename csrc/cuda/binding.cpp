@@ -92,8 +92,9 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t c_out = weight_in.size(0), kh = weight_in.size(2), kw = weight_in.size(3);
   TORCH_CHECK(weight_in.size(1) == c_in, "weight expects C_in=", weight_in.size(1), " input channels but x has ",
               c_in, " (grouped convolution is not supported)");
-  TORCH_CHECK(c_out > 0 && kh > 0 && kw > 0, "weight must have non-zero C_out, KH and KW, got shape ",
+  TORCH_CHECK(c_out > 0 && c_in > 0 && kh > 0 && kw > 0, "weight must have non-zero C_out, C_in, KH and KW, got shape ",
               weight_in.sizes());
+  TORCH_CHECK(h > 0 && w > 0, "x must have non-zero height and width for a convolution, got shape ", x_in.sizes());
   TORCH_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
   TORCH_CHECK(padding >= 0, "padding must be >= 0, got ", padding);
   check_fits_int32(x_in, "x");

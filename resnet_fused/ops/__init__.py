@@ -10,13 +10,13 @@ backend=None means the current default (`set_backend` / `use_backend`, "auto" un
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
 from .folding import fold_bn
+from .pack import ConvBNPack
 from .registry import (AUTO_ORDER, Backend, available_backends, backend_names, get_backend, register_backend,
                        resolve, resolve_name, set_backend, use_backend)
 from .validation import (SUPPORTED_DTYPES, check_add_relu, check_bn_act, check_conv_bn_act, check_conv_packed,
@@ -27,19 +27,6 @@ __all__ = [
     "available_backends", "backend_names", "set_backend", "get_backend", "use_backend", "register_backend",
     "Backend", "AUTO_ORDER", "SUPPORTED_DTYPES", "resolve_name",
 ]
-
-
-@dataclass(frozen=True)
-class ConvBNPack:
-    """A conv weight and its folded BN, laid out once by one backend for all later calls."""
-
-    backend: str
-    payload: Any
-    out_channels: int
-    in_channels: int
-    kernel_size: tuple
-    dtype: torch.dtype
-    device: torch.device
 
 
 def pack_conv_bn(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,

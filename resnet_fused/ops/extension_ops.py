@@ -34,6 +34,14 @@ def _empty_like_output(x, channels, height, width):
 
 # ---- fake kernels ---------------------------------------------------------------------------------------------
 
+def _same_device(x, **tensors):
+    """A fake kernel also serves real calls with one meta argument (the Meta key outranks CPU and CUDA): there it
+    must fail as the C++ checks would, not hand back an uninitialized tensor on x's device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+
+
 def _conv_output(x, weight, stride, padding):
     height = _out_size(x.shape[2], weight.shape[2], stride, padding)
     width = _out_size(x.shape[3], weight.shape[3], stride, padding)
@@ -41,18 +49,22 @@ def _conv_output(x, weight, stride, padding):
 
 
 def _fake_conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu):
+    _same_device(x, weight=weight, scale=scale, shift=shift, residual=residual)
     return _conv_output(x, weight, stride, padding)
 
 
 def _fake_conv_bias_act(x, weight, bias, residual, stride, padding, relu):
+    _same_device(x, weight=weight, bias=bias, residual=residual)
     return _conv_output(x, weight, stride, padding)
 
 
 def _fake_bn_act(x, scale, shift, residual, relu):
+    _same_device(x, scale=scale, shift=shift, residual=residual)
     return _empty_like_output(x, *x.shape[1:])
 
 
 def _fake_add_relu(x, residual):
+    _same_device(x, residual=residual)
     return _empty_like_output(x, *x.shape[1:])
 
 

@@ -20,6 +20,8 @@ def fold_bn(conv: Optional[nn.Conv2d], bn: Optional[nn.BatchNorm2d]) -> tuple[to
     """
     if conv is None and bn is None:
         raise ValueError("fold_bn needs a conv, a bn or both, got neither")
+    if conv is not None and not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if bn is not None:
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"bn must be a BatchNorm module, got {type(bn).__name__}")
@@ -28,8 +30,11 @@ def fold_bn(conv: Optional[nn.Conv2d], bn: Optional[nn.BatchNorm2d]) -> tuple[to
                              "its eval output depends on the batch")
     channels = bn.num_features if bn is not None else conv.out_channels
     device = (bn.running_mean if bn is not None else conv.weight).device
-    if conv is not None and bn is not None and conv.out_channels != bn.num_features:
-        raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
+    if conv is not None and bn is not None:
+        if conv.out_channels != bn.num_features:
+            raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
+        if conv.weight.device != device:
+            raise ValueError(f"bn is on {device} but conv is on {conv.weight.device}; both must be on one device")
 
     bias = torch.zeros(channels, device=device, dtype=torch.float32)
     if conv is not None and conv.bias is not None:

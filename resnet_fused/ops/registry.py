@@ -12,8 +12,10 @@ from typing import Any, Optional
 
 import torch
 
-# "auto" tries these in order for a tensor's device type, skipping the unavailable ones. The order is the
-# measured speed ranking (benchmarks/results/); "torch" is last everywhere because it always works.
+# "auto" tries these in order for a tensor's device type, skipping the unavailable ones; "torch" is last everywhere
+# because it always works. On the CPU the order is measured (benchmarks/results/). On a GPU it is not yet: triton
+# comes first because it autotunes its tiles per shape and splits K where the SMs would idle; the first recorded
+# GPU benchmark run decides.
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),

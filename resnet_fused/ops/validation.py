@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from .pack import ConvBNPack
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16 or bfloat16"
+_MAX_GEOMETRY = 2**31 - 1  # stride and padding: the kernels' per-element sizes are 32-bit
+_MAX_NUMEL = 2**63 - 1
 
 
 def _tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:  # sparse, mkldnn: the kernels read strided memory
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     return value
 
 
@@ -53,7 +59,7 @@ def _residual(residual, expected_shape: tuple, x: torch.Tensor) -> None:
     _same_device("residual", r, x)
 
 
-def as_square(name: str, value, minimum: int) -> int:
+def as_square(name: str, value, minimum: int, maximum: int = _MAX_GEOMETRY) -> int:
     """Accept an int or an (a, a) pair, as nn.Conv2d stores stride and padding; return the int."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
@@ -61,8 +67,8 @@ def as_square(name: str, value, minimum: int) -> int:
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
     return value
 
 
@@ -87,12 +93,17 @@ def _conv_geometry(x, c_out, kernel_size, stride, padding) -> tuple[int, int, tu
     stride = as_square("stride", stride, 1)
     padding = as_square("padding", padding, 0)
     kh, kw = kernel_size
+    if 0 in x.shape[2:]:  # as F.conv2d: only the batch may be empty
+        raise ValueError(f"x must have non-zero height and width for a convolution, got shape {tuple(x.shape)}")
     h_out = conv_output_size(x.shape[2], kh, stride, padding)
     w_out = conv_output_size(x.shape[3], kw, stride, padding)
     if h_out < 1 or w_out < 1:
         raise ValueError(f"x's spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
                          f"with padding {padding}")
-    return stride, padding, (x.shape[0], c_out, h_out, w_out)
+    out_shape = (x.shape[0], c_out, h_out, w_out)
+    if max(x.shape[0], 1) * c_out * h_out * w_out > _MAX_NUMEL:
+        raise ValueError(f"padding {padding} gives an output of shape {out_shape}, more than 2^63 elements")
+    return stride, padding, out_shape
 
 
 def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding) -> tuple[int, int]:
@@ -124,11 +135,30 @@ def check_pack(weight, scale, shift) -> None:
 def check_conv_packed(x, pack, residual, stride, padding) -> tuple[int, int]:
     """Validate conv_bn_act_packed's arguments against the pack; return (stride, padding) as ints."""
     x = _activation("x", x)
+    if not isinstance(pack, ConvBNPack):
+        raise TypeError(f"pack must be a ConvBNPack from pack_conv_bn, got {type(pack).__name__}")
     if x.dtype != pack.dtype or x.device != pack.device:
         raise ValueError(f"x is {x.dtype} on {x.device} but the pack was made for {pack.dtype} on {pack.device}")
     if x.shape[1] != pack.in_channels:
         raise ValueError(f"x must have the pack's C_in={pack.in_channels} channels, got shape {tuple(x.shape)}")
     stride, padding, out_shape = _conv_geometry(x, pack.out_channels, pack.kernel_size, stride, padding)
+    _residual(residual, out_shape, x)
+    return stride, padding
+
+
+def check_conv_prepacked(x, weight_packed, scale, shift, residual, kernel_size, stride, padding) -> tuple[int, int]:
+    """Validate a kernel launcher's arguments where the weight is already laid out as (rows, C_out) (the Triton
+    kernels' pack); the launcher checks the rows against C_in and the kernel size. Return (stride, padding)."""
+    x = _activation("x", x)
+    w = _tensor("weight_packed", weight_packed)
+    if w.dim() != 2 or w.dtype != x.dtype:
+        raise ValueError(f"weight_packed must be a 2-D (rows, C_out) tensor of x's dtype {x.dtype}, got "
+                         f"{w.dim()}-D {w.dtype}")
+    _same_device("weight_packed", w, x)
+    c_out = w.shape[1]
+    stride, padding, out_shape = _conv_geometry(x, c_out, kernel_size, stride, padding)
+    _channel_vector("scale", scale, c_out, x)
+    _channel_vector("shift", shift, c_out, x)
     _residual(residual, out_shape, x)
     return stride, padding
 

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.validation import check_conv_prepacked
 from .common import INTERPRET, check_device, device_guard, relu_keep_nan
 
 CIN_ALIGN = 16  # packed K rows come in multiples of this (the smallest BLOCK_K the GPU's dot accepts)
@@ -327,6 +328,9 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
     Returns a channels_last tensor of x's dtype. index_64=None picks 64-bit offsets only where needed;
     split_k=None splits K where that measured faster on this GPU (choose_split_k), an int forces a split.
     """
+    # The kernel trusts every length and shape: check before it reads.
+    stride, padding = check_conv_prepacked(x, weight_packed, scale, shift, residual, (kernel_h, kernel_w), stride,
+                                           padding)
     check_device(x)
     n, c_in, h, w = x.shape
     k_rows, c_out = weight_packed.shape

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.validation import check_add_relu, check_bn_act
 from .common import check_device, device_guard, relu_keep_nan
 
 _INT32_LIMIT = 2**31 - 1
@@ -69,6 +70,7 @@ def _launch_args(y: torch.Tensor, index_64):
 def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual, relu: bool,
            index_64=None) -> torch.Tensor:
     """x (N, C, H, W) in any layout -> channels_last y of x's dtype. scale, shift: length-C float vectors."""
+    check_bn_act(x, scale, shift, residual)  # the kernel trusts every length and shape: check before it reads
     check_device(x)
     x = _channels_last(x)
     y = empty_output(x)
@@ -86,6 +88,7 @@ def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual, 
 
 def add_relu(x: torch.Tensor, residual: torch.Tensor, index_64=None) -> torch.Tensor:
     """relu(x + residual) for two (N, C, H, W) tensors in any layout -> channels_last y of x's dtype."""
+    check_add_relu(x, residual)
     check_device(x)
     x = _channels_last(x)
     y = empty_output(x)

@@ -14,6 +14,7 @@ nothing is re-laid-out per call.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -37,9 +38,10 @@ def _extension_reason(dispatch_key: str) -> Optional[str]:
         if dispatch_key == "CUDA":
             return "the extension was built without CUDA"
         return f"the extension has no {dispatch_key} kernels"
-    if dispatch_key == "CPU" and not _extension.has_kernel("conv_bias_act", "CPU"):
-        return "the extension is out of date (no resnet_fused::conv_bias_act); rebuild it with " \
-               "`pip install --no-build-isolation -e .`"
+    if dispatch_key == "CPU" and not (_extension.has_kernel("conv_bias_act", "CPU")
+                                      and hasattr(importlib.import_module("resnet_fused._C"), "cpu_conv_dtype")):
+        return "the extension is out of date (no resnet_fused::conv_bias_act or _C.cpu_conv_dtype); rebuild it " \
+               "with `pip install --no-build-isolation -e .`"
     return None
 
 
@@ -51,19 +53,18 @@ def _onednn_reason() -> Optional[str]:
 
 
 def onednn_conv_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the cpu backend convolves `dtype` inputs in: their own where torch's oneDNN has a kernel for it
-    on this CPU (bf16: AVX-512 CPUs, natively with AVX512-BF16 or AMX; fp16: AVX512-FP16 or AMX-FP16), else fp32,
-    rounding the output once (the C++ kernel makes the same choice, csrc/cpu/conv.cpp)."""
-    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
-    return dtype if native is None or native() else torch.float32
+    """The dtype the cpu backend convolves `dtype` inputs in: their own where this CPU convolves them in hardware
+    (bf16: AVX512-BF16 or AMX-BF16; fp16: AVX512-FP16 or AMX-FP16), else fp32, rounding the output once. The C++
+    kernels decide (csrc/cpu/conv_dtype.cpp); the pack folds into the same dtype once."""
+    return importlib.import_module("resnet_fused._C").cpu_conv_dtype(dtype)
 
 
 # Computed once at import (the package loads the extension first): plain dicts, so that resolving a backend costs
 # a lookup and torch.compile traces it as a constant.
 _EXTENSION_REASON = {key: _extension_reason(key) for key in ("CPU", "CUDA")}
 _ONEDNN_REASON = _onednn_reason()
-_CONV_DTYPE = {dtype: onednn_conv_dtype(dtype) for dtype in SUPPORTED_DTYPES} if _ONEDNN_REASON is None else {}
+_CONV_DTYPE = {dtype: onednn_conv_dtype(dtype) for dtype in SUPPORTED_DTYPES} \
+    if _ONEDNN_REASON is None and _EXTENSION_REASON["CPU"] is None else {}
 
 
 @functools.lru_cache(maxsize=None)
