@@ -12,8 +12,9 @@ and state_dict keys; only the execution differs (see fusion/conv_bn.py for the m
                       the BN stays registered where it was, as an AbsorbedBatchNorm2d whose forward is the identity
 
 Eval folds BN into a per-channel scale/shift and packs the weight once; the fold+pack is cached per unit and
-rebuilt whenever a parameter or buffer changes (in-place update, load_state_dict, .to()). Train uses batch
-statistics and updates the running statistics exactly as eager does.
+rebuilt whenever a parameter or buffer changes (in-place update, optimizer step, load_state_dict, .to(), a tensor
+assigned through `.data`), and at every .train()/.eval(). Train uses batch statistics and updates the running
+statistics exactly as eager does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ __all__ = ["FusedBottleneck", "FusedBasicBlock", "FusedResidualBlock", "FusedCon
 _CACHE_ATTR = "_fold_cache_state"
 
 
+class _FoldCache(dict):
+    """Folds and packs per unit name. Copies and pickles come out empty (packs may be opaque oneDNN tensors), also
+    where a copy bypasses the module's __getstate__ (torch.nn.utils.parametrize deep-copies __dict__ itself)."""
+
+    def __deepcopy__(self, memo):
+        return _FoldCache()
+
+    def __reduce__(self):
+        return _FoldCache, ()
+
+
 class _FoldCached:
     """Mixin: a per-module cache of BN folds and packed weights that never pickles, copies or goes stale."""
 
@@ -43,11 +55,17 @@ class _FoldCached:
             return None  # fold directly so that the computation traces
         cache = self.__dict__.get(_CACHE_ATTR)
         if cache is None:
-            cache = self.__dict__[_CACHE_ATTR] = {}
+            cache = self.__dict__[_CACHE_ATTR] = _FoldCache()
         return cache
 
     def clear_fold_cache(self) -> None:
+        """Drop the cached folds and packs: the next eval forward re-reads the weights. Needed only after edits that
+        bypass PyTorch's version counters (in place through `.data`); `.train()` and `.eval()` call it too."""
         self.__dict__.pop(_CACHE_ATTR, None)
+
+    def train(self, mode: bool = True):
+        self.clear_fold_cache()
+        return super().train(mode)
 
     def __getstate__(self):
         state = self.__dict__.copy()

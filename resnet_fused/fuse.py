@@ -15,6 +15,7 @@ why. Parameters and buffers are the same tensors under the same names, so state_
 from __future__ import annotations
 
 import copy
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -159,8 +160,10 @@ class _Fuser:
             if bn is not None:
                 setattr(module, chain.bn, bn)
             setattr(module, chain.conv, FusedConvBNAct.absorb(conv, bn, chain.relu is not None, self.backend))
+            if bn is not None:
+                module.register_forward_pre_hook(functools.partial(_check_absorbed_bn, chain.conv, chain.bn))
             if chain.relu is not None:
-                setattr(module, chain.relu, nn.Identity())
+                setattr(module, chain.relu, nn.Identity().train(module.get_submodule(chain.relu).training))
             parts = [chain.conv] + ([chain.bn] if chain.bn else []) + ([chain.relu] if chain.relu else [])
             kind = "conv" + ("-bn" if chain.bn else "") + ("-relu" if chain.relu else "")
             note = kernel_unsupported_reason(conv)
@@ -204,6 +207,18 @@ def _opaque_calls(module: nn.Module, graphs) -> List[str]:
                             for step in _steps_of_module(module.get_submodule(node.target), node.target))):
             names.append(node.target)
     return names
+
+
+def _check_absorbed_bn(conv_name: str, bn_name: str, module: nn.Module, args) -> None:
+    """Forward pre-hook of a module whose conv absorbed the BatchNorm after it: that BatchNorm must still be the one
+    registered there. A replacement (SyncBatchNorm.convert_sync_batchnorm, `model.bn1 = ...`) would otherwise
+    normalize a second time, after the fused conv already did."""
+    conv, bn = module._modules.get(conv_name), module._modules.get(bn_name)
+    if isinstance(conv, FusedConvBNAct) and conv.absorbed_bn is not None and bn is not conv.absorbed_bn:
+        raise RuntimeError(
+            f"{conv_name!r} applies the BatchNorm it absorbed from {bn_name!r} when fuse_model ran, but {bn_name!r} "
+            f"is now a {type(bn).__name__}: convert or replace modules (e.g. SyncBatchNorm.convert_sync_batchnorm) "
+            f"before fuse_model, not after")
 
 
 def _hooked(module: nn.Module) -> bool:

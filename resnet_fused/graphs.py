@@ -8,7 +8,7 @@ replays the whole forward's kernels with one launch. Per call the runner copies 
 static inputs, replays it, and returns a copy of its static output (so an output stays valid after later calls).
 
 What a graph cannot see, the runner checks on every call, so a replay never computes with stale weights:
-    - the module's parameters and buffers changed in place (optimizer step, copy_, load_state_dict), or their
+    - the module's parameters and buffers changed in place (any optimizer step, copy_, load_state_dict), or their
       storage was swapped (.to(), .half(), `.data =`), or any module had a parameter/buffer/submodule
       (re)assigned (load_state_dict(assign=True), `conv.weight = ...`): every graph is dropped and recaptured;
     - an input signature (shapes, strides, dtypes, device) or the autocast state not seen before: a new graph.
@@ -24,6 +24,8 @@ from typing import Any, Callable, List, Tuple
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from .fusion.conv_bn import _optimizer_steps
 
 __all__ = ["CUDAGraphed", "cuda_graphed"]
 
@@ -56,6 +58,7 @@ class _StateSnapshot:
 
     def __init__(self, module: nn.Module):
         self.registrations = _registrations
+        self.optimizer_steps = _optimizer_steps[0]  # fused optimizers change parameters without bumping versions
         self.tensors = [*module.parameters(), *module.buffers()]
         # Inference tensors have no version counter (in-place changes to them cannot be seen; their storage can)
         self.versioned = [t for t in self.tensors if not t.is_inference()]
@@ -64,7 +67,7 @@ class _StateSnapshot:
 
     def is_current(self) -> bool:
         """Cheap (no module traversal): tens of microseconds for a ResNet-50's ~320 tensors."""
-        return (self.registrations == _registrations
+        return (self.registrations == _registrations and self.optimizer_steps == _optimizer_steps[0]
                 and [t._version for t in self.versioned] == self.versions
                 and [t.data_ptr() for t in self.tensors] == self.pointers)
 

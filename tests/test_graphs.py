@@ -63,7 +63,7 @@ def test_snapshot_is_current_until_something_changes():
 
 
 @pytest.mark.parametrize("change", ["in_place", "load_state_dict", "assign", "data", "dtype", "new_param",
-                                    "new_module", "buffer"])
+                                    "new_module", "buffer", "fused_optimizer"])
 def test_snapshot_sees_every_kind_of_weight_change(change):
     model = rf.resnet18(num_classes=10).eval()
     snapshot = _snapshot(model)
@@ -85,6 +85,9 @@ def test_snapshot_sees_every_kind_of_weight_change(change):
             model.fc = nn.Linear(512, 10)
         elif change == "buffer":
             model.bn1.running_var = torch.ones_like(model.bn1.running_var)
+        elif change == "fused_optimizer":  # updates parameters without bumping their version counters
+            model.fc.weight.grad = torch.ones_like(model.fc.weight)
+            torch.optim.SGD([model.fc.weight], lr=0.1, fused=True).step()
     assert not snapshot.is_current()
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
 from ..ops.registry import get_backend
@@ -95,12 +96,16 @@ def unit_eager(conv, bn, x, residual, relu: bool) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
+# Devices without autocast (meta) raise when asked whether it is on; torch < 2.4 has no such query.
+_autocast_available = getattr(torch.amp, "is_autocast_available", lambda device_type: device_type in ("cpu", "cuda"))
+
+
 def _compute_dtype(x: torch.Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
     """The dtype eager's conv runs in (autocast's when enabled), or None where the fused path does not apply."""
     device_type = x.device.type
     if x.dtype not in ops.SUPPORTED_DTYPES or conv.weight.dtype not in ops.SUPPORTED_DTYPES:
         return None
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         return dtype if dtype in ops.SUPPORTED_DTYPES else None
     return x.dtype if x.dtype == conv.weight.dtype else None  # eager raises on a mismatch: let it
@@ -147,19 +152,37 @@ def _version(t: Optional[torch.Tensor]):
         return False
 
 
-def _cache_key(conv, bn, dtype, backend):
+# Fused optimizers (Adam(fused=True), ...) update parameters without bumping their version counters: every
+# optimizer step anywhere counts here, and a cached fold made before it is rebuilt.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _fold_tensors(conv, bn) -> list:
     tensors = [conv.weight, conv.bias]
-    if bn is not None:
-        tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if bn is not None:  # num_batches_tracked: eager BatchNorm training bumps it, not running_mean/var's versions
+        tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked]
+    return tensors
+
+
+def _cache_key(conv, bn, tensors, dtype, backend):
     key = tuple(_version(t) for t in tensors)
     if False in key:
         return None
-    return key + (None if bn is None else float(bn.eps), dtype, backend)
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+    return key + (geometry, None if bn is None else float(bn.eps), dtype, backend, _optimizer_steps[0])
 
 
 def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):
     """The (fold, pack) of this unit for these tensors, rebuilt whenever any of them changed."""
-    key = _cache_key(conv, bn, dtype, backend)
+    tensors = _fold_tensors(conv, bn)
+    key = _cache_key(conv, bn, tensors, dtype, backend)
     hit = cache.get(name)
     if key is not None and hit is not None and hit[0] == key:
         return hit[1]
@@ -170,7 +193,9 @@ def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):
     else:
         entry = ("eager_conv", weight, scale, shift)
     if key is not None:
-        cache[name] = (key, entry)
+        # The key's tensors stay alive with it: a tensor replaced behind a parameter (`p.data = t`, a weight_norm
+        # weight recomputed per call) could otherwise be allocated at the same address and match the key.
+        cache[name] = (key, entry, [t.detach() for t in tensors if t is not None])
     return entry
 
 
