@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .fusion.conv_bn import _optimizer_steps
+from .fusion.conv_bn import optimizer_steps
 
 __all__ = ["CUDAGraphed", "cuda_graphed"]
 
@@ -58,7 +58,7 @@ class _StateSnapshot:
 
     def __init__(self, module: nn.Module):
         self.registrations = _registrations
-        self.optimizer_steps = _optimizer_steps[0]  # fused optimizers change parameters without bumping versions
+        self.optimizer_steps = optimizer_steps()  # fused optimizers change parameters without bumping versions
         self.tensors = [*module.parameters(), *module.buffers()]
         # Inference tensors have no version counter (in-place changes to them cannot be seen; their storage can)
         self.versioned = [t for t in self.tensors if not t.is_inference()]
@@ -67,7 +67,7 @@ class _StateSnapshot:
 
     def is_current(self) -> bool:
         """Cheap (no module traversal): tens of microseconds for a ResNet-50's ~320 tensors."""
-        return (self.registrations == _registrations and self.optimizer_steps == _optimizer_steps[0]
+        return (self.registrations == _registrations and self.optimizer_steps == optimizer_steps()
                 and [t._version for t in self.versioned] == self.versions
                 and [t.data_ptr() for t in self.tensors] == self.pointers)
 

@@ -153,15 +153,21 @@ def _version(t: Optional[torch.Tensor]):
 
 
 # Fused optimizers (Adam(fused=True), ...) update parameters without bumping their version counters: every
-# optimizer step anywhere counts here, and a cached fold made before it is rebuilt.
-_optimizer_steps = [0]
+# optimizer step anywhere counts here, and a cached fold (or a CUDA graph, graphs.py) made before it is rebuilt.
+_optimizer_steps = 0
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _optimizer_steps[0] += 1
+    global _optimizer_steps
+    _optimizer_steps += 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps this process has taken (any optimizer, fused or not)."""
+    return _optimizer_steps
 
 
 def _fold_tensors(conv, bn) -> list:
@@ -176,7 +182,7 @@ def _cache_key(conv, bn, tensors, dtype, backend):
     if False in key:
         return None
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
-    return key + (geometry, None if bn is None else float(bn.eps), dtype, backend, _optimizer_steps[0])
+    return key + (geometry, None if bn is None else float(bn.eps), dtype, backend, _optimizer_steps)
 
 
 def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):

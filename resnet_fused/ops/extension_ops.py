@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .validation import check_same_device
+
 CL = torch.channels_last
 _registered = False
 
@@ -38,8 +40,8 @@ def _same_device(x, **tensors):
     """A fake kernel also serves real calls with one meta argument (the Meta key outranks CPU and CUDA): there it
     must fail as the C++ checks would, not hand back an uninitialized tensor on x's device."""
     for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+        if t is not None:
+            check_same_device(name, t, x)
 
 
 def _conv_output(x, weight, stride, padding):

@@ -33,7 +33,7 @@ def _activation(name: str, value) -> torch.Tensor:
     return t
 
 
-def _same_device(name: str, t: torch.Tensor, x: torch.Tensor, x_name: str = "x") -> None:
+def check_same_device(name: str, t: torch.Tensor, x: torch.Tensor, x_name: str = "x") -> None:
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}; all tensors must be on one device")
 
@@ -45,7 +45,7 @@ def _channel_vector(name: str, value, channels: int, x: torch.Tensor, x_name: st
     if t.dim() != 1 or t.numel() != channels:
         raise ValueError(f"{name} must be a 1-D tensor of length {channels} (one per output channel), "
                          f"got shape {tuple(t.shape)}")
-    _same_device(name, t, x, x_name)
+    check_same_device(name, t, x, x_name)
 
 
 def _residual(residual, expected_shape: tuple, x: torch.Tensor) -> None:
@@ -56,7 +56,7 @@ def _residual(residual, expected_shape: tuple, x: torch.Tensor) -> None:
         raise ValueError(f"residual must have the output's shape {tuple(expected_shape)}, got {tuple(r.shape)}")
     if r.dtype != x.dtype:
         raise TypeError(f"residual must have x's dtype {x.dtype}, got {r.dtype}")
-    _same_device("residual", r, x)
+    check_same_device("residual", r, x)
 
 
 def as_square(name: str, value, minimum: int, maximum: int = _MAX_GEOMETRY) -> int:
@@ -112,7 +112,7 @@ def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding) -> tup
     w = _conv_weight(weight)
     if w.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {w.dtype}")
-    _same_device("weight", w, x)
+    check_same_device("weight", w, x)
     c_out, c_in = w.shape[:2]
     if c_in != x.shape[1]:
         groups_hint = (f"; grouped convolution (groups={x.shape[1] // c_in}) is not supported"
@@ -154,7 +154,7 @@ def check_conv_prepacked(x, weight_packed, scale, shift, residual, kernel_size, 
     if w.dim() != 2 or w.dtype != x.dtype:
         raise ValueError(f"weight_packed must be a 2-D (rows, C_out) tensor of x's dtype {x.dtype}, got "
                          f"{w.dim()}-D {w.dtype}")
-    _same_device("weight_packed", w, x)
+    check_same_device("weight_packed", w, x)
     c_out = w.shape[1]
     stride, padding, out_shape = _conv_geometry(x, c_out, kernel_size, stride, padding)
     _channel_vector("scale", scale, c_out, x)

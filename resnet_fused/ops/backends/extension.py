@@ -14,7 +14,6 @@ nothing is re-laid-out per call.
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,8 +37,9 @@ def _extension_reason(dispatch_key: str) -> Optional[str]:
         if dispatch_key == "CUDA":
             return "the extension was built without CUDA"
         return f"the extension has no {dispatch_key} kernels"
-    if dispatch_key == "CPU" and not (_extension.has_kernel("conv_bias_act", "CPU")
-                                      and hasattr(importlib.import_module("resnet_fused._C"), "cpu_conv_dtype")):
+    from ... import _C
+
+    if dispatch_key == "CPU" and not (_extension.has_kernel("conv_bias_act", "CPU") and hasattr(_C, "cpu_conv_dtype")):
         return "the extension is out of date (no resnet_fused::conv_bias_act or _C.cpu_conv_dtype); rebuild it " \
                "with `pip install --no-build-isolation -e .`"
     return None
@@ -56,7 +56,9 @@ def onednn_conv_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the cpu backend convolves `dtype` inputs in: their own where this CPU convolves them in hardware
     (bf16: AVX512-BF16 or AMX-BF16; fp16: AVX512-FP16 or AMX-FP16), else fp32, rounding the output once. The C++
     kernels decide (csrc/cpu/conv_dtype.cpp); the pack folds into the same dtype once."""
-    return importlib.import_module("resnet_fused._C").cpu_conv_dtype(dtype)
+    from ... import _C
+
+    return _C.cpu_conv_dtype(dtype)
 
 
 # Computed once at import (the package loads the extension first): plain dicts, so that resolving a backend costs
