@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
+import torch
 from torch import nn
 
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, FusedBasicBlock, FusedBottleneck,
@@ -253,7 +254,11 @@ def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -
     backend = _check_name(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    target = model if inplace else copy.deepcopy(model)
+    if inplace:
+        target = model
+    else:  # copied outside inference mode: inference tensors carry no version counters, so no fold could be cached
+        with torch.inference_mode(False):
+            target = copy.deepcopy(model)
     fuser = _Fuser(target, backend)
     result = fuser.visit(target, "")
     fuser.list_leftovers(result)

@@ -9,6 +9,7 @@ and run two at a time: each takes a few seconds on 2 cores.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is neither on PATH no
 def _compile(cu_file: Path, arch: str, out_dir: str) -> tuple[int, str, float]:
     out = os.path.join(out_dir, f"{cu_file.stem}_{arch}.o")
     cmd = [NVCC, "-c", "-std=c++17", f"-arch={arch}", "-I", str(CUDA_DIR), *TORCH_NVCC_DEFINES, *SETUP_NVCC_FLAGS,
-           "-o", out, str(cu_file)]
+           "-Xptxas", "-v", "-o", out, str(cu_file)]  # -v: ptxas reports each kernel's registers and spills
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
@@ -82,6 +83,20 @@ def test_kernel_sources_exist():
 def test_nvcc_compiles(compiled, cu_file, arch):
     rc, log, elapsed = compiled[(cu_file.name, arch)]
     assert rc == 0, f"nvcc failed for {cu_file.name} on {arch} (rc={rc}, {elapsed:.1f}s):\n{log}"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cu_file", CU_FILES, ids=[f.name for f in CU_FILES])
+def test_no_kernel_spills_registers(compiled, cu_file, arch):
+    # A spill in the conv's K loop goes to local memory on every iteration: ptxas says so at compile time.
+    rc, log, _ = compiled[(cu_file.name, arch)]
+    assert rc == 0, log
+    reports = re.findall(r"Function properties for (\w+)\s+\d+ bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads", log)
+    assert len(reports) >= log.count("Compiling entry function") > 0, f"ptxas -v output not understood:\n{log}"
+    spilling = [(name, int(stores), int(loads)) for name, stores, loads in reports if (stores, loads) != ("0", "0")]
+    assert not spilling, f"functions spilling registers (name, store bytes, load bytes) on {arch}: {spilling}"
 
 
 def _torch_include_dirs():

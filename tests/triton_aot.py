@@ -1,16 +1,19 @@
 """Compile the Triton conv kernel for sm_90 ahead of time, without a GPU, and print what the tests check as JSON.
 
 Run as `python -m tests.triton_aot` in a process with TRITON_INTERPRET unset: code generation and the
-interpreter do not mix in one process. Cases: each K layout (per tap: a 3x3 conv; flat K: the 7x7 stem) x each
-dtype with the layout's last config, every config of each layout in fp32 (the most shared memory), the split-K
-variant of each layout, and the split-K epilogue kernel.
+interpreter do not mix in one process. Cases: each K layout (per tap: a 3x3 conv; flat K: the 7x7 stem) with
+every config in bf16 (the headline dtype) and fp32 (the most shared memory) and the last config in fp16, the
+split-K variant of each layout, and the split-K epilogue kernel.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -52,7 +55,30 @@ def compile_case(dtype: str, layout: str, config, split_k: bool = False) -> dict
     ptx = compiled.asm["ptx"]
     return {"layout": layout, "dtype": dtype, "tile": tile(config), "num_warps": config.num_warps,
             "split_k": split_k, "shared": compiled.metadata.shared, "tensor_cores": "wgmma" in ptx or "mma.sync" in ptx,
-            "cp_async": "cp.async" in ptx}
+            "cp_async": "cp.async" in ptx, "k_loop_spills": k_loop_spills(compiled.asm["cubin"])}
+
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_BRANCH = re.compile(r"\bBRA\s+(0x[0-9a-f]+)")
+
+
+def k_loop_spills(cubin: bytes):
+    """Local-memory spill instructions (STL/LDL) inside loops that contain a tensor-core MMA (the K loop), from
+    the SASS; None where Triton ships no cuobjdump. Spills after the loop (the epilogue) run once per tile."""
+    if not os.access(CUOBJDUMP, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    code = [(int(address, 16), text) for address, text in _SASS.findall(sass)]
+    backward = [(int(m.group(1), 16), address) for address, text in code
+                if (m := _BRANCH.search(text)) and int(m.group(1), 16) < address]
+    k_loops = [(lo, hi) for lo, hi in backward if any(lo <= a <= hi and "MMA" in t for a, t in code)]
+    if not k_loops:
+        raise RuntimeError("no loop with an MMA instruction found in the SASS")
+    return sum(1 for a, t in code if re.search(r"\b(STL|LDL)\b", t) and any(lo <= a <= hi for lo, hi in k_loops))
 
 
 def main() -> None:
@@ -60,9 +86,8 @@ def main() -> None:
         sys.exit("run with TRITON_INTERPRET unset: the interpreter cannot compile for a GPU")
     results = []
     for layout, (_, _, _, configs) in LAYOUTS.items():
-        for dtype in ("float16", "bfloat16"):
-            results.append(compile_case(dtype, layout, configs[-1]))
-        results += [compile_case("float32", layout, config) for config in configs]
+        results.append(compile_case("float16", layout, configs[-1]))
+        results += [compile_case(dtype, layout, config) for dtype in ("bfloat16", "float32") for config in configs]
         results.append(compile_case("bfloat16", layout, configs[0], split_k=True))
     print(json.dumps(results + [compile_split_k_epilogue()]))
 

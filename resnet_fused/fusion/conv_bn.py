@@ -13,6 +13,7 @@ training, dtype mismatch eager would reject) the unit runs its modules eagerly, 
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -185,6 +186,15 @@ def _cache_key(conv, bn, tensors, dtype, backend):
     return key + (geometry, None if bn is None else float(bn.eps), dtype, backend, _optimizer_steps)
 
 
+def _warn_uncacheable() -> None:
+    # one message from one place: Python's default filter shows it once, not once per conv
+    warnings.warn(
+        "a fused module's parameters or buffers are inference tensors (made under torch.inference_mode), which "
+        "carry no version counter, so its BatchNorm fold and weight pack are rebuilt on every call; build the "
+        "model (or call rf.fuse_model, which copies it) outside torch.inference_mode to cache them",
+        RuntimeWarning, stacklevel=2)
+
+
 def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):
     """The (fold, pack) of this unit for these tensors, rebuilt whenever any of them changed."""
     tensors = _fold_tensors(conv, bn)
@@ -198,7 +208,9 @@ def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):
         entry = ("packed", ops.pack_conv_bn(weight, scale, shift, backend=backend))
     else:
         entry = ("eager_conv", weight, scale, shift)
-    if key is not None:
+    if key is None:
+        _warn_uncacheable()
+    else:
         # The key's tensors stay alive with it: a tensor replaced behind a parameter (`p.data = t`, a weight_norm
         # weight recomputed per call) could otherwise be allocated at the same address and match the key.
         cache[name] = (key, entry, [t.detach() for t in tensors if t is not None])

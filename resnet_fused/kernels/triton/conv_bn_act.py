@@ -72,15 +72,18 @@ def _config(block_m, block_n, block_k, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-# Flat K (Cin < 16: the stem): 4 warps only (see the module docstring); K = 49*3 = 147 fits 5 steps of 32.
-# (128x128 with 4 warps spills 1 KB of registers per thread on sm_90.)
-_FLAT_K_CONFIGS = [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 4, 3)]
+# Flat K (Cin < 16: the stem): 4 warps only (see the module docstring); K = 49*3 = 147 fits 5 steps of 32 or 10
+# of 16. On sm_90, 128x128 with 4 warps spills 1 KB of registers per thread, and 128x64x32 spilled in the K loop
+# with triton 3.6 (the GPU machine's): 128x64 takes steps of 16.
+_FLAT_K_CONFIGS = [_config(64, 64, 32, 4, 3), _config(128, 64, 16, 4, 4)]
 _PER_TAP_CONFIGS = [
     # small M (batch 1, late stages: M = 49..3136): narrow M tiles keep the SMs busy
     _config(32, 64, 64, 4, 4), _config(32, 128, 64, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 32, 4, 4),
     # mid to large M (batch 32..256)
     _config(128, 64, 32, 4, 4), _config(128, 128, 32, 8, 4), _config(128, 128, 64, 8, 3),
-    _config(256, 128, 32, 8, 3), _config(256, 64, 32, 8, 4),  # (128x256 spilled in every dtype on sm_90)
+    # 256x128 spills in its epilogue only (once per tile; tests/test_triton_compile.py checks the K loop);
+    # 128x256 spilled in every dtype on sm_90
+    _config(256, 128, 32, 8, 3), _config(256, 64, 32, 8, 4),
 ]
 
 
