@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fusion.conv_bn import plain_bn_reason, plain_conv_reason, run_unit
-from .fusion.plan import ModuleShortcut, ResidualPlan, Unit, run_plan
+from .fusion.conv_bn import call_override_reason, plain_bn_reason, plain_conv_reason, run_unit
+from .fusion.plan import ModuleShortcut, ResidualPlan, Unit, global_module_hooks, run_plan
 from .models.resnet import BasicBlock, Bottleneck
 from .ops.registry import _check_name
 
@@ -95,15 +95,18 @@ def _is_identity_module(module) -> bool:
     return module is None or type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0)
 
 
-def downsample_shortcut(block: nn.Module, name: str = "downsample"):
-    """The plan of torchvision's `downsample`: identity, conv1x1+BN as a fused unit, anything else as is."""
+def downsample_shortcut(block: nn.Module, name: str = "downsample", after: int = 0):
+    """The plan of torchvision's `downsample`: identity, conv1x1+BN as a fused unit, anything else as is (run
+    after the first `after` main units: torchvision's forward calls it after the main branch)."""
     module = getattr(block, name, None)
-    if _is_identity_module(module):
+    if _is_identity_module(module) and (module is None or call_override_reason(module) is None):
         return None
     if (type(module) is nn.Sequential and len(module) == 2 and plain_conv_reason(module[0]) is None
-            and plain_bn_reason(module[1]) is None and not module._forward_hooks and not module._forward_pre_hooks):
+            and plain_bn_reason(module[1]) is None and not module._forward_hooks and not module._forward_pre_hooks
+            and call_override_reason(module) is None
+            and not any(call_override_reason(m) for m in module)):
         return (Unit(f"{name}.0", f"{name}.1", False),)
-    return ModuleShortcut(name)
+    return ModuleShortcut(name, after)
 
 
 _BOTTLENECK_MAIN = (Unit("conv1", "bn1", True), Unit("conv2", "bn2", True), Unit("conv3", "bn3", False))
@@ -115,7 +118,13 @@ class _FusedResidual(_FoldCached):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if global_module_hooks():  # hooks for all modules must see the original modules' calls
+            return self.eager_forward(x)
         return run_plan(self, self.residual_plan(), x, self._fold_cache(), self.backend)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plan with each conv and BN module called (not fused); its ReLU modules are not called."""
+        return run_plan(self, self.residual_plan(), x, None, self.backend, eager=True)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, plan={self.residual_plan().describe()}"
@@ -127,7 +136,7 @@ class _FusedReference(_FusedResidual):
     _reference_name = ""
 
     def residual_plan(self) -> ResidualPlan:
-        return ResidualPlan(self._main, downsample_shortcut(self))
+        return ResidualPlan(self._main, downsample_shortcut(self, after=len(self._main) - 1))
 
     @classmethod
     def from_block(cls, block: nn.Module, backend: str = "auto"):
@@ -158,6 +167,9 @@ class FusedBottleneck(_FusedReference, Bottleneck):
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self.backend = _check_name(backend)
 
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Bottleneck.forward(self, x)  # the reference block's forward, module by module
+
 
 class FusedBasicBlock(_FusedReference, BasicBlock):
     """Drop-in for BasicBlock (same constructor plus `backend`, same keys); eval runs 2-3 fused op calls."""
@@ -171,6 +183,9 @@ class FusedBasicBlock(_FusedReference, BasicBlock):
                  backend: str = "auto") -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self.backend = _check_name(backend)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return BasicBlock.forward(self, x)
 
 
 class FusedResidualBlock(_FusedResidual, nn.Module):

@@ -25,9 +25,10 @@ from torch import nn
 
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, FusedBasicBlock, FusedBottleneck,
                      FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
-from .fusion.analysis import _steps_of_module, find_chains, match_residual, node_kind, trace_shallow
-from .fusion.conv_bn import kernel_unsupported_reason
-from .fusion.plan import ModuleShortcut, ResidualPlan
+from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, node_kind,
+                              reached_descendants, trace_shallow)
+from .fusion.conv_bn import call_override_reason, kernel_unsupported_reason
+from .fusion.plan import ModuleShortcut, ResidualPlan, global_module_hooks
 from .ops.registry import _check_name
 
 __all__ = ["fuse_model", "FuseReport", "FusedItem", "LeftItem"]
@@ -85,6 +86,8 @@ class _Fuser:
         self.report = FuseReport(backend)
         self.occurrences = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
         self.escaped: set = set()  # modules some other module's forward calls directly
+        self.held = _held_outside_modules(root)  # also referenced from a plain attribute: swapping would split them
+        self.escaped |= self.held
         self.why: dict = {}        # id(conv or bn) -> why it was left unfused
 
     # ------------------------------------------------------------------------------------------ blocks
@@ -93,7 +96,7 @@ class _Fuser:
         for kind, main, cls in (("bottleneck", _BOTTLENECK_MAIN, FusedBottleneck),
                                 ("basic", _BASIC_MAIN, FusedBasicBlock)):
             if (plan.main == main and hasattr(block, "downsample")
-                    and plan == ResidualPlan(main, downsample_shortcut(block))):
+                    and plan == ResidualPlan(main, downsample_shortcut(block, after=len(main) - 1))):
                 return kind, cls.from_block(block, backend=self.backend)
         return "residual", FusedResidualBlock.from_block(block, plan, backend=self.backend)
 
@@ -112,14 +115,24 @@ class _Fuser:
         """Fuse inside `module`; return what should stand in its place (itself, or a fused block)."""
         if isinstance(module, (_FusedResidual, FusedConvBNAct)) or not module._modules:
             return module
-        graphs, trace_error = _trace_both_modes(module)
+        overridden = call_override_reason(module)
+        if overridden:  # fx traces type(module).forward: what a call really runs is unknown, as is what it reaches
+            self.escaped |= {id(m) for m in module.modules() if m is not module}
+            if _has_convs(module):
+                self.report.left.append(LeftItem(name, type(module).__name__, overridden))
+            self.visit_children(module, name)
+            return module
+        graphs, trace_error, forwarded = _trace_both_modes(module)
+        self.escaped |= forwarded
         if graphs:
             for node in (n for g in graphs for n in g.nodes):
                 if node.op == "call_module" and "." in node.target:
                     self.escaped.add(id(module.get_submodule(node.target)))
             matches = [match_residual(module, g) for g in graphs]
             plan, reason, blocking = matches[0]
-            if plan is not None and plan == matches[1][0] and not _hooked(module):
+            if plan is not None and id(module) in self.held:
+                plan, reason = None, "another module holds it as a plain attribute (it would keep the original)"
+            if plan is not None and all(m[0] == plan for m in matches) and not _hooked(module):
                 kind, fused = self.fused_block(module, plan)
                 self.report.fused.append(FusedItem(name, kind, self.describe_block(module, plan)))
                 if isinstance(plan.shortcut, ModuleShortcut):  # fuse what can be inside the opaque shortcut
@@ -134,8 +147,10 @@ class _Fuser:
                     self.report.left.append(LeftItem(_join(name, child), type(sub).__name__,
                                                      "not a conv, BatchNorm or ReLU: runs as is"))
             self.absorb_chains(module, graphs, name)
-        elif _has_convs(module):
-            self.report.left.append(LeftItem(name, type(module).__name__, trace_error))
+        else:  # no graph: what its forward reaches in its children must stay as it is
+            self.escaped |= reached_descendants(module)
+            if _has_convs(module):
+                self.report.left.append(LeftItem(name, type(module).__name__, trace_error))
         self.visit_children(module, name)
         return module
 
@@ -150,9 +165,9 @@ class _Fuser:
             sub = module.get_submodule(child)
             return self.occurrences[id(sub)] == 1 and id(sub) not in self.escaped and not _hooked(sub)
 
-        (chains, why), (other_chains, other_why) = (find_chains(module, g, usable) for g in graphs)
-        chains = [c for c in chains if c in other_chains]  # proven in train mode and in eval mode
-        why = {**other_why, **why}
+        found = [find_chains(module, g, usable) for g in graphs]
+        chains = [c for c in found[0][0] if all(c in other for other, _ in found)]  # proven in every mode
+        why = {k: v for _, other_why in reversed(found) for k, v in other_why.items()}
         for conv_name, reason in why.items():
             self.why[id(module.get_submodule(conv_name))] = reason
         for chain in chains:
@@ -185,18 +200,31 @@ class _Fuser:
 
 
 def _trace_both_modes(module: nn.Module):
-    """Graphs of module.forward with module.training True and False (a proof must hold in both), or the error."""
-    graphs, saved = [], module.training
+    """Graphs of module.forward with every module under it in training and in eval mode (a proof must hold in
+    both), and with the flags as they are where they are mixed (e.g. frozen BatchNorms); or the error.
+
+    Also the ids of modules whose .forward it calls directly. The flags are set as attributes (a forward may
+    branch on a child's flag; .train() may be overridden) and restored; each trace runs under another grad
+    mode and autocast state (analysis.ambient_context), so that a forward that changes them shows it."""
+    modules = list(module.modules())
+    saved = [m.training for m in modules]
+    modes = [saved[0], not saved[0]] + ([None] if len(set(saved)) > 1 else [])  # saved[0]: module's own
+    graphs, forwarded = [], set()
     try:
-        for mode in (saved, not saved):
-            module.training = mode
-            graph, error = trace_shallow(module)
+        for index, mode in enumerate(modes):
+            for m, flag in zip(modules, saved):
+                m.training = flag if mode is None else mode
+            with ambient_context(flipped=index % 2 == 1):
+                graph, error, called = trace_shallow(module)
+            forwarded |= called
             if graph is None:
-                return [], error + ("" if mode == saved else f" (with training={mode})")
+                return [], error + ("" if index == 0 else f" (with training={mode})" if mode is not None
+                                   else " (with the training flags as they are)"), forwarded
             graphs.append(graph)
     finally:
-        module.training = saved
-    return graphs, None
+        for m, flag in zip(modules, saved):
+            m.training = flag
+    return graphs, None, forwarded
 
 
 def _opaque_calls(module: nn.Module, graphs) -> List[str]:
@@ -220,6 +248,27 @@ def _check_absorbed_bn(conv_name: str, bn_name: str, module: nn.Module, args) ->
             f"{conv_name!r} applies the BatchNorm it absorbed from {bn_name!r} when fuse_model ran, but {bn_name!r} "
             f"is now a {type(bn).__name__}: convert or replace modules (e.g. SyncBatchNorm.convert_sync_batchnorm) "
             f"before fuse_model, not after")
+
+
+def _held_outside_modules(root: nn.Module) -> set:
+    """ids of the modules that some module also holds outside _modules (a plain attribute, or in a list, tuple,
+    dict or set attribute): that holder keeps calling the original object, which .train()/.eval() of the fused
+    model no longer reach once it is swapped out."""
+    held, seen = set(), set()
+
+    def collect(value, depth=0):
+        if isinstance(value, nn.Module):
+            held.add(id(value))
+        elif isinstance(value, (list, tuple, set, frozenset, dict)) and depth < 4 and id(value) not in seen:
+            seen.add(id(value))
+            for item in (value.values() if isinstance(value, dict) else value):
+                collect(item, depth + 1)
+
+    for m in root.modules():
+        for key, value in m.__dict__.items():
+            if key not in ("_modules", "_parameters", "_buffers"):
+                collect(value)
+    return held
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -260,6 +309,10 @@ def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -
         with torch.inference_mode(False):
             target = copy.deepcopy(model)
     fuser = _Fuser(target, backend)
+    if global_module_hooks():  # fused modules would skip them (at run time they fall back to their modules)
+        fuser.report.left.append(LeftItem("", type(target).__name__, "hooks for all modules are registered "
+                                          "(torch.nn.modules.module.register_module_forward_hook and the like)"))
+        return target, fuser.report
     result = fuser.visit(target, "")
     fuser.list_leftovers(result)
     return result, fuser.report

@@ -327,6 +327,52 @@ def test_one_value_per_channel_in_training_raises_as_eager():
         fused(x)
 
 
+def test_one_value_per_channel_without_running_stats_raises_as_eager():
+    # track_running_stats=False: batch statistics in eval too, so eager raises there as well
+    eager, fused, _ = make_pair(BLOCK_CASES[0])
+    for block in (eager, fused):
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats, m.running_mean, m.running_var = False, None, None
+        block.eval()
+    for block in (eager, fused):
+        with torch.no_grad(), pytest.raises(ValueError, match="more than 1 value per channel"):
+            block(torch.randn(1, 32, 1, 1))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_gradient_where_the_relu_output_is_zero(backend, training):
+    # d sqrt(y) / dy is inf at y = 0: eager's ReLU backward selects 0 there; a multiply by the mask gave NaN
+    eager, fused, x = make_pair(BLOCK_CASES[1], backend)
+    eager.train(training), fused.train(training)
+    xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for block, xin in ((eager, xe), (fused, xf)):
+        out = block(xin)
+        assert (out == 0).any()
+        out.sqrt().sum().backward()
+    assert torch.isfinite(xe.grad).all()
+    assert_matches(xf.grad, xe.grad, TOLERANCES["tf32"])
+    for (name, pe), (_, pf) in zip(eager.named_parameters(), fused.named_parameters()):
+        assert_matches(pf.grad, pe.grad, TOLERANCES["tf32"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_penalty_reaches_every_parameter_eager_does(backend):
+    # A penalty on d out / d x (R1, WGAN-GP) differentiates the backward itself. Eager gives all-zero grads to
+    # some BN biases; None instead would make an optimizer skip them (no weight decay, no momentum).
+    eager, fused, x = make_pair(BLOCK_CASES[1], backend)
+    eager.train(), fused.train()
+    for block in (eager, fused):
+        xin = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(block(xin).sum(), xin, create_graph=True)
+        grad_x.square().sum().backward()
+    for (name, pe), (_, pf) in zip(eager.named_parameters(), fused.named_parameters()):
+        assert (pf.grad is None) == (pe.grad is None), name
+        if pe.grad is not None:
+            assert_matches(pf.grad, pe.grad, TOLERANCES["tf32"])
+
+
 # ------------------------------------------------------------------------------------------- plumbing
 
 

@@ -451,6 +451,56 @@ def test_user_variants_fuse_and_match_eval_and_train():
         assert_matches(bf, be, torch.float32)
 
 
+class ShortcutBlock(nn.Module):
+    """conv-BN-ReLU, conv-BN, then `+ shortcut(x)` out of place or in place, then ReLU."""
+
+    def __init__(self, c, shortcut, inplace_add):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.shortcut, self.inplace_add = shortcut, inplace_add
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.inplace_add:
+            out += self.shortcut(x)
+        else:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class ToDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+@pytest.mark.parametrize("inplace_add", [False, True], ids=["add", "iadd"])
+def test_a_broadcasting_shortcut_adds_as_eager(inplace_add):
+    model = _randomize_bn(ShortcutBlock(8, nn.AdaptiveAvgPool2d(1), inplace_add))
+    fused, report = rf.fuse_model(model)
+    assert isinstance(fused, FusedResidualBlock)
+    x = torch.randn(2, 8, 6, 6)
+    expected, out = _eval_both(model, fused, x)
+    assert_matches(out, expected, torch.float32)
+    model.train(), fused.train()
+    assert_matches(fused(x), model(x), torch.float32)
+
+
+@pytest.mark.parametrize("inplace_add", [False, True], ids=["add", "iadd"])
+def test_the_sum_takes_the_dtype_eager_gives_it(inplace_add):
+    # `out + identity` promotes (an fp32 identity under bf16 autocast, a float64 shortcut); `out += identity`
+    # keeps out's dtype
+    x = torch.randn(2, 8, 6, 6)
+    for shortcut, autocast in ((nn.Identity(), True), (ToDouble(), False)):
+        model = _randomize_bn(ShortcutBlock(8, shortcut, inplace_add)).eval()
+        fused, _ = rf.fuse_model(model)
+        assert isinstance(fused, FusedResidualBlock)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            expected, out = model(x), fused(x)
+        assert out.dtype == expected.dtype
+        assert_matches(out, expected.float(), torch.bfloat16 if autocast else torch.float32)
+
+
 def test_drop_path_in_a_bottleneck_converts_partially():
     model = _randomize_bn(nn.Sequential(SEBottleneck(16, drop_path=True)))
     fused, report = rf.fuse_model(model)

@@ -38,3 +38,21 @@ def test_conv_relu_keeps_nan(device, backend):
     y = rf.conv_bn_act(x, weight, scale, shift, stride=1, padding=1, relu=True, backend=backend)
     expected = torch.relu(torch.nn.functional.conv2d(x, weight, padding=1))
     assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(expected).any()
+
+
+@pytest.mark.parametrize("device,backend", CASES, ids=[f"{d}-{b}" for d, b in CASES])
+def test_relu_backward_selects_as_eager(device, backend):
+    # eager's ReLU backward selects: an inf gradient where y = 0 gives 0 (not inf * 0 = NaN), and a NaN output
+    # passes its gradient through
+    upstream = torch.tensor([float("inf"), 1.0, 3.0, float("inf")], device=device).view(1, 4, 1, 1)
+    ones, zeros = torch.ones(4, device=device), torch.zeros(4, device=device)
+    ops = {"bn_act": lambda x: rf.bn_act(x, ones, zeros, relu=True, backend=backend),
+           "add_relu": lambda x: rf.add_relu(x, torch.zeros_like(x), backend=backend),
+           "eager": torch.relu}
+    grads = {}
+    for name, op in ops.items():
+        x = torch.tensor([-1.0, 2.0, NAN, 0.0], device=device).view(1, 4, 1, 1).requires_grad_()
+        op(x).backward(upstream)
+        grads[name] = x.grad.flatten().tolist()
+    assert grads["eager"] == [0.0, 1.0, 3.0, 0.0]
+    assert grads["bn_act"] == grads["add_relu"] == grads["eager"]

@@ -292,6 +292,22 @@ def test_add_relu_gradients_match_eager():
     assert_matches(res.grad, expected, torch.float32)
 
 
+def test_public_conv_bn_act_differentiates_every_input():
+    # the kernel has no backward (it reads a packed weight): with inputs that need grad the backend runs
+    # conv2d + the bn_act kernel, and every input gets eager's gradient
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[3], torch.float32, DEVICE, True)
+    ours = [t.detach().clone().requires_grad_() for t in (x, w, scale, shift, res)]
+    theirs = [t.detach().clone().requires_grad_() for t in (x, w, scale, shift, res)]
+    out = rf.conv_bn_act(*ours, stride=stride, padding=padding, backend="triton")
+    want = ref_conv_bn_act(*theirs, stride, padding, True)
+    assert_matches(out, want, tol(torch.float32))
+    grad_out = torch.randn_like(want)
+    out.backward(grad_out), want.backward(grad_out)
+    for name, a, b in zip(("x", "weight", "scale", "shift", "residual"), ours, theirs):
+        assert a.grad is not None, name
+        assert_matches(a.grad, b.grad, tol(torch.float32))
+
+
 # --- torch.library: opcheck and torch.compile ---------------------------------------------------------------
 
 def _conv_args(residual):

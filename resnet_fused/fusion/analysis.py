@@ -9,17 +9,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dis
+import inspect
 import operator
 from collections import Counter
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_bn import has_hooks, plain_bn_reason, plain_conv_reason
+from .conv_bn import call_override_reason, has_hooks, plain_bn_reason, plain_conv_reason
 from .plan import ModuleShortcut, ResidualPlan, Unit
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, torch.nn.functional.relu}
@@ -28,11 +31,54 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 
 
+_INPLACE_ADDS = {("call_function", operator.iadd), ("call_method", "add_")}
+
+
+def _context() -> tuple:
+    """What fx does not record but a forward may change around its calls: grad mode and autocast."""
+    autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
+
+
+@contextlib.contextmanager
+def ambient_context(flipped: bool):
+    """Trace under grad on + autocast off, or (flipped) grad off + autocast on: a forward that enters no_grad,
+    enable_grad, autocast or autocast(enabled=False) then shows a node context that differs from its input's."""
+    saved = [(d, torch.is_autocast_enabled(d)) for d in ("cpu", "cuda")]
+    try:
+        with torch.set_grad_enabled(not flipped):
+            for device, _ in saved:
+                torch.set_autocast_enabled(device, flipped)
+            yield
+    finally:
+        for device, enabled in saved:
+            torch.set_autocast_enabled(device, enabled)
+
+
+def changes_context(node: fx.Node, graph: fx.Graph) -> bool:
+    """Whether `node` ran under another grad mode / autocast state than the forward was called with."""
+    start = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    return start is not None and node.meta.get("rf_context") != start.meta.get("rf_context")
+
+
+class _Proxy(fx.Proxy):
+    def __iadd__(self, other):  # fx.Proxy has none: Python would record `a += b` as a + b, hiding the write into a
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
 class _ShallowTracer(fx.Tracer):
     """Every registered submodule is a leaf; a module built inside forward (nn.ReLU()(x)) is traced through."""
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["rf_context"] = _context()  # fx records no `with torch.no_grad()` / autocast: keep the state
+        return node
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -44,20 +90,45 @@ class _ShallowTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-def trace_shallow(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str]]:
-    """(graph, None), or (None, why tracing failed)."""
+_REPLACEABLE = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)  # what chains swap out (exact types)
+
+
+def trace_shallow(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], Set[int]]:
+    """(graph, None, forwarded), or (None, why tracing failed, forwarded).
+
+    forwarded: ids of descendants whose `.forward` the forward calls directly (`self.conv.forward(x)`): fx traces
+    through such a call, leaving no call_module node, so a chain would swap the module without seeing the call.
+    """
+    forwarded: Set[int] = set()
+    wrapped = [m for m in module.modules() if m is not module and type(m) in _REPLACEABLE]
+    saved = [(m, m.__dict__.get("forward")) for m in wrapped]
+    for m in wrapped:  # Tracer.call_module never runs a leaf's forward: any call of it comes from elsewhere
+        m.__dict__["forward"] = _recording_forward(m, m.forward, forwarded)
     try:
-        return _ShallowTracer().trace(module), None
+        return _ShallowTracer().trace(module), None, forwarded
     except Exception as error:  # fx raises many types (TraceError, TypeError, NameError, ...): all mean "not provable"
         first_line = (str(error).strip().splitlines() or [""])[0]
-        return None, f"forward is not traceable by torch.fx ({type(error).__name__}: {first_line[:120]})"
+        return None, f"forward is not traceable by torch.fx ({type(error).__name__}: {first_line[:120]})", forwarded
+    finally:
+        for m, forward in saved:
+            if forward is None:
+                del m.__dict__["forward"]
+            else:
+                m.__dict__["forward"] = forward
+
+
+def _recording_forward(module: nn.Module, forward, forwarded: Set[int]):
+    def recording(*args, **kwargs):
+        forwarded.add(id(module))
+        return forward(*args, **kwargs)
+    return recording
 
 
 # ------------------------------------------------------------------------------------------- node kinds
 
 
 def _module_kind(module: nn.Module) -> str:
-    if has_hooks(module):
+    if has_hooks(module) or call_override_reason(module) is not None:
         return "module"
     if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0):
         return "identity"
@@ -104,16 +175,30 @@ def node_kind(node: fx.Node, root: nn.Module) -> str:
 class _Step:
     kind: str  # conv, bn, relu, identity, module
     name: Optional[str]
+    why: Optional[str] = None  # for a "module" step that could have been flattened
+
+
+def _sequential_entries(module: nn.Sequential, name: str) -> List[Tuple[str, Optional[nn.Module]]]:
+    """What nn.Sequential.forward calls, in order, nested plain Sequentials flattened: every entry of _modules
+    (named_children() would list an instance entered twice only once)."""
+    entries = []
+    for child_name, child in module._modules.items():
+        if child is not None and _module_kind(child) == "seq":
+            entries += _sequential_entries(child, f"{name}.{child_name}")
+        else:
+            entries.append((f"{name}.{child_name}", child))
+    return entries
 
 
 def _steps_of_module(module: nn.Module, name: str) -> List[_Step]:
     kind = _module_kind(module)
     if kind != "seq":
         return [_Step(kind, name)]
-    steps = []
-    for child_name, child in module.named_children():
-        steps += _steps_of_module(child, f"{name}.{child_name}")
-    return steps
+    entries = _sequential_entries(module, name)
+    ids = Counter(id(child) for _, child in entries)
+    if any(child is None for _, child in entries) or any(n > 1 for n in ids.values()):
+        return [_Step("module", name, "an nn.Sequential that calls one module instance twice")]
+    return [_Step(_module_kind(child), child_name) for child_name, child in entries]
 
 
 def _linear_path(end: fx.Node, start: fx.Node) -> Optional[List[fx.Node]]:
@@ -158,7 +243,7 @@ def _units(steps: List[_Step]) -> Tuple[Optional[Tuple[Unit, ...]], Optional[str
             current[2] = True
         else:
             what = step.name or "a function call"
-            return None, f"{what} ({step.kind}) is not a conv -> BatchNorm -> ReLU step"
+            return None, f"{what} ({step.why or step.kind}) is not a conv -> BatchNorm -> ReLU step"
     if current:
         units.append(Unit(*current))
     return tuple(units), None
@@ -183,10 +268,22 @@ def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[Residua
         return None, "the output is not relu(a + b)", []
     if not all(isinstance(a, fx.Node) for a in add.args):
         return None, "the residual add has a non-tensor operand", []
+    if add.args[0] is add.args[1]:  # out + out: one branch computed once, not a main branch plus a shortcut
+        return None, "both operands of the add are the same value", []
+    changed = [n for n in graph.nodes if changes_context(n, graph)]
+    if changed:  # the fused block runs in its caller's grad mode / autocast state, not the one forward sets
+        return None, f"forward changes grad mode or autocast (torch.no_grad, autocast, ...) around " \
+                     f"{', '.join(str(n.target) for n in changed[:4])}", []
+    inplace = (add.op, add.target) in _INPLACE_ADDS
     reason, blocking = "neither operand of the add is a conv-BN chain from the input", []
     for main_end, short_end in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
         main_path = _linear_path(main_end, x)
         if main_path is None or not main_path or list(main_path[-1].users) != [add]:
+            continue
+        if inplace and add.args[0] is not main_end:
+            # x += out writes into the block's input (or the shortcut's output, which may be it): the caller sees
+            # that change; the fused block writes into nothing
+            reason = "the in-place add writes into the shortcut's value, not into the main branch's"
             continue
         main, why = _units(_steps(main_path, module))
         if main is None:
@@ -200,6 +297,9 @@ def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[Residua
         if shortcut == "fail":
             reason = "the shortcut is not the input, a conv-BN chain or one module applied to the input"
             continue
+        if set(main_path) & set(short_path):
+            reason = "the main branch and the shortcut share nodes"
+            continue
         used = set(main_path) | set(short_path) | {add, last, x, output}
         extra = [n for n in graph.nodes if n not in used]
         if extra:
@@ -210,8 +310,29 @@ def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[Residua
         roots = {name.split(".")[0] for name in names}
         if any(calls[r] > 1 for r in roots):
             return None, "a conv or BatchNorm module is called more than once", []
-        return ResidualPlan(main, shortcut), "", []
+        ids = [id(module.get_submodule(name)) for name in names]
+        if isinstance(shortcut, ModuleShortcut):
+            ids += [id(m) for m in module.get_submodule(shortcut.name).modules()]
+        if len(set(ids)) != len(ids):  # the fused block would change the order of its calls (BN statistics)
+            return None, "a conv or BatchNorm module is used twice in the block", []
+        if isinstance(shortcut, ModuleShortcut):
+            shortcut, why = _ordered(shortcut, short_path[0], main_path, main, graph, module)
+            if shortcut is None:
+                return None, why, []
+        return ResidualPlan(main, shortcut, promote=not inplace), "", []
     return None, reason, blocking
+
+
+def _ordered(shortcut: ModuleShortcut, node: fx.Node, main_path, main, graph: fx.Graph, module: nn.Module):
+    """The shortcut module where the fused block must run it: after the main units whose convs read the input
+    before it in the forward (it may modify the input in place). The last unit needs its output first; that swap
+    is exact unless the last unit itself reads the input (a one-unit main branch), which is refused."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    before = sum(step.kind == "conv" for n in main_path if order[n] < order[node] for step in _steps([n], module))
+    if before >= len(main) == 1:
+        return None, "the shortcut module runs after the one-unit main branch read the input (it may modify " \
+                     "the input in place, and the unit's epilogue needs its output first)"
+    return ModuleShortcut(shortcut.name, min(before, len(main) - 1)), ""
 
 
 def _shortcut(end: fx.Node, x: fx.Node, add: fx.Node, module: nn.Module):
@@ -256,14 +377,16 @@ def find_chains(module: nn.Module, graph: fx.Graph, usable) -> Tuple[List[Chain]
         if type(module.get_submodule(node.target)) is not nn.Conv2d or not single(node):
             why[node.target] = "shared, called more than once or a conv subclass"
             continue
+        # the fused conv runs the BN and ReLU in its own call's grad mode / autocast state: they must share it
+        same_context = lambda n: n.meta.get("rf_context") == node.meta.get("rf_context")
         users = list(node.users)
         bn_node = users[0] if len(users) == 1 and users[0].op == "call_module" else None
         if bn_node is not None and not (node_kind(bn_node, module) == "bn" and single(bn_node)
-                                        and _only_tensor_arg(bn_node) is node
+                                        and _only_tensor_arg(bn_node) is node and same_context(bn_node)
                                         and type(module.get_submodule(bn_node.target)) is nn.BatchNorm2d):
             bn_node = None
         tail = bn_node or node
-        relu = _following_relu(tail, module, single)
+        relu = _following_relu(tail, module, lambda n: single(n) and same_context(n))
         if bn_node is None and relu is None:
             why[node.target] = "not followed by a BatchNorm2d or ReLU module that only it feeds"
             continue
@@ -283,3 +406,66 @@ def _following_relu(node: fx.Node, module: nn.Module, single) -> Optional[str]:
             return node.target
         return None
     return None
+
+
+# ------------------------------------------------------------------------------------------- untraceable forwards
+
+
+def reached_descendants(module: nn.Module) -> Set[int]:
+    """For a module fx cannot trace: ids of the descendants its code may use other than by calling a child.
+
+    Without a graph, the forward's bytecode says which children it reaches into (`self.ch.conv(x)`,
+    `self.body[0]`, `for m in self.body`, `getattr(self.ch, ...)`): their descendants must not be swapped.
+    `self.child(...)` is a plain call (the child's own forward, fused or not, computes the same). Anything the
+    scan cannot follow (self passed on, super(), closures, nn.Module's own methods) reaches every descendant.
+    """
+    reached: Set[str] = set()
+    if not _scan(module, type(module).forward, reached, set()):
+        return {id(m) for m in module.modules() if m is not module}
+    return {id(m) for name in reached for m in module._modules[name].modules() if m is not module._modules[name]}
+
+
+_METHOD_LOADS = {"LOAD_METHOD"}  # 3.12+: LOAD_ATTR with the low bit of its argument set
+
+
+def _scan(module: nn.Module, function, reached: Set[str], seen: set) -> bool:
+    """Add to `reached` the children `function` reaches into; False if it does what the scan cannot follow."""
+    function = getattr(function, "__func__", function)  # bound method -> function
+    code = getattr(function, "__code__", None)
+    if code is None or not code.co_varnames or code.co_argcount == 0:
+        return False
+    if code in seen:
+        return True
+    seen.add(code)
+    me = code.co_varnames[0]
+    if me in code.co_cellvars or "__class__" in code.co_freevars:  # self in a closure, zero-argument super()
+        return False
+    instructions = list(dis.get_instructions(code))
+    for i, ins in enumerate(instructions):
+        names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
+        if ins.opcode not in dis.haslocal or me not in names:
+            continue
+        if ins.opname not in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW") or i + 1 == len(instructions):
+            return False  # stored, deleted, loaded together with another local: not followed
+        following = instructions[i + 1]
+        if following.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
+            return False  # self passed to a function, returned, stored elsewhere
+        name = following.argval
+        if name in module._modules:
+            is_call = following.opname in _METHOD_LOADS or (following.opname == "LOAD_ATTR" and following.arg & 1
+                                                             and _LOAD_ATTR_METHOD_BIT)
+            if not is_call:
+                reached.add(name)
+            continue
+        attribute = inspect.getattr_static(type(module), name, None)
+        if isinstance(attribute, property):
+            attribute = attribute.fget
+        if inspect.isfunction(attribute) and getattr(nn.Module, name, None) is not attribute:
+            if not _scan(module, attribute, reached, seen):  # a helper method of the class: scan it too
+                return False
+        elif hasattr(nn.Module, name) and name != "training":
+            return False  # self.modules(), self._modules, self.get_submodule(...), self.__dict__, ...
+    return True
+
+
+_LOAD_ATTR_METHOD_BIT = dis.opmap.get("LOAD_METHOD") is None  # 3.12+ folded LOAD_METHOD into LOAD_ATTR

@@ -49,6 +49,17 @@ def has_hooks(module: nn.Module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None))
 
 
+def call_override_reason(module: nn.Module) -> Optional[str]:
+    """Why calling `module` may do more than nn.Module.__call__ -> its class's forward (None if it does not)."""
+    cls = type(module)
+    if cls.__call__ is not nn.Module.__call__ or cls._call_impl is not nn.Module._call_impl:
+        return f"{cls.__name__} overrides nn.Module.__call__"
+    replaced = [name for name in ("forward", "_call_impl", "_wrapped_call_impl") if name in module.__dict__]
+    if replaced:
+        return f"its {replaced[0]} is replaced on the instance"
+    return None
+
+
 def _is_fused_conv(conv) -> bool:
     return getattr(type(conv), "_fused_conv", False)
 
@@ -65,6 +76,10 @@ def plain_conv_reason(conv) -> Optional[str]:
         return None  # its hooks, if any, wrap the whole fused chain: they run around run_unit already
     if type(conv)._conv_forward is not _CONV_IMPL or type(conv).forward is not _CONV_FORWARD:
         return f"{type(conv).__name__} overrides nn.Conv2d's forward"
+    overridden = call_override_reason(conv) or ("its _conv_forward is replaced on the instance"
+                                                if "_conv_forward" in conv.__dict__ else None)
+    if overridden:
+        return overridden
     if has_hooks(conv):
         return "has hooks"
     return None
@@ -76,6 +91,9 @@ def plain_bn_reason(bn) -> Optional[str]:
         return f"{type(bn).__name__} is not an nn.BatchNorm2d"
     if type(bn).forward is not _BN_FORWARD and not _is_absorbed_bn(bn):
         return f"{type(bn).__name__} overrides BatchNorm's forward"
+    overridden = call_override_reason(bn)
+    if overridden:
+        return overridden
     if has_hooks(bn):
         return "has hooks"
     return None
@@ -84,13 +102,13 @@ def plain_bn_reason(bn) -> Optional[str]:
 # --------------------------------------------------------------------------------------------------- eager
 
 
-def unit_eager(conv, bn, x, residual, relu: bool) -> torch.Tensor:
+def unit_eager(conv, bn, x, residual, relu: bool, promote: bool = False) -> torch.Tensor:
     """The unit exactly as the eager block computes it (a fused conv / absorbed BN run their original math)."""
     y = _CONV_IMPL(conv, x, conv.weight, conv.bias) if _is_fused_conv(conv) else conv(x)
     if bn is not None:
         y = _BN_FORWARD(bn, y) if _is_absorbed_bn(bn) else bn(y)
     if residual is not None:
-        y = y + residual
+        y = y + residual if promote else y.add_(residual)
     return torch.relu(y) if relu else y
 
 
@@ -217,6 +235,20 @@ def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):
     return entry
 
 
+def _epilogue_takes(residual: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d, dtype, promote: bool) -> bool:
+    """Whether the fused epilogue adds `residual` exactly as eager would: same shape as the conv's output (no
+    broadcasting), and a sum that stays in the conv's dtype."""
+    if promote and torch.promote_types(dtype, residual.dtype) != dtype:
+        return False
+    if conv.padding == "same":
+        spatial = tuple(x.shape[2:])
+    else:
+        padding = (0, 0) if conv.padding == "valid" else conv.padding
+        spatial = tuple((size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for size, pad, dilation, kernel,
+                        stride in zip(x.shape[2:], padding, conv.dilation, conv.kernel_size, conv.stride))
+    return tuple(residual.shape) == (x.shape[0], conv.out_channels, *spatial)
+
+
 def _residual_as(residual, dtype):
     return None if residual is None else residual.to(dtype)
 
@@ -225,15 +257,23 @@ def _residual_as(residual, dtype):
 
 
 def run_unit(cache: Optional[dict], name: str, conv: nn.Conv2d, bn, x: torch.Tensor,
-             residual: Optional[torch.Tensor], relu: bool, backend: Optional[str]) -> torch.Tensor:
+             residual: Optional[torch.Tensor], relu: bool, backend: Optional[str],
+             promote: bool = False) -> torch.Tensor:
     """relu?(bn(conv(x)) + residual?) as eager computes it, fused where exact.
 
     cache: the owner's dict of (key, fold/pack) per unit name (None under torch.compile tracing).
     backend: a backend name, or None / "auto" for the current default (`use_backend`, `set_backend`).
+    promote: the block adds out of place (`out + identity`), so the sum takes torch's promoted dtype; an in-place
+    add (`out += identity`) keeps the conv's dtype, as the fused epilogue does.
     """
     dtype = _compute_dtype(x, conv) if x.dim() == 4 and x.numel() > 0 else None
     if dtype is None or plain_conv_reason(conv) is not None or (bn is not None and plain_bn_reason(bn) is not None):
-        return unit_eager(conv, bn, x, residual, relu)
+        return unit_eager(conv, bn, x, residual, relu, promote)
+    if residual is not None and not _epilogue_takes(residual, x, conv, dtype, promote):
+        # a broadcasting residual, or one whose dtype the sum would be promoted to: fuse the rest, add as eager
+        y = run_unit(cache, name, conv, bn, x, None, False, backend)
+        y = y + residual if promote else y.add_(residual)
+        return torch.relu(y) if relu else y
     backend = get_backend() if backend in (None, "auto") else backend
     if _batch_stats(bn):
         return _train_unit(conv, bn, x, _residual_as(residual, dtype), relu, dtype, backend)
@@ -262,8 +302,8 @@ def _train_unit(conv, bn, x, residual, relu, dtype, backend):
     bias = None if conv.bias is None else conv.bias.to(dtype)
     y = _CONV_IMPL(conv, x, weight, bias)  # the bias stays in: it shifts the batch mean, hence running_mean
     per_channel = y.numel() // max(y.shape[1], 1)
-    if bn.training and per_channel <= 1:
-        return unit_eager(conv, bn, x, residual, relu)  # eager raises its own "more than 1 value" error
+    if per_channel <= 1:  # batch statistics of one value: eager raises (in eval too without running stats)
+        return unit_eager(conv, bn, x, residual, relu)
     y32 = y.float()
     var, mean = torch.var_mean(y32, dim=(0, 2, 3), correction=0)
     # Normalize the centered values: autograd then reduces sum(g * (y - mean)), as BatchNorm's backward does,

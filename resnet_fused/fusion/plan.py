@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .conv_bn import run_unit
+from .conv_bn import run_unit, unit_eager
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,15 @@ class Unit:
 
 @dataclass(frozen=True)
 class ModuleShortcut:
-    """A shortcut the kernels cannot fuse (e.g. avg-pool then conv): run as the block would."""
+    """A shortcut the kernels cannot fuse (e.g. avg-pool then conv): run as the block would.
+
+    after: how many main units run before it. The module may modify its input in place (a pre-activation
+    ReLU(inplace=True)), so it runs where the block ran it: after the units whose convs read the input first
+    (at most all but the last unit, whose epilogue takes its output).
+    """
 
     name: str
+    after: int = 0
 
 
 Shortcut = Union[None, Tuple[Unit, ...], ModuleShortcut]  # None: identity
@@ -42,6 +48,7 @@ Shortcut = Union[None, Tuple[Unit, ...], ModuleShortcut]  # None: identity
 class ResidualPlan:
     main: Tuple[Unit, ...]
     shortcut: Shortcut = None
+    promote: bool = False  # the block adds out of place (out + identity): the sum takes the promoted dtype
 
     def describe(self) -> str:
         main = " -> ".join(u.describe() for u in self.main)
@@ -54,23 +61,40 @@ class ResidualPlan:
         return f"[{main}] + [{short}] -> relu"
 
 
-def _run_chain(block: nn.Module, units, x, cache, backend, residual=None):
+def _run_chain(block: nn.Module, units, x, cache, backend, residual=None, eager=False, promote=False):
     last = len(units) - 1
     for i, unit in enumerate(units):
         conv = block.get_submodule(unit.conv)
         bn = block.get_submodule(unit.bn) if unit.bn else None
         relu = unit.relu or (i == last and residual is not None)
-        x = run_unit(cache, unit.conv, conv, bn, x, residual if i == last else None, relu, backend)
+        res = residual if i == last else None
+        if eager:
+            x = unit_eager(conv, bn, x, res, relu, promote)
+        else:
+            x = run_unit(cache, unit.conv, conv, bn, x, res, relu, backend, promote)
     return x
 
 
 def run_plan(block: nn.Module, plan: ResidualPlan, x: torch.Tensor, cache: Optional[dict],
-             backend: Optional[str]) -> torch.Tensor:
-    """Execute `plan` on `block`'s submodules: one fused op per unit, the residual add+ReLU in the last one."""
+             backend: Optional[str], eager: bool = False) -> torch.Tensor:
+    """Execute `plan` on `block`'s submodules: one fused op per unit, the residual add+ReLU in the last one
+    (eager: each conv and BN module called as the block calls it, e.g. for hooks registered on all modules)."""
+    main = plan.main
     if plan.shortcut is None:
         identity = x
     elif isinstance(plan.shortcut, ModuleShortcut):
+        head, main = main[:plan.shortcut.after], main[plan.shortcut.after:]
+        out = _run_chain(block, head, x, cache, backend, eager=eager)
         identity = block.get_submodule(plan.shortcut.name)(x)
+        x = out
     else:
-        identity = _run_chain(block, plan.shortcut, x, cache, backend)
-    return _run_chain(block, plan.main, x, cache, backend, residual=identity)
+        identity = _run_chain(block, plan.shortcut, x, cache, backend, eager=eager)
+    return _run_chain(block, main, x, cache, backend, residual=identity, eager=eager, promote=plan.promote)
+
+
+def global_module_hooks() -> bool:
+    """Whether hooks for every module are registered (torch.nn.modules.module.register_module_forward_hook and
+    the like): they must see each original module's call, so fused modules then run their modules one by one."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or getattr(hooks, "_global_backward_pre_hooks", None))

@@ -1,18 +1,23 @@
 """Backward formulas shared by every backend's bn_act and add_relu ops (plain torch, fp32 arithmetic).
 
-    bn_act:   y = act(x * scale[c] + shift[c] (+ residual)),  g = grad * (y > 0) if relu else grad
+    bn_act:   y = act(x * scale[c] + shift[c] (+ residual)),  g = (grad where y > 0, else 0) if relu else grad
               d x = g * scale[c],  d scale = sum_{n,h,w} g * x,  d shift = sum_{n,h,w} g,  d residual = g
-    add_relu: y = max(x + residual, 0),  d x = d residual = grad * (y > 0)
+    add_relu: y = max(x + residual, 0),  d x = d residual = (grad where y > 0, else 0)
 
 Use with torch.library.register_autograd(op, backward_*, setup_context=setup_*).
 """
 
 from __future__ import annotations
 
+import torch
+
 
 def _masked_grad(grad, out, relu):
+    """grad where the ReLU passed its input, in fp32. threshold_backward, as eager's ReLU backward: it selects
+    (an infinite grad where y = 0 gives 0, not inf * 0 = NaN), passes NaN outputs' grads through, and stays
+    differentiable through `out` (double backward then reaches every input, as eager's does)."""
     g = grad.float()
-    return g * (out > 0) if relu else g
+    return torch.ops.aten.threshold_backward(g, out.float(), 0) if relu else g
 
 
 def _channel_sum(t):

@@ -9,7 +9,7 @@
 
 Fake kernels give the output's shape (conv arithmetic), dtype (x's) and channels_last strides, so that
 torch.compile, torch.export and torch.library.opcheck work. Backward (plain torch, fp32 arithmetic):
-with g = grad * (y > 0) if relu else grad,
+with g = (grad where y > 0, else 0) if relu else grad (threshold_backward, as eager's ReLU),
     d residual = g,  d shift (or bias) = sum_{n,h,w} g,  d scale = sum_{n,h,w} g * conv(x, w)  (x for bn_act),
     d x = g * scale (bn_act),  d x, d w = conv backward of g * scale (of g for conv_bias_act).
 The conv ops recompute conv(x, w) for d scale rather than keep it alive from the forward.

@@ -5,7 +5,8 @@ Same semantics as the public ops (DESIGN.md), except that conv_bn_act takes the 
 "resnet_fused" belongs to the C++ extension) with fake kernels, so torch.compile(fullgraph=True), torch.export
 and torch.library.opcheck see the output's shape, dtype and channels_last strides without running a kernel.
 bn_act and add_relu have autograd (backward in plain PyTorch, fp32 math) for training; conv_bn_act is for
-inference (eval-mode folded BN) and raises if differentiated.
+inference (eval-mode folded BN) and raises if differentiated (the backend's public conv_bn_act then runs
+conv2d + bn_act instead).
 """
 
 from __future__ import annotations

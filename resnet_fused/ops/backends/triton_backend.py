@@ -68,6 +68,14 @@ class TritonBackend(Backend):
         return TritonConvPack(pack_weight(weight), scale.float().contiguous(), shift.float().contiguous(),
                               int(weight.shape[2]), int(weight.shape[3]))
 
+    def conv_bn_act(self, x, weight, scale, shift, residual, stride, padding, relu):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, scale, shift, residual)):
+            # The kernel reads a packed weight and has no backward: differentiate conv2d + the bn_act kernel.
+            conv = torch.nn.functional.conv2d(x, weight, None, stride, padding)
+            return self.bn_act(conv, scale, shift, residual, relu)
+        return super().conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu)
+
     def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
         return (_ops or _load()).conv_bn_act(x, pack.weight, pack.scale, pack.shift, residual,
                                              pack.kernel_h, pack.kernel_w, stride, padding, relu)
