@@ -13,6 +13,7 @@ import contextlib
 import dis
 import inspect
 import operator
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import List, Optional, Set, Tuple
@@ -425,6 +426,8 @@ def reached_descendants(module: nn.Module) -> Set[int]:
     return {id(m) for name in reached for m in module._modules[name].modules() if m is not module._modules[name]}
 
 
+_SINGLE_LOADS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"}
+_PAIR_LOADS = {"LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"}
 _METHOD_LOADS = {"LOAD_METHOD"}  # 3.12+: LOAD_ATTR with the low bit of its argument set
 
 
@@ -445,8 +448,10 @@ def _scan(module: nn.Module, function, reached: Set[str], seen: set) -> bool:
         names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
         if ins.opcode not in dis.haslocal or me not in names:
             continue
-        if ins.opname not in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW") or i + 1 == len(instructions):
-            return False  # stored, deleted, loaded together with another local: not followed
+        # 3.13+ pairs loads (LOAD_FAST_LOAD_FAST a, self): the next instruction still acts on self, the top one
+        on_top = ins.opname in _SINGLE_LOADS or (ins.opname in _PAIR_LOADS and names[1] == me != names[0])
+        if not on_top or i + 1 == len(instructions):
+            return False  # stored, deleted, under another local on the stack: not followed
         following = instructions[i + 1]
         if following.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
             return False  # self passed to a function, returned, stored elsewhere
@@ -468,4 +473,5 @@ def _scan(module: nn.Module, function, reached: Set[str], seen: set) -> bool:
     return True
 
 
-_LOAD_ATTR_METHOD_BIT = dis.opmap.get("LOAD_METHOD") is None  # 3.12+ folded LOAD_METHOD into LOAD_ATTR
+# 3.12+ folded LOAD_METHOD into LOAD_ATTR (low bit of the argument); LOAD_METHOD stays in dis.opmap as a pseudo-op
+_LOAD_ATTR_METHOD_BIT = sys.version_info >= (3, 12)
