@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fusion.conv_bn import call_override_reason, plain_bn_reason, plain_conv_reason, run_unit
+from .fusion.conv_bn import call_override_reason, has_hooks, plain_bn_reason, plain_conv_reason, run_unit
 from .fusion.plan import ModuleShortcut, ResidualPlan, Unit, global_module_hooks, run_plan
 from .models.resnet import BasicBlock, Bottleneck
 from .ops.registry import _check_name
@@ -102,9 +102,7 @@ def downsample_shortcut(block: nn.Module, name: str = "downsample", after: int =
     if _is_identity_module(module) and (module is None or call_override_reason(module) is None):
         return None
     if (type(module) is nn.Sequential and len(module) == 2 and plain_conv_reason(module[0]) is None
-            and plain_bn_reason(module[1]) is None and not module._forward_hooks and not module._forward_pre_hooks
-            and call_override_reason(module) is None
-            and not any(call_override_reason(m) for m in module)):
+            and plain_bn_reason(module[1]) is None and not has_hooks(module) and call_override_reason(module) is None):
         return (Unit(f"{name}.0", f"{name}.1", False),)
     return ModuleShortcut(name, after)
 

@@ -27,7 +27,7 @@ from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, FusedBa
                      FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
 from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, node_kind,
                               reached_descendants, trace_shallow)
-from .fusion.conv_bn import call_override_reason, kernel_unsupported_reason
+from .fusion.conv_bn import call_override_reason, has_hooks, kernel_unsupported_reason
 from .fusion.plan import ModuleShortcut, ResidualPlan, global_module_hooks
 from .ops.registry import _check_name
 
@@ -132,7 +132,7 @@ class _Fuser:
             plan, reason, blocking = matches[0]
             if plan is not None and id(module) in self.held:
                 plan, reason = None, "another module holds it as a plain attribute (it would keep the original)"
-            if plan is not None and all(m[0] == plan for m in matches) and not _hooked(module):
+            if plan is not None and all(m[0] == plan for m in matches) and not has_hooks(module):
                 kind, fused = self.fused_block(module, plan)
                 self.report.fused.append(FusedItem(name, kind, self.describe_block(module, plan)))
                 if isinstance(plan.shortcut, ModuleShortcut):  # fuse what can be inside the opaque shortcut
@@ -163,7 +163,7 @@ class _Fuser:
     def absorb_chains(self, module: nn.Module, graphs, name: str) -> None:
         def usable(child: str) -> bool:
             sub = module.get_submodule(child)
-            return self.occurrences[id(sub)] == 1 and id(sub) not in self.escaped and not _hooked(sub)
+            return self.occurrences[id(sub)] == 1 and id(sub) not in self.escaped and not has_hooks(sub)
 
         found = [find_chains(module, g, usable) for g in graphs]
         chains = [c for c in found[0][0] if all(c in other for other, _ in found)]  # proven in every mode
@@ -269,11 +269,6 @@ def _held_outside_modules(root: nn.Module) -> set:
             if key not in ("_modules", "_parameters", "_buffers"):
                 collect(value)
     return held
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
 
 
 def _looks_residual(module: nn.Module, graph) -> bool:

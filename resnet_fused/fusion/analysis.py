@@ -56,10 +56,12 @@ def ambient_context(flipped: bool):
             torch.set_autocast_enabled(device, enabled)
 
 
-def changes_context(node: fx.Node, graph: fx.Graph) -> bool:
-    """Whether `node` ran under another grad mode / autocast state than the forward was called with."""
+def context_changes(graph: fx.Graph) -> List[fx.Node]:
+    """The nodes that ran under another grad mode / autocast state than the forward was called with."""
     start = next((n for n in graph.nodes if n.op == "placeholder"), None)
-    return start is not None and node.meta.get("rf_context") != start.meta.get("rf_context")
+    if start is None:
+        return []
+    return [n for n in graph.nodes if n.meta.get("rf_context") != start.meta.get("rf_context")]
 
 
 class _Proxy(fx.Proxy):
@@ -271,7 +273,7 @@ def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[Residua
         return None, "the residual add has a non-tensor operand", []
     if add.args[0] is add.args[1]:  # out + out: one branch computed once, not a main branch plus a shortcut
         return None, "both operands of the add are the same value", []
-    changed = [n for n in graph.nodes if changes_context(n, graph)]
+    changed = context_changes(graph)
     if changed:  # the fused block runs in its caller's grad mode / autocast state, not the one forward sets
         return None, f"forward changes grad mode or autocast (torch.no_grad, autocast, ...) around " \
                      f"{', '.join(str(n.target) for n in changed[:4])}", []

@@ -107,6 +107,11 @@ def unit_eager(conv, bn, x, residual, relu: bool, promote: bool = False) -> torc
     y = _CONV_IMPL(conv, x, conv.weight, conv.bias) if _is_fused_conv(conv) else conv(x)
     if bn is not None:
         y = _BN_FORWARD(bn, y) if _is_absorbed_bn(bn) else bn(y)
+    return _add_act(y, residual, relu, promote)
+
+
+def _add_act(y, residual, relu: bool, promote: bool) -> torch.Tensor:
+    """relu?(y + residual?) as the block writes it: `out + identity` (promote) or `out += identity`."""
     if residual is not None:
         y = y + residual if promote else y.add_(residual)
     return torch.relu(y) if relu else y
@@ -271,9 +276,7 @@ def run_unit(cache: Optional[dict], name: str, conv: nn.Conv2d, bn, x: torch.Ten
         return unit_eager(conv, bn, x, residual, relu, promote)
     if residual is not None and not _epilogue_takes(residual, x, conv, dtype, promote):
         # a broadcasting residual, or one whose dtype the sum would be promoted to: fuse the rest, add as eager
-        y = run_unit(cache, name, conv, bn, x, None, False, backend)
-        y = y + residual if promote else y.add_(residual)
-        return torch.relu(y) if relu else y
+        return _add_act(run_unit(cache, name, conv, bn, x, None, False, backend), residual, relu, promote)
     backend = get_backend() if backend in (None, "auto") else backend
     if _batch_stats(bn):
         return _train_unit(conv, bn, x, _residual_as(residual, dtype), relu, dtype, backend)
