@@ -116,6 +116,8 @@ class _FusedResidual(_FoldCached):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.modules_changed():
+            return self.changed_forward(x)
         if global_module_hooks():  # hooks for all modules must see the original modules' calls
             return self.eager_forward(x)
         return run_plan(self, self.residual_plan(), x, self._fold_cache(), self.backend)
@@ -124,17 +126,51 @@ class _FusedResidual(_FoldCached):
         """The plan with each conv and BN module called (not fused); its ReLU modules are not called."""
         return run_plan(self, self.residual_plan(), x, None, self.backend, eager=True)
 
+    def structure(self) -> tuple:
+        raise NotImplementedError
+
+    def modules_changed(self) -> bool:
+        """Whether modules the plan does not call (ReLU modules, containers of its units) were added, removed,
+        replaced or hooked since the block was fused: the plan, which applies its own ReLUs, would skip them."""
+        fused_as = self.__dict__.get("_structure")  # absent in blocks pickled before it was recorded
+        return fused_as is not None and self.structure() != fused_as
+
+    def changed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            f"modules of this fused block other than its convs and BatchNorms were added, removed, replaced or "
+            f"hooked after it was fused, so its plan {self.residual_plan().describe()} no longer computes what the "
+            f"block's forward would (e.g. a ReLU module replaced, or a module added to its shortcut): change "
+            f"modules before fuse_model, not after")
+
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, plan={self.residual_plan().describe()}"
 
 
 class _FusedReference(_FusedResidual):
     _main: tuple = ()
+    _reference: type = nn.Module
     _required: tuple = ()
     _reference_name = ""
 
     def residual_plan(self) -> ResidualPlan:
         return ResidualPlan(self._main, downsample_shortcut(self, after=len(self._main) - 1))
+
+    def structure(self) -> tuple:
+        return _structure(self, self._main, ("downsample",))  # the plan follows `downsample` at every call
+
+    def modules_changed(self) -> bool:
+        relu = self._modules.get("relu")  # from_block does not check it
+        return super().modules_changed() or (relu is not None and type(relu) is not nn.ReLU)
+
+    def changed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "relu" in self._modules:  # the reference layout: its forward, module by module, is the block's
+            return self.eager_forward(x)
+        return super().changed_forward(x)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "relu" not in self._modules:  # fused from another layout (timm's act1, act2): the plan, module by module
+            return super().eager_forward(x)
+        return self._reference.forward(self, x)
 
     @classmethod
     def from_block(cls, block: nn.Module, backend: str = "auto"):
@@ -149,6 +185,7 @@ class _FusedReference(_FusedResidual):
         new = cls.__new__(cls)
         _copy_module_state(new, block)
         new.backend = _check_name(backend)
+        new._structure = new.structure()
         return new
 
 
@@ -158,15 +195,14 @@ class FusedBottleneck(_FusedReference, Bottleneck):
     _main = _BOTTLENECK_MAIN
     _required = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
     _reference_name = "Bottleneck"
+    _reference = Bottleneck  # its forward: the module-by-module path
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
                  backend: str = "auto") -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self.backend = _check_name(backend)
-
-    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Bottleneck.forward(self, x)  # the reference block's forward, module by module
+        self._structure = self.structure()
 
 
 class FusedBasicBlock(_FusedReference, BasicBlock):
@@ -175,15 +211,33 @@ class FusedBasicBlock(_FusedReference, BasicBlock):
     _main = _BASIC_MAIN
     _required = ("conv1", "bn1", "conv2", "bn2")
     _reference_name = "BasicBlock"
+    _reference = BasicBlock
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
                  backend: str = "auto") -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self.backend = _check_name(backend)
+        self._structure = self.structure()
 
-    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return BasicBlock.forward(self, x)
+
+def _structure(block: nn.Module, units, hidden=()) -> tuple:
+    """What a fused block's plan assumed of it, beyond the units it runs by name: every other module's name, type
+    and whether it has hooks (the ReLU modules the plan stands in for, the containers of the units). A unit's conv
+    or BN may be replaced or wrapped (run_unit runs anything else eagerly), a shortcut run as is (`hidden`) may
+    change freely."""
+    hidden = {name for unit in units for name in (unit.conv, unit.bn) if name} | set(hidden)
+    found = []
+
+    def walk(module: nn.Module, prefix: str) -> None:  # named_modules() without its memo: 3x faster, on every call
+        for name, child in module._modules.items():
+            path = prefix + name
+            if child is not None and path not in hidden:
+                found.append((path, type(child), has_hooks(child)))
+                walk(child, path + ".")
+
+    walk(block, "")
+    return tuple(found)
 
 
 class FusedResidualBlock(_FusedResidual, nn.Module):
@@ -198,6 +252,7 @@ class FusedResidualBlock(_FusedResidual, nn.Module):
         self.plan = plan
         self.backend = _check_name(backend)
         self.original_class = None
+        self._structure = self.structure()
 
     @classmethod
     def from_block(cls, block: nn.Module, plan: ResidualPlan, backend: str = "auto") -> "FusedResidualBlock":
@@ -206,10 +261,16 @@ class FusedResidualBlock(_FusedResidual, nn.Module):
         new.plan = plan
         new.backend = _check_name(backend)
         new.original_class = f"{type(block).__module__}.{type(block).__qualname__}"
+        new._structure = new.structure()
         return new
 
     def residual_plan(self) -> ResidualPlan:
         return self.plan
+
+    def structure(self) -> tuple:
+        units = self.plan.main + (self.plan.shortcut if isinstance(self.plan.shortcut, tuple) else ())
+        shortcut = self.plan.shortcut
+        return _structure(self, units, (shortcut.name,) if isinstance(shortcut, ModuleShortcut) else ())
 
 
 # ---------------------------------------------------------------------------------------------- chains

@@ -18,7 +18,7 @@ import copy
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -176,8 +176,9 @@ class _Fuser:
             if bn is not None:
                 setattr(module, chain.bn, bn)
             setattr(module, chain.conv, FusedConvBNAct.absorb(conv, bn, chain.relu is not None, self.backend))
-            if bn is not None:
-                module.register_forward_pre_hook(functools.partial(_check_absorbed_bn, chain.conv, chain.bn))
+            if bn is not None or chain.relu is not None:
+                module.register_forward_pre_hook(functools.partial(_check_absorbed_bn, chain.conv, chain.bn,
+                                                                   relu_name=chain.relu))
             if chain.relu is not None:
                 setattr(module, chain.relu, nn.Identity().train(module.get_submodule(chain.relu).training))
             parts = [chain.conv] + ([chain.bn] if chain.bn else []) + ([chain.relu] if chain.relu else [])
@@ -238,16 +239,46 @@ def _opaque_calls(module: nn.Module, graphs) -> List[str]:
     return names
 
 
-def _check_absorbed_bn(conv_name: str, bn_name: str, module: nn.Module, args) -> None:
-    """Forward pre-hook of a module whose conv absorbed the BatchNorm after it: that BatchNorm must still be the one
-    registered there. A replacement (SyncBatchNorm.convert_sync_batchnorm, `model.bn1 = ...`) would otherwise
-    normalize a second time, after the fused conv already did."""
-    conv, bn = module._modules.get(conv_name), module._modules.get(bn_name)
-    if isinstance(conv, FusedConvBNAct) and conv.absorbed_bn is not None and bn is not conv.absorbed_bn:
+def _check_absorbed_bn(conv_name: str, bn_name: Optional[str], module: nn.Module, args,
+                       relu_name: Optional[str] = None) -> None:
+    """Forward pre-hook of a module whose conv absorbed the BatchNorm (and/or ReLU) after it: the chain must still
+    be what fuse_model left. A replaced BatchNorm (SyncBatchNorm.convert_sync_batchnorm, `model.bn1 = ...`) would
+    otherwise normalize a second time, after the fused conv already did; a replaced conv (`model.conv1 = ...`) would
+    drop the absorbed BatchNorm and ReLU; hooks registered afterwards on the conv or the BatchNorm (pruning a BN
+    weight, a forward hook reading features) would run at the wrong point of the chain."""
+    conv = module._modules.get(conv_name)
+    bn = module._modules.get(bn_name) if bn_name else None
+    relu = module._modules.get(relu_name) if relu_name else None
+    if not isinstance(conv, FusedConvBNAct):
+        if isinstance(bn, AbsorbedBatchNorm2d) or type(relu) is nn.Identity:
+            lost = " and ".join(repr(n) for n, m in ((bn_name, bn), (relu_name, relu))
+                                if isinstance(m, AbsorbedBatchNorm2d) or type(m) is nn.Identity)
+            raise RuntimeError(
+                f"{conv_name!r} is now a {type(conv).__name__}, but fuse_model had absorbed {lost} into the fused conv "
+                f"it replaced (what is left there passes its input through), so they would not be applied: replace "
+                f"modules before fuse_model, not after")
+        return
+    if conv.absorbed_bn is not None and bn is not conv.absorbed_bn:
         raise RuntimeError(
             f"{conv_name!r} applies the BatchNorm it absorbed from {bn_name!r} when fuse_model ran, but {bn_name!r} "
             f"is now a {type(bn).__name__}: convert or replace modules (e.g. SyncBatchNorm.convert_sync_batchnorm) "
             f"before fuse_model, not after")
+    if conv.fused_relu and relu_name and type(relu) is not nn.Identity:
+        raise RuntimeError(
+            f"{conv_name!r} applies the ReLU it absorbed from {relu_name!r} when fuse_model ran, but {relu_name!r} is "
+            f"now a {type(relu).__name__}: replace modules before fuse_model, not after")
+    # Pre-hooks of the conv see and may change its input or weight as eager's do; any other hook would not.
+    hooked = [conv_name] if conv._forward_hooks or conv._backward_hooks or getattr(conv, "_backward_pre_hooks", None) \
+        else []
+    if bn is not None and has_hooks(bn):
+        hooked.append(bn_name)
+    if hooked:
+        raise RuntimeError(
+            f"{' and '.join(map(repr, hooked))} got hooks after fuse_model, which absorbed {bn_name or relu_name!r} "
+            f"into the fused {conv_name!r}: they would see or change the wrong values (a forward hook on the conv "
+            f"gets the normalized output, a BatchNorm's hooks run after the fused conv used its tensors, e.g. "
+            f"torch.nn.utils.prune on its weight); register hooks before fuse_model, which then leaves the chain "
+            f"as it is")
 
 
 def _held_outside_modules(root: nn.Module) -> set:

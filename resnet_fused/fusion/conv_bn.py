@@ -135,6 +135,13 @@ def _compute_dtype(x: torch.Tensor, conv: nn.Conv2d) -> Optional[torch.dtype]:
     return x.dtype if x.dtype == conv.weight.dtype else None  # eager raises on a mismatch: let it
 
 
+def _bn_takes(bn, dtype: torch.dtype) -> bool:
+    """Whether eager BatchNorm accepts a `dtype` input with bn's tensors: all of that dtype, or fp32 for an fp16 or
+    bf16 input. Otherwise (`bn.double()` alone, ...) eager raises, and the unit runs eagerly so that it does."""
+    dtypes = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None}
+    return dtypes <= {dtype} or (dtype in (torch.float16, torch.bfloat16) and dtypes <= {torch.float32})
+
+
 def _batch_stats(bn) -> bool:
     # as F.batch_norm is called by _BatchNorm.forward: batch statistics in training or without running buffers
     return bn is not None and (bn.training or bn.running_mean is None or bn.running_var is None)
@@ -271,8 +278,10 @@ def run_unit(cache: Optional[dict], name: str, conv: nn.Conv2d, bn, x: torch.Ten
     promote: the block adds out of place (`out + identity`), so the sum takes torch's promoted dtype; an in-place
     add (`out += identity`) keeps the conv's dtype, as the fused epilogue does.
     """
+    if plain_conv_reason(conv) is not None or (bn is not None and plain_bn_reason(bn) is not None):
+        return unit_eager(conv, bn, x, residual, relu, promote)  # checked first: `conv` may not even have a weight
     dtype = _compute_dtype(x, conv) if x.dim() == 4 and x.numel() > 0 else None
-    if dtype is None or plain_conv_reason(conv) is not None or (bn is not None and plain_bn_reason(bn) is not None):
+    if dtype is None or (bn is not None and not _bn_takes(bn, dtype)):
         return unit_eager(conv, bn, x, residual, relu, promote)
     if residual is not None and not _epilogue_takes(residual, x, conv, dtype, promote):
         # a broadcasting residual, or one whose dtype the sum would be promoted to: fuse the rest, add as eager
