@@ -12,7 +12,7 @@ from resnet_fused.__main__ import main
 from resnet_fused.cli import demo as demo_cli
 from resnet_fused.cli import plotting, report, roofline
 from resnet_fused.cli.common import randomize_bn
-from resnet_fused.cli.fusing import fused_block
+from resnet_fused.cli.fusing import PackedConvBN, fused_block
 from resnet_fused.cli.layers import ConvLayer, conv_layers, count_macs, model_bytes
 from resnet_fused.cli.units import conv_and_bn, eager_and_fused, layer_inputs
 
@@ -125,6 +125,18 @@ def test_per_layer_units_match_each_other():
             x, residual = layer_inputs(layer, 1, "cpu", torch.float32)
             expected = eager_unit(x, None if residual is None else residual.clone())
             assert_matches(fused_unit(x, residual), expected, torch.float32)
+
+
+@pytest.mark.parametrize("conv_kwargs, words", [
+    (dict(kernel_size=1, dilation=2), "dilated conv"),  # the right shape, computed as an undilated conv
+    (dict(kernel_size=3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),  # zero-padded instead
+    (dict(kernel_size=3, padding=1, groups=2), "grouped conv"),
+    (dict(kernel_size=3, stride=(1, 2), padding=1), "non-square stride"),
+])
+def test_packed_conv_unit_refuses_convs_the_op_cannot_run(conv_kwargs, words):
+    conv = torch.nn.Conv2d(4, 8, bias=False, **conv_kwargs).eval()
+    with pytest.raises(ValueError, match=f"PackedConvBN runs the fused conv kernels.*{words}"):
+        PackedConvBN(conv, torch.nn.BatchNorm2d(8).eval(), True, "torch")
 
 
 # ---- demo -----------------------------------------------------------------------------------------------
@@ -279,3 +291,104 @@ def test_profile_on_cpu_writes_traces_json_and_png(tmp_path, capsys):
         assert (out_dir / "layer_speedups.png").read_bytes().startswith(PNG_MAGIC)
     else:
         assert plotting.MISSING_MATPLOTLIB in out
+
+
+# ---- bad flags and files: one line, non-zero exit, never a traceback -------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["demo", "--batch", "0"], "argument --batch: must be >= 1, got 0"),  # 0 fell back to the default batch
+    (["demo", "--iters", "0"], "argument --iters: must be >= 1, got 0"),
+    (["demo", "--batch", "-1"], "argument --batch: must be >= 1, got -1"),
+    (["demo", "--model", "resnet9"], "argument --model: invalid choice: 'resnet9'"),
+    (["profile", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (["profile", "--top", "-1"], "argument --top: must be >= 0, got -1"),  # rows[:-1] dropped one silently
+    (["profile", "--model", "resnet9"], "argument --model: invalid choice"),  # was found after measuring peaks
+    (["report", "x.json", "--out", "plot"], "argument --out: must be a file name ending in .png"),  # wrote plot.png
+    (["report", "x.json", "--cases", "c.svg"], "argument --cases: must be a file name ending in .png"),
+])
+def test_bad_flag_values_are_argparse_errors(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a run that should have been refused writes (profile's default --out)
+    tiny = {"demo": ["--image-size", "32", "--model", "resnet18"],
+            "profile": ["--image-size", "32", "--model", "resnet18", "--peak-matmul", "64"]}
+    with pytest.raises(SystemExit) as info:
+        main(argv[:1] + ["--device", "cpu", "--iters", "1"] * (argv[0] != "report") + tiny.get(argv[0], []) + argv[1:])
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "profile"])
+@pytest.mark.parametrize("backend, words", [
+    ("nope", "--backend: backend must be 'auto' or one of"),
+    ("", "--backend: backend must be 'auto' or one of"),
+    ("cuda", "--backend: backend 'cuda' cannot run this call"),
+])
+def test_unknown_or_unusable_backend_is_one_line(command, backend, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([command, "--device", "cpu", "--batch", "1", "--backend", backend])
+    assert str(info.value.code).startswith(words)
+
+
+def test_demo_unusable_weights_file_is_one_line(tmp_path):
+    garbage, empty, tensor = tmp_path / "garbage.pth", tmp_path / "empty.pth", tmp_path / "tensor.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    empty.write_bytes(b"")
+    torch.save(torch.zeros(3), tensor)
+    for path, why in ((tmp_path / "missing.pth", "checkpoint file not found"), (garbage, "cannot read it"),
+                      (empty, "the file ended early"), (tensor, "does not hold a state_dict")):
+        with pytest.raises(SystemExit) as info:
+            main(["demo", "--device", "cpu", "--batch", "1", "--model", "resnet18", "--weights", str(path)])
+        message = str(info.value.code)
+        assert message.startswith(f"--weights: cannot load {str(path)!r} into resnet18") and why in message
+        assert "\n" not in message
+
+
+def test_profile_out_that_cannot_be_a_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--out: cannot create the folder"):
+        main(["profile", "--device", "cpu", "--batch", "1", "--out", str(blocker / "sub")])
+
+
+@pytest.mark.parametrize("benchmarks, words", [
+    ([1], r"benchmarks\[0\] is not a benchmark object \(int\)"),
+    ([_bench("g", "eager", 1.0), _bench("g", "cpu", 0)], r"benchmarks\[1\] \(g, cpu\) has median 0"),
+    ([_bench("g", "eager", -1.0)], r"has median -1.0; expected a time in seconds > 0"),
+    ([_bench("g", "eager", "fast")], r"has median 'fast'"),
+    ([_bench("g", "eager", float("nan"))], r"has median nan"),
+])
+def test_report_rejects_foreign_benchmark_entries(tmp_path, benchmarks, words):
+    path = tmp_path / "foreign.json"
+    path.write_text(json.dumps({"benchmarks": benchmarks}))
+    with pytest.raises(SystemExit, match=words):
+        main(["report", str(path)])
+
+
+def test_report_without_a_comparison_exits_non_zero(tmp_path, capsys):
+    path = tmp_path / "no_eager.json"
+    path.write_text(json.dumps({"benchmarks": [_bench("g", "cpu", 1.0), _bench("h", "eager", 1.0)]}))
+    with pytest.raises(SystemExit, match=r"no benchmark group has both an 'eager' run and another provider.*"
+                                         r"providers found: cpu, eager"):
+        main(["report", str(path)])
+    assert "g" in capsys.readouterr().out  # the table of what there is comes first
+
+
+def test_report_unwritable_png_is_one_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    src = _write_benchmark_json(tmp_path / "run.json")
+    (tmp_path / "folder.png").mkdir()
+    for out in (tmp_path / "missing" / "plot.png", tmp_path / "folder.png"):
+        with pytest.raises(SystemExit, match=f"report: cannot write {out}"):
+            main(["report", str(src), "--out", str(out)])
+
+
+def test_cli_errors_reach_the_shell_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "zero.json"
+    path.write_text(json.dumps({"benchmarks": [_bench("g", "eager", 0)]}))
+    done = subprocess.run([sys.executable, "-m", "resnet_fused", "report", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and done.stderr.strip().startswith("report:")

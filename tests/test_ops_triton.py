@@ -308,6 +308,30 @@ def test_public_conv_bn_act_differentiates_every_input():
         assert_matches(a.grad, b.grad, tol(torch.float32))
 
 
+@pytest.mark.parametrize("case", [CONV_CASES[3], CONV_CASES[4]], ids=["per_tap_3x3", "flat_k_stem"])
+def test_packed_path_differentiates_x_and_residual(case):
+    # as the other backends' packed ops: gradients reach x and the residual (the weight is read back out of the
+    # pack for conv2d); the kernel itself has no backward
+    x, w, scale, shift, res, stride, padding = make_conv_inputs(case, torch.float32, DEVICE, True)
+    pack = pack_conv_bn(w, scale, shift, backend="triton")
+    ours = [t.detach().clone().requires_grad_() for t in (x, res)]
+    theirs = [t.detach().clone().requires_grad_() for t in (x, res)]
+    out = conv_bn_act_packed(ours[0], pack, ours[1], stride=stride, padding=padding)
+    want = ref_conv_bn_act(theirs[0], w, scale, shift, theirs[1], stride, padding, True)
+    assert_matches(out, want, tol(torch.float32))
+    grad_out = torch.randn_like(want)
+    out.backward(grad_out), want.backward(grad_out)
+    for name, a, b in zip(("x", "residual"), ours, theirs):
+        assert a.grad is not None, name
+        assert_matches(a.grad, b.grad, tol(torch.float32))
+
+
+def test_unpack_weight_inverts_pack_weight():
+    for c_in, k in ((3, 7), (24, 3), (16, 1)):
+        w = torch.randn(8, c_in, k, k, device=DEVICE)
+        assert torch.equal(conv_kernel.unpack_weight(conv_kernel.pack_weight(w), c_in, k, k), w)
+
+
 # --- torch.library: opcheck and torch.compile ---------------------------------------------------------------
 
 def _conv_args(residual):

@@ -168,3 +168,49 @@ def test_fold_bn_bad_arguments():
         ops.fold_bn(torch.nn.Linear(3, 8), bn)
     with pytest.raises(ValueError, match="bn is on cpu but conv is on meta"):
         ops.fold_bn(torch.nn.Conv2d(3, 8, 3).to("meta"), bn)
+
+
+def test_non_builtin_types_are_named_with_their_module():
+    # numpy's bool scalar is called "bool" too: "relu must be a bool, got bool" would say nothing
+    np = pytest.importorskip("numpy")
+    a = _args()
+    with pytest.raises(TypeError, match=r"relu must be a bool, got numpy\.bool"):
+        ops.bn_act(a["x"], torch.ones(4), torch.zeros(4), relu=np.bool_(True), backend="torch")
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got numpy\.ndarray"):
+        _call(x=a["x"].numpy())
+    with pytest.raises(TypeError, match=r"stride must be an int, got numpy\.int64"):
+        _call(stride=np.int64(1))
+
+
+CPU_BACKENDS = [name for name, why in ops.available_backends("cpu").items() if why is None]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pack_is_a_constant_snapshot(backend):
+    # Every backend's pack gives the values of the tensors it was made from: no backend may alias them (the
+    # "torch" pack did: it followed later in-place edits while the "cpu" and "triton" packs did not)
+    a = _args()
+    weight, scale, shift = a["weight"].clone(), torch.rand(8) + 0.5, torch.randn(8)
+    pack = ops.pack_conv_bn(weight, scale, shift, backend=backend)
+    before = ops.conv_bn_act_packed(a["x"], pack, padding=1)
+    for t in (weight, scale, shift):
+        t.mul_(2)
+    assert torch.equal(ops.conv_bn_act_packed(a["x"], pack, padding=1), before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pack_of_tensors_that_require_grad(backend):
+    # No gradient reaches a pack's tensors on any backend (the "torch" pack passed one to weight, the "triton"
+    # one failed in backward): with grad mode on that is an error naming the tensor; under no_grad, a constant
+    a = _args()
+    weight = a["weight"].clone().requires_grad_()
+    for name, args in (("weight", (weight, a["scale"], a["shift"])),
+                       ("shift", (a["weight"], a["scale"], a["shift"].clone().requires_grad_()))):
+        with pytest.raises(ValueError, match=f"{name} requires grad, but a pack is a constant"):
+            ops.pack_conv_bn(*args, backend=backend)
+    with torch.no_grad():
+        pack = ops.pack_conv_bn(weight, a["scale"], a["shift"], backend=backend)
+    x = a["x"].clone().requires_grad_()
+    y = ops.conv_bn_act_packed(x, pack, padding=1)
+    y.sum().backward()
+    assert weight.grad is None and x.grad is not None

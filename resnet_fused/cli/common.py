@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import pickle
 import platform
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -10,6 +13,46 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (--batch, --iters): a value of 0 would otherwise fall back to the default."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+
+
+def pick_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `name` resolves to for this device and dtype; an unknown one, or one that cannot run here, is a
+    one-line error."""
+    from .. import ops
+
+    try:
+        return ops.resolve_name(name, device, dtype)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--backend: {exc}") from None
+
+
+def output_dir(path) -> Path:
+    """Create the output folder (and its parents) up front, or fail in one line before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"--out: cannot create the folder {str(path)!r}: {exc.strerror or exc}") from None
+    return path
 
 
 def pick_device(name: Optional[str]) -> torch.device:
@@ -39,7 +82,20 @@ def build_model(name: str, weights: Optional[str], device, dtype) -> torch.nn.Mo
 
     if name not in MODELS:
         raise SystemExit(f"--model must be one of {list(MODELS)}, got {name!r}")
-    model = getattr(models, name)(weights=weights)
+    try:
+        model = getattr(models, name)(weights=weights)
+    except Exception as exc:  # noqa: BLE001
+        if weights is None:
+            raise
+        # missing, truncated, garbage, a pickled object rather than a state_dict, another model's keys: the
+        # user's file, so one line (torch.load's own messages run to paragraphs, EOFError to none)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
+        if isinstance(exc, EOFError):
+            reason = "the file ended early"
+        elif isinstance(exc, pickle.UnpicklingError):
+            reason = "torch.load(weights_only=True) cannot read it as a saved state_dict"
+        reason = reason if len(reason) <= 300 else reason[:300] + " ..."
+        raise SystemExit(f"--weights: cannot load {weights!r} into {name} ({type(exc).__name__}: {reason})") from None
     if weights is None:
         randomize_bn(model)
     return model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)

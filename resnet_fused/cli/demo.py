@@ -14,7 +14,8 @@ import torch
 
 from .. import ops
 from ..graphs import cuda_graphed
-from .common import DTYPE_NAMES, build_model, environment, make_images, pick_device, pick_dtype
+from .common import (DTYPE_NAMES, MODELS, build_model, environment, make_images, pick_backend, pick_device, pick_dtype,
+                     positive_int)
 from .fusing import fuse_for_benchmark
 from .timing import side_by_side
 
@@ -25,16 +26,16 @@ REL_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="ResNet-50 eager vs fused: agreement and speed")
     p.add_argument("--weights", default=None, help="a local torchvision resnet50 checkpoint (default: random)")
-    p.add_argument("--batch", type=int, default=None, help="images per batch (default 4 on CPU, 64 on GPU)")
+    p.add_argument("--batch", type=positive_int, default=None, help="images per batch (default 4 on CPU, 64 on GPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
     p.add_argument("--backend", default="auto", help="fused backend: auto or a name from available_backends")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="default fp32 on CPU, bf16 on GPU")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--iters", type=positive_int, default=None,
                    help="timed iterations per path after 1 warm-up (default 10 on GPU, 3 on CPU)")
     # For fast tests: smaller images and other models.
     p.add_argument("--image-size", type=int, default=224, help=argparse.SUPPRESS)
-    p.add_argument("--model", default="resnet50", help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=MODELS, default="resnet50", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
@@ -65,7 +66,7 @@ def run(args) -> int:
     if batch < 1 or args.image_size < 32 or iters < 1:
         raise SystemExit("--batch and --iters must be >= 1 and --image-size >= 32")
     torch.manual_seed(0)
-    backend = ops.resolve_name(args.backend, device, dtype)
+    backend = pick_backend(args.backend, device, dtype)
     env = environment(device)
     print(f"device: {env['device']} ({device.type}), torch {env['torch']}, triton {env['triton']}, "
           f"{torch.get_num_threads()} threads")

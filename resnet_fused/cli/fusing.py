@@ -11,13 +11,7 @@ from torch import nn
 from .. import ops
 from ..blocks import FusedBasicBlock, FusedBottleneck
 from ..fuse import fuse_model
-
-
-def _square(value, what: str) -> int:
-    value = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if value[0] != value[1]:
-        raise ValueError(f"{what} must be square for the fused op, got {value}")
-    return int(value[0])
+from ..fusion.conv_bn import kernel_unsupported_reason
 
 
 class PackedConvBN(nn.Module):
@@ -25,11 +19,16 @@ class PackedConvBN(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], relu: bool, backend: Optional[str]):
         super().__init__()
+        # Only stride and padding reach the op: a dilated conv, or one with reflect padding, would otherwise run
+        # as a plain one (a wrong answer, of the right shape for a 1x1 kernel or any kernel with reflect padding).
+        reason = kernel_unsupported_reason(conv)
+        if reason is not None:
+            raise ValueError(f"PackedConvBN runs the fused conv kernels, which do not run this conv: {reason}")
         scale, shift = ops.fold_bn(conv, bn)
         weight = conv.weight.detach()
         self.pack = ops.pack_conv_bn(weight, scale.to(weight.device), shift.to(weight.device), backend=backend)
-        self.stride = _square(conv.stride, "stride")
-        self.padding = _square(conv.padding, "padding")
+        self.stride = conv.stride[0]
+        self.padding = conv.padding[0]
         self.relu = relu
 
     def forward(self, x, residual=None):

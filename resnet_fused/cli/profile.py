@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .. import ops
-from .common import DTYPE_NAMES, build_model, environment, make_images, pick_device, pick_dtype
+from .common import (DTYPE_NAMES, MODELS, build_model, environment, make_images, non_negative_int, output_dir,
+                     pick_backend, pick_device, pick_dtype, positive_int)
 from .fusing import fuse_for_benchmark
 from .layers import conv_layers
 from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib
@@ -28,16 +28,17 @@ from .units import conv_and_bn, eager_and_fused, layer_inputs
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="per-kernel and per-layer profile, eager vs fused, with roofline")
-    p.add_argument("--model", default="resnet50", help="resnet18/34/50/101/152 (default resnet50)")
-    p.add_argument("--batch", type=int, default=None, help="default 64 on GPU, 2 on CPU")
+    p.add_argument("--model", choices=MODELS, default="resnet50", help="default resnet50")
+    p.add_argument("--batch", type=positive_int, default=None, help="default 64 on GPU, 2 on CPU")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default bf16 GPU, fp32 CPU")
     p.add_argument("--backend", default="auto", help="fused backend: auto or a name from available_backends")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
     p.add_argument("--out", default=None, help="output folder (default ./profile-<model>-<device>)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default 10 GPU, 3 CPU)")
-    p.add_argument("--top", type=int, default=12, help="kernels listed per path")
+    p.add_argument("--iters", type=positive_int, default=None,
+                   help="timed iterations per measurement (default 10 GPU, 3 CPU)")
+    p.add_argument("--top", type=non_negative_int, default=12, help="kernels listed per path")
     p.add_argument("--image-size", type=int, default=224, help=argparse.SUPPRESS)
-    p.add_argument("--peak-matmul", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peak-matmul", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
@@ -91,9 +92,8 @@ def run(args) -> int:
     iters = args.iters or (10 if on_gpu else 3)
     if batch < 1 or iters < 1 or args.image_size < 32:
         raise SystemExit("--batch and --iters must be >= 1 and --image-size >= 32")
-    out_dir = Path(args.out or f"profile-{args.model}-{device.type}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    backend = ops.resolve_name(args.backend, device, dtype)
+    backend = pick_backend(args.backend, device, dtype)
+    out_dir = output_dir(args.out or f"profile-{args.model}-{device.type}")
     env = environment(device)
     print(f"device: {env['device']}; torch {env['torch']}; triton {env['triton']}; backend {args.backend} -> "
           f"{backend!r}; {args.model} batch {batch} {DTYPE_NAMES[dtype]} {args.image_size}x{args.image_size}")

@@ -12,6 +12,7 @@ benchmarks/), else params["provider"]; the kind and setting from the group name 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections import OrderedDict
@@ -28,36 +29,58 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("report", help="speedup tables and PNGs from a pytest-benchmark JSON")
     p.add_argument("files", nargs="+", metavar="FILE",
                    help="JSONs written by `pytest benchmarks --benchmark-json FILE` (several merge into one report)")
-    p.add_argument("--out", default=None, help="summary PNG path (default: the first FILE with .png)")
-    p.add_argument("--cases", default=None, help="also write a PNG with every case's speedups (tall)")
+    p.add_argument("--out", type=png_path, default=None, help="summary PNG path (default: the first FILE with .png)")
+    p.add_argument("--cases", type=png_path, default=None, help="also write a PNG with every case's speedups (tall)")
     p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table too")
     p.set_defaults(run=run)
+
+
+def png_path(text: str) -> Path:
+    """argparse type of --out/--cases: matplotlib would write "plot.png" for "plot" (and report "plot"), and reject
+    other suffixes only after the work."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"must be a file name ending in .png, got {text!r}")
+    return Path(text)
 
 
 def load_groups(path) -> "OrderedDict[str, dict[str, float]]":
     """group -> {provider: median seconds}, in file order."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"report: file not found: {path}")
+        raise SystemExit(f"report: {path} is a directory, not a file" if path.is_dir() else
+                         f"report: file not found: {path}")
     try:
         data = json.loads(path.read_text())
+    except OSError as exc:
+        raise SystemExit(f"report: cannot read {path} ({exc.strerror or exc})")
     except ValueError as exc:
         raise SystemExit(f"report: {path} is not JSON ({exc})")
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise SystemExit(f"report: {path} is not a pytest-benchmark JSON (no 'benchmarks' list)")
     groups: "OrderedDict[str, dict[str, float]]" = OrderedDict()
-    for bench in data["benchmarks"]:
-        extra, params = bench.get("extra_info") or {}, bench.get("params") or {}
-        provider = extra.get("provider") or params.get("provider") or bench.get("name", "?")
-        group = bench.get("group") or bench.get("name", "?")
-        median = (bench.get("stats") or {}).get("median")
+    for i, bench in enumerate(data["benchmarks"]):
+        # Foreign or hand-edited JSON: every field is checked, so that it fails here in one line, not in a
+        # traceback from the arithmetic below (a zero median divides by zero, a negative one has no log).
+        if not isinstance(bench, dict):
+            raise SystemExit(f"report: {path}: benchmarks[{i}] is not a benchmark object ({type(bench).__name__})")
+        extra, params = _object(bench.get("extra_info")), _object(bench.get("params"))
+        provider = str(extra.get("provider") or params.get("provider") or bench.get("name", "?"))
+        group = str(bench.get("group") or bench.get("name", "?"))
+        median = _object(bench.get("stats")).get("median")
         if median is None:
             continue
+        if isinstance(median, bool) or not isinstance(median, (int, float)) or not 0 < median < math.inf:
+            raise SystemExit(f"report: {path}: benchmarks[{i}] ({group}, {provider}) has median {median!r}; "
+                             f"expected a time in seconds > 0")
         groups.setdefault(group, {})[provider] = float(median)
     if not groups:
         raise SystemExit(f"report: {path} holds no benchmark with timing stats "
                          f"(was it run with --benchmark-disable?)")
     return groups
+
+
+def _object(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def load_all(paths) -> "OrderedDict[str, dict[str, float]]":
@@ -164,24 +187,29 @@ def run(args) -> int:
     title = ", ".join(Path(f).name for f in args.files)
     print(format_table(groups))
     summary = summarize(groups)
-    if not summary:
-        print("\nno group has an eager run: no summary, no plot")
-        return 0
+    if not any(len(row) > 1 for row in summary.values()):
+        # Nothing to compare: the files' providers never meet the eager baseline in one group.
+        providers = sorted({p for row in groups.values() for p in row})
+        raise SystemExit(f"report: no benchmark group has both an {BASELINE!r} run and another provider, so there "
+                         f"is no speedup to report (providers found: {', '.join(providers)})")
     print("\nSummary: geomean speedup vs eager over each kind's cases (worst case in brackets)\n")
     print(format_summary(summary))
     if args.markdown:
         print("\n" + format_summary(summary, markdown=True))
-    if not any(len(row) > 1 for row in summary.values()):
-        print("\nno group has both an eager run and another provider: no plot")
-        return 0
     if not have_matplotlib():
         print("\n" + MISSING_MATPLOTLIB)
         return 0
-    out = Path(args.out) if args.out else Path(args.files[0]).with_suffix(".png")
-    panel_chart(out, summary_panels(groups, summary), title=title)
-    print(f"\nwrote {out}")
+    out = args.out or Path(args.files[0]).with_suffix(".png")
+    _write_png(out, panel_chart, summary_panels(groups, summary), title=title)
     if args.cases:
         labels, series = speedup_series(groups)
-        bar_chart(Path(args.cases), labels, series, title=f"speedup vs eager, every case: {title}")
-        print(f"wrote {args.cases}")
+        _write_png(args.cases, bar_chart, labels, series, title=f"speedup vs eager, every case: {title}")
     return 0
+
+
+def _write_png(path: Path, chart, *args, **kwargs) -> None:
+    try:
+        chart(path, *args, **kwargs)
+    except OSError as exc:  # a missing folder, a directory, no permission
+        raise SystemExit(f"report: cannot write {path} ({exc.strerror or exc})") from None
+    print(f"\nwrote {path}")

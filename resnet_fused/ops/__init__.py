@@ -33,12 +33,17 @@ def pack_conv_bn(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                  backend: Optional[str] = None) -> ConvBNPack:
     """Prepare (weight, scale, shift) for repeated conv_bn_act_packed calls on the chosen backend.
 
-    The backend is resolved for the weight's device and dtype, as it will be for inputs like it.
+    The backend is resolved for the weight's device and dtype, as it will be for inputs like it. The pack is a
+    constant snapshot: later in-place edits of weight, scale or shift do not reach it, nor do gradients.
     """
     check_pack(weight, scale, shift)
     chosen = resolve(backend, weight, weight)  # the weight has the device and dtype of the inputs to come
-    return ConvBNPack(chosen.name, chosen.pack_conv(weight, scale, shift), weight.shape[0], weight.shape[1],
-                      tuple(weight.shape[2:]), weight.dtype, weight.device)
+    with torch.no_grad():
+        # Private copies: some backends' packs would otherwise alias their arguments (and follow later in-place
+        # edits of them) and others not, so that one pack would give different answers on different backends.
+        payload = chosen.pack_conv(weight.clone(), scale.clone(), shift.clone())
+    return ConvBNPack(chosen.name, payload, weight.shape[0], weight.shape[1], tuple(weight.shape[2:]), weight.dtype,
+                      weight.device)
 
 
 def conv_bn_act_packed(x: torch.Tensor, pack: ConvBNPack, residual: Optional[torch.Tensor] = None, *,

@@ -16,9 +16,16 @@ _MAX_GEOMETRY = 2**31 - 1  # stride and padding: the kernels' per-element sizes 
 _MAX_NUMEL = 2**63 - 1
 
 
+def type_name(value) -> str:
+    """The type of `value` for an error message, module-qualified outside builtins: numpy's bool scalar is
+    named "bool" too, and "relu must be a bool, got bool" would say nothing."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(value)}")
     if value.layout != torch.strided:  # sparse, mkldnn: the kernels read strided memory
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     return value
@@ -66,7 +73,7 @@ def as_square(name: str, value, minimum: int, maximum: int = _MAX_GEOMETRY) -> i
             raise ValueError(f"{name} must be an int or a pair of equal ints, got {tuple(value)}")
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type_name(value)}")
     if not minimum <= value <= maximum:
         raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
     return value
@@ -130,13 +137,19 @@ def check_pack(weight, scale, shift) -> None:
     w = _conv_weight(weight)
     _channel_vector("scale", scale, w.shape[0], w, "weight")
     _channel_vector("shift", shift, w.shape[0], w, "weight")
+    if torch.is_grad_enabled():
+        for name, t in (("weight", weight), ("scale", scale), ("shift", shift)):
+            if t.requires_grad:
+                raise ValueError(f"{name} requires grad, but a pack is a constant that no gradient reaches: pack "
+                                 f"{name}.detach() (or pack under torch.no_grad()), or call conv_bn_act, which "
+                                 f"differentiates weight, scale and shift")
 
 
 def check_conv_packed(x, pack, residual, stride, padding) -> tuple[int, int]:
     """Validate conv_bn_act_packed's arguments against the pack; return (stride, padding) as ints."""
     x = _activation("x", x)
     if not isinstance(pack, ConvBNPack):
-        raise TypeError(f"pack must be a ConvBNPack from pack_conv_bn, got {type(pack).__name__}")
+        raise TypeError(f"pack must be a ConvBNPack from pack_conv_bn, got {type_name(pack)}")
     if x.dtype != pack.dtype or x.device != pack.device:
         raise ValueError(f"x is {x.dtype} on {x.device} but the pack was made for {pack.dtype} on {pack.device}")
     if x.shape[1] != pack.in_channels:
@@ -179,5 +192,5 @@ def check_add_relu(x, residual) -> None:
 
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
     return value

@@ -67,6 +67,16 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def unpack_weight(packed: torch.Tensor, c_in: int, kernel_h: int, kernel_w: int) -> torch.Tensor:
+    """pack_weight's inverse: (rows, Cout) -> a (Cout, Cin, KH, KW) view of the packed rows (padding left out)."""
+    c_out = packed.shape[1]
+    if uses_flat_k(c_in):
+        taps = packed[:kernel_h * kernel_w * c_in].view(kernel_h, kernel_w, c_in, c_out)
+    else:
+        taps = packed.view(kernel_h, kernel_w, -1, c_out)[:, :, :c_in, :]
+    return taps.permute(3, 2, 0, 1)
+
+
 def _config(block_m, block_n, block_k, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
                          num_warps=warps, num_stages=stages)

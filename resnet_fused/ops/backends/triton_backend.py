@@ -77,6 +77,14 @@ class TritonBackend(Backend):
         return super().conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu)
 
     def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual)):
+            # As conv_bn_act above: the kernel has no backward, and the other backends' packed ops differentiate
+            # x and residual. The pack is a constant, so conv2d reads its weight back out, detached.
+            from ...kernels.triton.conv_bn_act import unpack_weight
+
+            weight = unpack_weight(pack.weight, x.shape[1], pack.kernel_h, pack.kernel_w)
+            conv = torch.nn.functional.conv2d(x, weight, None, stride, padding)
+            return self.bn_act(conv, pack.scale, pack.shift, residual, relu)
         return (_ops or _load()).conv_bn_act(x, pack.weight, pack.scale, pack.shift, residual,
                                              pack.kernel_h, pack.kernel_w, stride, padding, relu)
 
