@@ -10,6 +10,7 @@ and state_dict keys; only the execution differs (see fusion/conv_bn.py for the m
     FusedResidualBlock  any block whose forward torch.fx proved to be such a chain (fuse_model builds these)
     FusedConvBNAct    an nn.Conv2d that also applies the BatchNorm absorbed from the module after it (+ ReLU);
                       the BN stays registered where it was, as an AbsorbedBatchNorm2d whose forward is the identity
+                      (and a fused ReLU as an AbsorbedReLU)
 
 Eval folds BN into a per-channel scale/shift and packs the weight once; the fold+pack is cached per unit and
 rebuilt whenever a parameter or buffer changes (in-place update, optimizer step, load_state_dict, .to(), a tensor
@@ -29,7 +30,8 @@ from .fusion.plan import ModuleShortcut, ResidualPlan, Unit, global_module_hooks
 from .models.resnet import BasicBlock, Bottleneck
 from .ops.registry import _check_name
 
-__all__ = ["FusedBottleneck", "FusedBasicBlock", "FusedResidualBlock", "FusedConvBNAct", "AbsorbedBatchNorm2d"]
+__all__ = ["FusedBottleneck", "FusedBasicBlock", "FusedResidualBlock", "FusedConvBNAct", "AbsorbedBatchNorm2d",
+           "AbsorbedReLU"]
 
 _CACHE_ATTR = "_fold_cache_state"
 
@@ -294,6 +296,27 @@ class AbsorbedBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", absorbed into the preceding FusedConvBNAct"
+
+
+class AbsorbedReLU(nn.ReLU):
+    """A ReLU that the preceding FusedConvBNAct applies: its forward is the identity.
+
+    It stays an nn.ReLU so that code looking for ReLU modules after fusing (swapping activations, hooking every
+    ReLU) finds it, and fuse_model's check then says that such a change comes after the ReLU was absorbed.
+    """
+
+    _absorbed_relu = True
+
+    @classmethod
+    def absorb(cls, relu: nn.ReLU) -> "AbsorbedReLU":
+        return _copy_module_state(cls.__new__(cls), relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("; " if super().extra_repr() else "") + \
+            "absorbed into the preceding FusedConvBNAct"
 
 
 class FusedConvBNAct(_FoldCached, nn.Conv2d):

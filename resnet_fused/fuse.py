@@ -6,7 +6,7 @@ opaque) and the swap happens only where the graph proves the fused module comput
     residual block   out = relu(conv-BN(-ReLU) chain(x) + shortcut(x)), shortcut = x | conv-BN chain | a module
                      -> FusedBottleneck / FusedBasicBlock (torchvision layout) or FusedResidualBlock (any other)
     chain            conv -> BatchNorm2d (-> ReLU module) whose intermediate values nothing else reads
-                     -> FusedConvBNAct at the conv, AbsorbedBatchNorm2d at the BN, nn.Identity at the ReLU
+                     -> FusedConvBNAct at the conv, AbsorbedBatchNorm2d at the BN, AbsorbedReLU at the ReLU
 
 Everything else (SE, drop-path, pooling, attention, untraceable forwards) stays as it is, and the report says
 why. Parameters and buffers are the same tensors under the same names, so state_dicts load both ways.
@@ -23,8 +23,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, FusedBasicBlock, FusedBottleneck,
-                     FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
+from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
+                     FusedBottleneck, FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
 from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, node_kind,
                               reached_descendants, trace_shallow)
 from .fusion.conv_bn import call_override_reason, has_hooks, kernel_unsupported_reason
@@ -180,7 +180,7 @@ class _Fuser:
                 module.register_forward_pre_hook(functools.partial(_check_absorbed_bn, chain.conv, chain.bn,
                                                                    relu_name=chain.relu))
             if chain.relu is not None:
-                setattr(module, chain.relu, nn.Identity().train(module.get_submodule(chain.relu).training))
+                setattr(module, chain.relu, AbsorbedReLU.absorb(module.get_submodule(chain.relu)))
             parts = [chain.conv] + ([chain.bn] if chain.bn else []) + ([chain.relu] if chain.relu else [])
             kind = "conv" + ("-bn" if chain.bn else "") + ("-relu" if chain.relu else "")
             note = kernel_unsupported_reason(conv)
@@ -244,15 +244,17 @@ def _check_absorbed_bn(conv_name: str, bn_name: Optional[str], module: nn.Module
     """Forward pre-hook of a module whose conv absorbed the BatchNorm (and/or ReLU) after it: the chain must still
     be what fuse_model left. A replaced BatchNorm (SyncBatchNorm.convert_sync_batchnorm, `model.bn1 = ...`) would
     otherwise normalize a second time, after the fused conv already did; a replaced conv (`model.conv1 = ...`) would
-    drop the absorbed BatchNorm and ReLU; hooks registered afterwards on the conv or the BatchNorm (pruning a BN
-    weight, a forward hook reading features) would run at the wrong point of the chain."""
+    drop the absorbed BatchNorm and ReLU; hooks registered afterwards on the conv, the BatchNorm or the ReLU (pruning
+    a BN weight, a forward hook reading features, guided backprop's hooks on every ReLU) would run at the wrong point
+    of the chain."""
     conv = module._modules.get(conv_name)
     bn = module._modules.get(bn_name) if bn_name else None
     relu = module._modules.get(relu_name) if relu_name else None
     if not isinstance(conv, FusedConvBNAct):
-        if isinstance(bn, AbsorbedBatchNorm2d) or type(relu) is nn.Identity:
-            lost = " and ".join(repr(n) for n, m in ((bn_name, bn), (relu_name, relu))
-                                if isinstance(m, AbsorbedBatchNorm2d) or type(m) is nn.Identity)
+        absorbed = [name for name, m in ((bn_name, bn), (relu_name, relu))
+                    if isinstance(m, (AbsorbedBatchNorm2d, AbsorbedReLU))]
+        if absorbed:
+            lost = " and ".join(map(repr, absorbed))
             raise RuntimeError(
                 f"{conv_name!r} is now a {type(conv).__name__}, but fuse_model had absorbed {lost} into the fused conv "
                 f"it replaced (what is left there passes its input through), so they would not be applied: replace "
@@ -263,22 +265,21 @@ def _check_absorbed_bn(conv_name: str, bn_name: Optional[str], module: nn.Module
             f"{conv_name!r} applies the BatchNorm it absorbed from {bn_name!r} when fuse_model ran, but {bn_name!r} "
             f"is now a {type(bn).__name__}: convert or replace modules (e.g. SyncBatchNorm.convert_sync_batchnorm) "
             f"before fuse_model, not after")
-    if conv.fused_relu and relu_name and type(relu) is not nn.Identity:
+    if conv.fused_relu and relu_name and not isinstance(relu, AbsorbedReLU):
         raise RuntimeError(
             f"{conv_name!r} applies the ReLU it absorbed from {relu_name!r} when fuse_model ran, but {relu_name!r} is "
             f"now a {type(relu).__name__}: replace modules before fuse_model, not after")
     # Pre-hooks of the conv see and may change its input or weight as eager's do; any other hook would not.
     hooked = [conv_name] if conv._forward_hooks or conv._backward_hooks or getattr(conv, "_backward_pre_hooks", None) \
         else []
-    if bn is not None and has_hooks(bn):
-        hooked.append(bn_name)
+    hooked += [name for name, m in ((bn_name, bn), (relu_name, relu)) if m is not None and has_hooks(m)]
     if hooked:
         raise RuntimeError(
             f"{' and '.join(map(repr, hooked))} got hooks after fuse_model, which absorbed {bn_name or relu_name!r} "
             f"into the fused {conv_name!r}: they would see or change the wrong values (a forward hook on the conv "
             f"gets the normalized output, a BatchNorm's hooks run after the fused conv used its tensors, e.g. "
-            f"torch.nn.utils.prune on its weight); register hooks before fuse_model, which then leaves the chain "
-            f"as it is")
+            f"torch.nn.utils.prune on its weight, and an absorbed ReLU's hooks see its output as input); register "
+            f"hooks before fuse_model, which then leaves the chain as it is")
 
 
 def _held_outside_modules(root: nn.Module) -> set:

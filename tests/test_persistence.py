@@ -150,6 +150,27 @@ def test_modules_changed_inside_a_fused_residual_block():
         surgery(x)
 
 
+def test_code_looking_for_relu_modules_after_fusing_finds_the_absorbed_one():
+    # The absorbed stem ReLU used to be an nn.Identity: a loop over nn.ReLU modules skipped it, so an activation
+    # swap after fusing silently kept the stem's ReLU (5.8% off on torchvision resnet18), and hooks on every ReLU
+    # (guided backprop) silently missed it. Now the loop finds it, and the forward says the change came too late.
+    def relus(m):
+        return [name for name, module in m.named_modules() if isinstance(module, nn.ReLU)]
+
+    model, fused, x = _pair()
+    assert relus(fused) == relus(model) == ["relu", "layer1.relu", "layer2.act", "layer3.relu"]
+    hooked = copy.deepcopy(fused)
+    for name in relus(hooked):
+        hooked.get_submodule(name).register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(RuntimeError, match="'relu' got hooks after fuse_model"):
+        hooked(x)
+    for name in relus(fused):
+        parent, _, attr = name.rpartition(".")
+        setattr(fused.get_submodule(parent), attr, nn.SiLU())
+    with pytest.raises(RuntimeError, match="'relu' is now a SiLU"):
+        fused(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_a_batchnorm_of_another_dtype_raises_as_eager(dtype):
     # Eager BatchNorm rejects tensors of another dtype than its input (fp32 ones excepted for fp16/bf16 input);

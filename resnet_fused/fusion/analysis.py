@@ -133,7 +133,8 @@ def _recording_forward(module: nn.Module, forward, forwarded: Set[int]):
 def _module_kind(module: nn.Module) -> str:
     if has_hooks(module) or call_override_reason(module) is not None:
         return "module"
-    if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0):
+    if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0) \
+            or getattr(type(module), "_absorbed_relu", False):  # a ReLU a fused conv applies
         return "identity"
     if type(module) is nn.ReLU:
         return "relu"
@@ -362,7 +363,7 @@ def _shortcut(end: fx.Node, x: fx.Node, add: fx.Node, module: nn.Module):
 class Chain:
     conv: str
     bn: Optional[str]
-    relu: Optional[str]  # the nn.ReLU child that becomes nn.Identity (None: no ReLU fused)
+    relu: Optional[str]  # the nn.ReLU child that becomes an AbsorbedReLU (None: no ReLU fused)
 
 
 def find_chains(module: nn.Module, graph: fx.Graph, usable) -> Tuple[List[Chain], dict]:
