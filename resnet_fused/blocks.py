@@ -278,45 +278,35 @@ class FusedResidualBlock(_FusedResidual, nn.Module):
 # ---------------------------------------------------------------------------------------------- chains
 
 
-class AbsorbedBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d whose normalization the preceding FusedConvBNAct applies: its forward is the identity.
+class _Absorbed:
+    """A module whose computation the preceding FusedConvBNAct applies: its forward is the identity. It keeps its
+    class's type, parameters, buffers and state_dict keys where the original module was."""
 
-    It keeps the parameters, buffers and state_dict keys where the original BN was; train/eval and .to() reach
-    it as before, and the fused conv updates its running statistics in training.
-    """
+    @classmethod
+    def absorb(cls, module: nn.Module):
+        return _copy_module_state(cls.__new__(cls), module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        return (own + ", " if own else "") + "absorbed into the preceding FusedConvBNAct"
+
+
+class AbsorbedBatchNorm2d(_Absorbed, nn.BatchNorm2d):
+    """A BatchNorm2d whose normalization the preceding FusedConvBNAct applies. Train/eval and .to() reach it as
+    before, and the fused conv updates its running statistics in training."""
 
     _absorbed_bn = True
 
-    @classmethod
-    def absorb(cls, bn: nn.BatchNorm2d) -> "AbsorbedBatchNorm2d":
-        return _copy_module_state(cls.__new__(cls), bn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", absorbed into the preceding FusedConvBNAct"
-
-
-class AbsorbedReLU(nn.ReLU):
-    """A ReLU that the preceding FusedConvBNAct applies: its forward is the identity.
-
-    It stays an nn.ReLU so that code looking for ReLU modules after fusing (swapping activations, hooking every
-    ReLU) finds it, and fuse_model's check then says that such a change comes after the ReLU was absorbed.
-    """
+class AbsorbedReLU(_Absorbed, nn.ReLU):
+    """A ReLU that the preceding FusedConvBNAct applies. It stays an nn.ReLU so that code looking for ReLU modules
+    after fusing (swapping activations, hooking every ReLU) finds it, and fuse_model's check then says that such a
+    change comes after the ReLU was absorbed."""
 
     _absorbed_relu = True
-
-    @classmethod
-    def absorb(cls, relu: nn.ReLU) -> "AbsorbedReLU":
-        return _copy_module_state(cls.__new__(cls), relu)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ("; " if super().extra_repr() else "") + \
-            "absorbed into the preceding FusedConvBNAct"
 
 
 class FusedConvBNAct(_FoldCached, nn.Conv2d):
