@@ -235,7 +235,8 @@ def _cached_pack(cache: dict, name: str, conv, bn, dtype, backend: str):
     scale, shift = ops.fold_bn(conv, bn)
     weight = conv.weight.detach().to(dtype)
     if kernel_unsupported_reason(conv) is None:
-        entry = ("packed", ops.pack_conv_bn(weight, scale, shift, backend=backend))
+        # no copy: the pack may share the conv's weight, and the key above re-packs whenever that changes
+        entry = ("packed", ops.pack_conv_bn(weight, scale, shift, backend=backend, copy=False))
     else:
         entry = ("eager_conv", weight, scale, shift)
     if key is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
 from .folding import fold_bn
@@ -30,20 +31,34 @@ __all__ = [
 
 
 def pack_conv_bn(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
-                 backend: Optional[str] = None) -> ConvBNPack:
+                 backend: Optional[str] = None, copy: bool = True) -> ConvBNPack:
     """Prepare (weight, scale, shift) for repeated conv_bn_act_packed calls on the chosen backend.
 
     The backend is resolved for the weight's device and dtype, as it will be for inputs like it. The pack is a
     constant snapshot: later in-place edits of weight, scale or shift do not reach it, nor do gradients.
+    copy=False lets the pack share memory with its arguments where the backend can (no copy of the weight), for
+    callers that re-pack whenever the arguments change (as fuse_model's fold cache does).
     """
     check_pack(weight, scale, shift)
     chosen = resolve(backend, weight, weight)  # the weight has the device and dtype of the inputs to come
     with torch.no_grad():
-        # Private copies: some backends' packs would otherwise alias their arguments (and follow later in-place
-        # edits of them) and others not, so that one pack would give different answers on different backends.
-        payload = chosen.pack_conv(weight.clone(), scale.clone(), shift.clone())
+        payload = chosen.pack_conv(weight, scale, shift)
+        if copy:
+            # Some backends' packs alias their arguments (and would follow later in-place edits of them), others
+            # reorder or fold into new tensors: copy what aliases, so that every backend's pack is a snapshot.
+            payload = _unaliased(payload, (weight, scale, shift))
     return ConvBNPack(chosen.name, payload, weight.shape[0], weight.shape[1], tuple(weight.shape[2:]), weight.dtype,
                       weight.device)
+
+
+def _unaliased(payload, sources):
+    """payload with a private copy of each of its tensors that shares memory with one of `sources`."""
+    shared = {t.untyped_storage().data_ptr() for t in sources}
+
+    def private(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if t.layout == torch.strided and t.untyped_storage().data_ptr() in shared else t
+
+    return tree_map_only(torch.Tensor, private, payload)
 
 
 def conv_bn_act_packed(x: torch.Tensor, pack: ConvBNPack, residual: Optional[torch.Tensor] = None, *,
