@@ -239,6 +239,7 @@ def _opaque_calls(module: nn.Module, graphs) -> List[str]:
     return names
 
 
+# (named for its first job, and kept so: fused models saved whole hold this function by name in their hooks)
 def _check_absorbed_bn(conv_name: str, bn_name: Optional[str], module: nn.Module, args,
                        relu_name: Optional[str] = None) -> None:
     """Forward pre-hook of a module whose conv absorbed the BatchNorm (and/or ReLU) after it: the chain must still

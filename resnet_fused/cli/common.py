@@ -24,6 +24,11 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def image_size(text: str) -> int:
+    """argparse type for --image-size: ResNet's five stride-2 stages need 32 pixels."""
+    return _int_at_least(text, 32)
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)

@@ -14,8 +14,8 @@ import torch
 
 from .. import ops
 from ..graphs import cuda_graphed
-from .common import (DTYPE_NAMES, MODELS, build_model, environment, make_images, pick_backend, pick_device, pick_dtype,
-                     positive_int)
+from .common import (DTYPE_NAMES, MODELS, build_model, environment, image_size, make_images, pick_backend, pick_device,
+                     pick_dtype, positive_int)
 from .fusing import fuse_for_benchmark
 from .timing import side_by_side
 
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--iters", type=positive_int, default=None,
                    help="timed iterations per path after 1 warm-up (default 10 on GPU, 3 on CPU)")
     # For fast tests: smaller images and other models.
-    p.add_argument("--image-size", type=int, default=224, help=argparse.SUPPRESS)
+    p.add_argument("--image-size", type=image_size, default=224, help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, default="resnet50", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
@@ -63,8 +63,6 @@ def run(args) -> int:
     dtype = pick_dtype(args.dtype, device)
     batch = args.batch or (64 if device.type == "cuda" else 4)
     iters = args.iters or (10 if device.type == "cuda" else 3)
-    if batch < 1 or args.image_size < 32 or iters < 1:
-        raise SystemExit("--batch and --iters must be >= 1 and --image-size >= 32")
     torch.manual_seed(0)
     backend = pick_backend(args.backend, device, dtype)
     env = environment(device)

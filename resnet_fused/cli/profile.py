@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .common import (DTYPE_NAMES, MODELS, build_model, environment, make_images, non_negative_int, output_dir,
-                     pick_backend, pick_device, pick_dtype, positive_int)
+from .common import (DTYPE_NAMES, MODELS, build_model, environment, image_size, make_images, non_negative_int,
+                     output_dir, pick_backend, pick_device, pick_dtype, positive_int)
 from .fusing import fuse_for_benchmark
 from .layers import conv_layers
 from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--iters", type=positive_int, default=None,
                    help="timed iterations per measurement (default 10 GPU, 3 CPU)")
     p.add_argument("--top", type=non_negative_int, default=12, help="kernels listed per path")
-    p.add_argument("--image-size", type=int, default=224, help=argparse.SUPPRESS)
+    p.add_argument("--image-size", type=image_size, default=224, help=argparse.SUPPRESS)
     p.add_argument("--peak-matmul", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
@@ -90,8 +90,6 @@ def run(args) -> int:
     on_gpu = device.type == "cuda"
     batch = args.batch or (64 if on_gpu else 2)
     iters = args.iters or (10 if on_gpu else 3)
-    if batch < 1 or iters < 1 or args.image_size < 32:
-        raise SystemExit("--batch and --iters must be >= 1 and --image-size >= 32")
     backend = pick_backend(args.backend, device, dtype)
     out_dir = output_dir(args.out or f"profile-{args.model}-{device.type}")
     env = environment(device)

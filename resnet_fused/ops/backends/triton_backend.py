@@ -47,6 +47,11 @@ class TritonConvPack(NamedTuple):
     kernel_w: int
 
 
+def _wants_grad(*tensors) -> bool:
+    """The kernels have no backward: with autograd wanted through any of these, run conv2d + the bn_act kernel."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -69,17 +74,15 @@ class TritonBackend(Backend):
                               int(weight.shape[2]), int(weight.shape[3]))
 
     def conv_bn_act(self, x, weight, scale, shift, residual, stride, padding, relu):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, weight, scale, shift, residual)):
-            # The kernel reads a packed weight and has no backward: differentiate conv2d + the bn_act kernel.
+        if _wants_grad(x, weight, scale, shift, residual):
             conv = torch.nn.functional.conv2d(x, weight, None, stride, padding)
             return self.bn_act(conv, scale, shift, residual, relu)
         return super().conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu)
 
     def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual)):
-            # As conv_bn_act above: the kernel has no backward, and the other backends' packed ops differentiate
-            # x and residual. The pack is a constant, so conv2d reads its weight back out, detached.
+        if _wants_grad(x, residual):
+            # x and residual get gradients, as on the other backends; the pack is a constant, so conv2d reads its
+            # weight back out of it
             from ...kernels.triton.conv_bn_act import unpack_weight
 
             weight = unpack_weight(pack.weight, x.shape[1], pack.kernel_h, pack.kernel_w)
