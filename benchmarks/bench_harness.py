@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 import resnet_fused as rf
+from resnet_fused import PackedConvBN
 from resnet_fused.cli.common import DTYPE_NAMES, environment, randomize_bn
-from resnet_fused.cli.fusing import PackedConvBN, fuse_for_benchmark, fused_block
+from resnet_fused.cli.fusing import fuse_for_benchmark, fused_block
 from resnet_fused.cli.layers import ConvLayer, conv_layers, count_macs, model_bytes
 from resnet_fused.cli.units import EagerConvBNAct, layer_inputs, random_conv_bn
 

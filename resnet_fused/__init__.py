@@ -12,10 +12,11 @@ _extension.load()  # registers torch.ops.resnet_fused.* if the extension is buil
 
 from . import models, ops  # noqa: E402
 from .models import *  # noqa: E402,F401,F403
-from .ops import (add_relu, available_backends, bn_act, conv_bn_act, fold_bn, get_backend,  # noqa: E402
-                  set_backend, use_backend)
+from .ops import (add_relu, available_backends, bn_act, conv_bn_act, conv_bn_act_packed, fold_bn,  # noqa: E402
+                  get_backend, pack_conv_bn, set_backend, use_backend)
 
 __version__ = "0.1.0"
 from .blocks import FusedBasicBlock, FusedBottleneck  # noqa: E402
 from .fuse import FuseReport, fuse_model  # noqa: E402
 from .graphs import CUDAGraphed, cuda_graphed  # noqa: E402
+from .packed_conv import PackedConvBN  # noqa: E402

@@ -1,7 +1,7 @@
 """Fused residual blocks and the fused conv-BN(-ReLU) module, drop-in for their eager counterparts.
 
 Every fused module computes what its eager original computes, with the same submodules, parameters, buffers
-and state_dict keys; only the execution differs (see fusion/conv_bn.py for the math of one unit):
+and state_dict keys; only the execution differs (fusion/unit.py has the math of one unit):
 
     FusedBottleneck   relu( bn3(conv3( relu(bn2(conv2( relu(bn1(conv1(x))) ))) )) + shortcut(x) )
                       eval: conv_bn_act(conv1, relu) -> conv_bn_act(conv2, relu) -> [downsample: conv_bn_act]
@@ -12,77 +12,96 @@ and state_dict keys; only the execution differs (see fusion/conv_bn.py for the m
                       the BN stays registered where it was, as an AbsorbedBatchNorm2d whose forward is the identity
                       (and a fused ReLU as an AbsorbedReLU)
 
-Eval folds BN into a per-channel scale/shift and packs the weight once; the fold+pack is cached per unit and
-rebuilt whenever a parameter or buffer changes (in-place update, optimizer step, load_state_dict, .to(), a tensor
-assigned through `.data`), and at every .train()/.eval(). Train uses batch statistics and updates the running
+Eval folds BN into a per-channel scale/shift and packs the weight once. What a forward decides (the folds and
+packs, which backend call runs each unit) is kept and replayed while nothing it depends on changed (a parameter
+or buffer changed in place, an optimizer step, load_state_dict, .to(), a tensor assigned through `.data`,
+.train()/.eval(), hooks, registrations: fusion/binding.py). Train uses batch statistics and updates the running
 statistics exactly as eager does.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .fusion.conv_bn import call_override_reason, has_hooks, plain_bn_reason, plain_conv_reason, run_unit
-from .fusion.plan import ModuleShortcut, ResidualPlan, Unit, global_module_hooks, run_plan
+from .fusion import changes
+from .fusion.binding import Bindings, compose, eager_units, execute, fused_units, signature
+from .fusion.eligibility import (call_override_reason, global_module_hooks, has_hooks, plain_bn_reason,
+                                 plain_conv_reason)
+from .fusion.plan import ModuleShortcut, ResidualPlan, Unit
+from .fusion.unit import decide
 from .models.resnet import BasicBlock, Bottleneck
 from .ops.registry import _check_name
 
 __all__ = ["FusedBottleneck", "FusedBasicBlock", "FusedResidualBlock", "FusedConvBNAct", "AbsorbedBatchNorm2d",
            "AbsorbedReLU"]
 
-_CACHE_ATTR = "_fold_cache_state"
+_BINDINGS = "_bindings"
 
 
-class _FoldCache(dict):
-    """Folds and packs per unit name. Copies and pickles come out empty (packs may be opaque oneDNN tensors), also
-    where a copy bypasses the module's __getstate__ (torch.nn.utils.parametrize deep-copies __dict__ itself)."""
-
-    def __deepcopy__(self, memo):
-        return _FoldCache()
-
-    def __reduce__(self):
-        return _FoldCache, ()
+def _warn_uncacheable() -> None:
+    # one message from one place: Python's default filter shows it once, not once per conv
+    warnings.warn(
+        "a fused module's parameters or buffers are inference tensors (made under torch.inference_mode), which "
+        "carry no version counter, so its BatchNorm fold and weight pack are rebuilt on every call; build the "
+        "model (or call rf.fuse_model, which copies it) outside torch.inference_mode to cache them",
+        RuntimeWarning, stacklevel=3)
 
 
-class _FoldCached:
-    """Mixin: a per-module cache of BN folds and packed weights that never pickles, copies or goes stale."""
+class _Bound:
+    """Mixin: the module's forward decided once per change of its modules and per input signature, and replayed
+    (fusion/binding.py). The decisions never pickle, copy or go stale."""
 
     backend: str = "auto"
 
-    def _fold_cache(self) -> Optional[dict]:
-        if torch.compiler.is_compiling():
-            return None  # fold directly so that the computation traces
-        cache = self.__dict__.get(_CACHE_ATTR)
-        if cache is None:
-            cache = self.__dict__[_CACHE_ATTR] = _FoldCache()
-        return cache
+    def _units(self) -> list:
+        """(conv, bn or None) of every unit the forward fuses."""
+        raise NotImplementedError
+
+    def _current_bindings(self) -> Optional[Bindings]:
+        """The module's Bindings, made anew if anything changed; None where its tensors are inference tensors."""
+        bindings = self.__dict__.get(_BINDINGS)
+        if bindings is not None and bindings.is_current():
+            return bindings
+        units = self._units()
+        try:
+            bindings = Bindings([conv for conv, _ in units], [bn for _, bn in units])
+        except RuntimeError:  # inference tensors: no version counter to trust
+            self.__dict__.pop(_BINDINGS, None)
+            _warn_uncacheable()
+            return None
+        self.__dict__[_BINDINGS] = bindings
+        return bindings
 
     def clear_fold_cache(self) -> None:
-        """Drop the cached folds and packs: the next eval forward re-reads the weights. Needed only after edits that
-        bypass PyTorch's version counters (in place through `.data`); `.train()` and `.eval()` call it too."""
-        self.__dict__.pop(_CACHE_ATTR, None)
+        """Drop the cached folds, packs and bound calls: the next forward re-reads the weights. Needed only after
+        edits that bypass PyTorch's version counters (in place through `.data`); `.train()` and `.eval()` call it
+        too."""
+        self.__dict__.pop(_BINDINGS, None)
 
     def train(self, mode: bool = True):
         self.clear_fold_cache()
+        changes.bump()
         return super().train(mode)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop(_CACHE_ATTR, None)
+        state.pop(_BINDINGS, None)
         return state
 
     def _apply(self, *args, **kwargs):
-        self.clear_fold_cache()  # the keys would miss anyway; this frees the old device's packs now
+        self.clear_fold_cache()  # the bindings would be stale anyway; this frees the old device's packs now
+        changes.bump()
         return super()._apply(*args, **kwargs)
 
 
 def _copy_module_state(new: nn.Module, old: nn.Module) -> nn.Module:
     """Make `new` hold exactly `old`'s submodules, parameters, buffers, hooks and attributes (shared tensors)."""
     state = dict(old.__dict__)
-    state.pop(_CACHE_ATTR, None)
+    state.pop(_BINDINGS, None)
     for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         if key in state:
             state[key] = state[key].copy()
@@ -113,20 +132,43 @@ _BOTTLENECK_MAIN = (Unit("conv1", "bn1", True), Unit("conv2", "bn2", True), Unit
 _BASIC_MAIN = (Unit("conv1", "bn1", True), Unit("conv2", "bn2", False))
 
 
-class _FusedResidual(_FoldCached):
+class _FusedResidual(_Bound):
     def residual_plan(self) -> ResidualPlan:
         raise NotImplementedError
 
+    def _units(self) -> list:
+        plan = self.residual_plan()
+        units = plan.main + (plan.shortcut if isinstance(plan.shortcut, tuple) else ())
+        return [(self.get_submodule(u.conv), self.get_submodule(u.bn) if u.bn else None) for u in units]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            bindings = self.__dict__.get(_BINDINGS)
+            if bindings is not None and bindings.is_current():
+                run = bindings.runs.get(signature(x, self.backend))
+                if run is not None:
+                    return run(x)
+        return self._decide_and_run(x)
+
+    def _decide_and_run(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.residual_plan()
+        if torch.compiler.is_compiling():  # fold on every call, so that the computation traces
+            return execute(self, plan, x, fused_units(self.backend, None))
         if self.modules_changed():
             return self.changed_forward(x)
         if global_module_hooks():  # hooks for all modules must see the original modules' calls
             return self.eager_forward(x)
-        return run_plan(self, self.residual_plan(), x, self._fold_cache(), self.backend)
+        bindings = self._current_bindings()
+        choose = fused_units(self.backend, {} if bindings is None else bindings.packs)
+        key, record = signature(x, self.backend), []
+        out = execute(self, plan, x, choose, record)
+        if bindings is not None and all(replayable for _, replayable in record):
+            bindings.runs[key] = compose(self, plan, [step for step, _ in record], choose)
+        return out
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plan with each conv and BN module called (not fused); its ReLU modules are not called."""
-        return run_plan(self, self.residual_plan(), x, None, self.backend, eager=True)
+        return execute(self, self.residual_plan(), x, eager_units)
 
     def structure(self) -> tuple:
         raise NotImplementedError
@@ -226,7 +268,7 @@ class FusedBasicBlock(_FusedReference, BasicBlock):
 def _structure(block: nn.Module, units, hidden=()) -> tuple:
     """What a fused block's plan assumed of it, beyond the units it runs by name: every other module's name, type
     and whether it has hooks (the ReLU modules the plan stands in for, the containers of the units). A unit's conv
-    or BN may be replaced or wrapped (run_unit runs anything else eagerly), a shortcut run as is (`hidden`) may
+    or BN may be replaced or wrapped (unit.decide runs anything else eagerly), a shortcut run as is (`hidden`) may
     change freely."""
     hidden = {name for unit in units for name in (unit.conv, unit.bn) if name} | set(hidden)
     found = []
@@ -309,7 +351,7 @@ class AbsorbedReLU(_Absorbed, nn.ReLU):
     _absorbed_relu = True
 
 
-class FusedConvBNAct(_FoldCached, nn.Conv2d):
+class FusedConvBNAct(_Bound, nn.Conv2d):
     """relu?(bn(conv(x))) as one fused op: an nn.Conv2d (same parameters and keys) that also applies the
     AbsorbedBatchNorm2d registered after it (held here by reference, not as a submodule, so keys do not move)."""
 
@@ -327,8 +369,27 @@ class FusedConvBNAct(_FoldCached, nn.Conv2d):
         new.backend = _check_name(backend)
         return new
 
+    def _units(self) -> list:
+        return [(self, self.absorbed_bn)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_unit(self._fold_cache(), "conv", self, self.absorbed_bn, x, None, self.fused_relu, self.backend)
+        if not torch.compiler.is_compiling():
+            bindings = self.__dict__.get(_BINDINGS)
+            if bindings is not None and bindings.is_current():
+                step = bindings.runs.get(signature(x, self.backend))
+                if step is not None:
+                    return step(x, None)
+        return self._decide_and_run(x)
+
+    def _decide_and_run(self, x: torch.Tensor) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()
+        bindings = None if compiling else self._current_bindings()
+        packs = None if compiling else {} if bindings is None else bindings.packs
+        key = None if compiling else signature(x, self.backend)
+        step, replayable = decide(self, self.absorbed_bn, x, None, self.fused_relu, self.backend, False, packs, "conv")
+        if bindings is not None and replayable:
+            bindings.runs[key] = step
+        return step(x, None)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn={'absorbed' if self.absorbed_bn is not None else None}, " \

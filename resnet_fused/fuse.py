@@ -27,8 +27,8 @@ from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, Absorbe
                      FusedBottleneck, FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
 from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, node_kind,
                               reached_descendants, trace_shallow)
-from .fusion.conv_bn import call_override_reason, has_hooks, kernel_unsupported_reason
-from .fusion.plan import ModuleShortcut, ResidualPlan, global_module_hooks
+from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks, kernel_unsupported_reason
+from .fusion.plan import ModuleShortcut, ResidualPlan
 from .ops.registry import _check_name
 
 __all__ = ["fuse_model", "FuseReport", "FusedItem", "LeftItem"]

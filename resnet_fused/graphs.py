@@ -25,40 +25,19 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .fusion.conv_bn import optimizer_steps
+from .fusion import changes
 
 __all__ = ["CUDAGraphed", "cuda_graphed"]
 
-_WARMUP_CALLS = 3  # lazy work (cuDNN plans, Triton autotuning, fold caches, allocator) must finish before capture
-
-# Bumped whenever any module (re)registers a parameter, buffer or submodule: the one change that a snapshot of
-# the module's current tensors cannot see. The hooks are global, so they are installed once, on first use.
-_registrations = 0
-_hooks_installed = False
-
-
-def _count_registration(*_args):
-    global _registrations
-    _registrations += 1
-    # returns None: the registered value is left unchanged
-
-
-def _install_registration_hooks() -> None:
-    global _hooks_installed
-    if not _hooks_installed:
-        from torch.nn.modules import module as module_mod
-        module_mod.register_module_parameter_registration_hook(_count_registration)
-        module_mod.register_module_buffer_registration_hook(_count_registration)
-        module_mod.register_module_module_registration_hook(_count_registration)
-        _hooks_installed = True
+_WARMUP_CALLS = 3  # lazy work (cuDNN plans, Triton autotuning, fused modules' bindings, allocator) must finish first
 
 
 class _StateSnapshot:
-    """The module's parameters and buffers as a captured graph reads them: objects, versions, storages."""
+    """The module's parameters and buffers as a captured graph reads them: the change counter (registrations,
+    optimizer steps: fused optimizers change parameters without bumping versions), versions, storages."""
 
     def __init__(self, module: nn.Module):
-        self.registrations = _registrations
-        self.optimizer_steps = optimizer_steps()  # fused optimizers change parameters without bumping versions
+        self.epoch = changes.epoch()
         self.tensors = [*module.parameters(), *module.buffers()]
         # Inference tensors have no version counter (in-place changes to them cannot be seen; their storage can)
         self.versioned = [t for t in self.tensors if not t.is_inference()]
@@ -67,8 +46,7 @@ class _StateSnapshot:
 
     def is_current(self) -> bool:
         """Cheap (no module traversal): tens of microseconds for a ResNet-50's ~320 tensors."""
-        return (self.registrations == _registrations and self.optimizer_steps == optimizer_steps()
-                and [t._version for t in self.versioned] == self.versions
+        return (self.epoch == changes.epoch() and [t._version for t in self.versioned] == self.versions
                 and [t.data_ptr() for t in self.tensors] == self.pointers)
 
 
@@ -117,7 +95,6 @@ class CUDAGraphed:
             raise TypeError(f"cuda_graphed: module must be a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
             raise ValueError(f"cuda_graphed: max_graphs must be a positive int, got {max_graphs!r}")
-        _install_registration_hooks()
         self.module = module
         self.clone_output = bool(clone_output)
         self.max_graphs = max_graphs

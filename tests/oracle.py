@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from resnet_fused.ops import conv_output_shape
 from resnet_fused.ops.backends.torch_backend import TorchBackend
 
 # Kernel-in-this-dtype vs fp32 oracle. bf16 allows a couple of ulps (the interpreter truncates, GPUs round).
@@ -63,9 +64,8 @@ def make_conv_inputs(case, dtype, device="cpu", residual=False, channels_last=Fa
     weight = (torch.randn(cout, cin, k, k, device=device) / (cin * k * k) ** 0.5).to(dtype)
     scale = torch.rand(cout, device=device) + 0.5
     shift = torch.randn(cout, device=device)
-    ho = (h + 2 * padding - k) // stride + 1
-    wo = (w + 2 * padding - k) // stride + 1
-    res = torch.randn(n, cout, ho, wo, device=device).to(dtype) if residual else None
+    res = torch.randn(conv_output_shape(x.shape, cout, k, stride, padding), device=device).to(dtype) if residual \
+        else None
     return x, weight, scale, shift, res, stride, padding
 
 
@@ -74,10 +74,10 @@ def _f32(t):
 
 
 def ref_conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu):
-    pack = (weight.float(), scale.float(), shift.float())
     # cuDNN would run an fp32 conv on TF32 tensor cores by default: the oracle must be true fp32.
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        return _ORACLE.conv_bn_act_packed(x.float(), pack, _f32(residual), stride, padding, relu)
+        return _ORACLE.conv_bn_act(x.float(), weight.float(), scale.float(), shift.float(), _f32(residual), stride,
+                                   padding, relu)
 
 
 def ref_bn_act(x, scale, shift, residual, relu):

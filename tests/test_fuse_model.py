@@ -190,7 +190,7 @@ def test_fusing_under_inference_mode_keeps_the_folds_cacheable():
         assert not any(t.is_inference() for t in [*fused.parameters(), *fused.buffers()])
         expected, out = model(x), fused(x)
     assert_matches(out, expected, torch.float32)
-    assert fused.layer1[0].__dict__["_fold_cache_state"]  # the folds were kept
+    assert fused.layer1[0].__dict__["_bindings"].packs  # the folds were kept
 
 
 def test_a_block_of_inference_tensors_is_correct_and_says_it_cannot_cache():
@@ -200,7 +200,7 @@ def test_a_block_of_inference_tensors_is_correct_and_says_it_cannot_cache():
         fused = FusedBasicBlock.from_block(block)
         with pytest.warns(RuntimeWarning, match="inference tensors .* rebuilt on every call"):
             assert_matches(fused(x), block(x), torch.float32)
-            assert not fused.__dict__["_fold_cache_state"]
+            assert fused.__dict__.get("_bindings") is None
             block.bn2.running_mean.add_(1)  # no version counter sees this: re-folding on every call does
             assert_matches(fused(x), block(x), torch.float32)
 

@@ -84,11 +84,11 @@ def test_opcheck_cuda(case, residual):
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 def test_compile_fullgraph(packed):
     x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[3], torch.float32, residual=True)
-    pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu")
+    pack = rf.ops.pack_conv_bn(w, scale, shift, stride=stride, padding=padding, backend="cpu")
 
     def block(x, res):
         if packed:
-            y = rf.ops.conv_bn_act_packed(x, pack, res, stride=stride, padding=padding)
+            y = rf.ops.conv_bn_act_packed(x, pack, res)
         else:
             y = rf.conv_bn_act(x, w, scale, shift, res, stride=stride, padding=padding, backend="cpu")
         return rf.add_relu(y, res, backend="cpu")

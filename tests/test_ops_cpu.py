@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from resnet_fused.ops.backends.extension import onednn_conv_dtype
+from resnet_fused.ops.backends.cpu import onednn_conv_dtype
 from tests.oracle import (CONV_CASES, CONV_IDS, assert_matches, make_conv_inputs, ref_add_relu,
                           ref_bn_act, ref_conv_bn_act)
 
@@ -53,10 +53,10 @@ def test_conv_bn_act(dtype, case, residual, relu, channels_last):
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_packed_equals_unpacked(dtype, case):
     x, w, scale, shift, res, stride, padding = make_conv_inputs(case, dtype, residual=True)
-    pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu")
+    pack = rf.ops.pack_conv_bn(w, scale, shift, stride=stride, padding=padding, backend="cpu")
     assert pack.backend == "cpu"
     for r in (None, res):
-        packed = rf.ops.conv_bn_act_packed(x, pack, r, stride=stride, padding=padding, relu=True)
+        packed = rf.ops.conv_bn_act_packed(x, pack, r, relu=True)
         unpacked = rf.conv_bn_act(x, w, scale, shift, r, stride=stride, padding=padding, backend="cpu")
         direct = torch.ops.resnet_fused.conv_bn_act(x, w, scale, shift, r, stride, padding, True)
         assert_output_layout(packed, dtype)
@@ -132,8 +132,8 @@ def test_size_one_dims_with_any_strides(kernel, padding, packed):
     w, scale, shift = torch.randn(c, c, kernel, kernel) / c, torch.rand(c) + 0.5, torch.randn(c)
     with torch.no_grad():
         if packed:
-            pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu")
-            y = rf.ops.conv_bn_act_packed(x, pack, res, stride=1, padding=padding)
+            pack = rf.ops.pack_conv_bn(w, scale, shift, padding=padding, backend="cpu")
+            y = rf.ops.conv_bn_act_packed(x, pack, res)
         else:
             y = torch.ops.resnet_fused.conv_bn_act(x, w, scale, shift, res, 1, padding, True)
     assert y.stride() == (c, 1, 1, 1)  # the strides every oneDNN version takes back as the next layer's input
@@ -332,9 +332,9 @@ def test_conv_bn_act_grad_with_fp32_weight_and_low_precision_x(dtype):
 def test_packed_path_grad_reaches_x():
     # The internal conv_bias_act op (the pack path) is differentiable in x too, e.g. for saliency in eval mode.
     x, w, scale, shift, _, stride, padding = make_conv_inputs(CONV_CASES[2], torch.float32)
-    pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu")
+    pack = rf.ops.pack_conv_bn(w, scale, shift, stride=stride, padding=padding, backend="cpu")
     (xo,), (xt,) = _leaves(x), _leaves(x)
-    _assert_same_grads([xo], [xt], rf.ops.conv_bn_act_packed(xo, pack, stride=stride, padding=padding),
+    _assert_same_grads([xo], [xt], rf.ops.conv_bn_act_packed(xo, pack),
                        ref_conv_bn_act(xt, w, scale, shift, None, stride, padding, True))
 
 
@@ -350,10 +350,10 @@ def test_public_op_grads_reach_weight_scale_and_shift(case):
 def test_one_pack_serves_many_input_shapes():
     # The pack keeps a oneDNN-layout weight per input shape (a bounded number); every shape stays correct.
     _, w, scale, shift, _, _, _ = make_conv_inputs(CONV_CASES[2], torch.float32)
-    pack = rf.ops.pack_conv_bn(w, scale, shift, backend="cpu")
+    pack = rf.ops.pack_conv_bn(w, scale, shift, padding=1, backend="cpu")
     for batch, size in [(1, 8), (2, 8), (3, 5), (1, 9), (4, 6), (2, 8), (1, 3)]:
         x = torch.randn(batch, w.shape[1], size, size).contiguous(memory_format=CL)
         with torch.no_grad():
-            y = rf.ops.conv_bn_act_packed(x, pack, stride=1, padding=1)
+            y = rf.ops.conv_bn_act_packed(x, pack)
         assert_matches(y, ref_conv_bn_act(x, w, scale, shift, None, 1, 1, True), torch.float32)
         assert 1 <= len(pack.payload.onednn_weights) <= 4

@@ -195,4 +195,4 @@ def test_fp32_batchnorms_under_a_half_model_stay_fused_as_eager_accepts_them():
         expected, out = model(x.half()), fused(x.half())
     assert out.dtype == torch.float16
     assert_matches(out.float(), expected.float(), torch.float16)
-    assert fused.conv1.__dict__["_fold_cache_state"]  # fused, not run eagerly
+    assert fused.conv1.__dict__["_bindings"].packs  # fused, not run eagerly

@@ -121,23 +121,27 @@ def test_auto_always_resolves_and_use_backend_scopes():
 def test_packed_path_validates_like_the_op():
     # A wrong residual must be an error before any kernel reads it (the kernels index it by the output's shape).
     a = _args()
-    pack = ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], backend="torch")
+    pack = ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], padding=1, backend="torch")
     x = a["x"]
     with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 8, 8\)"):
-        ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 4, 4), padding=1)
+        ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 4, 4))
     with pytest.raises(TypeError, match="residual must have x's dtype"):
-        ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 8, 8, dtype=torch.float16), padding=1)
+        ops.conv_bn_act_packed(x, pack, torch.randn(2, 8, 8, 8, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"stride must be in \[1, 2147483647\]"):
-        ops.conv_bn_act_packed(x, pack, stride=0, padding=1)
+        ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], stride=0, backend="torch")
     with pytest.raises(TypeError, match="pack must be a ConvBNPack from pack_conv_bn, got NoneType"):
         ops.conv_bn_act_packed(x, None)
     with pytest.raises(ValueError, match="too small for a 3x3 kernel"):
-        ops.conv_bn_act_packed(torch.randn(1, 4, 2, 2), pack)
+        ops.conv_bn_act_packed(torch.randn(1, 4, 2, 2), ops.pack_conv_bn(a["weight"], a["scale"], a["shift"]))
     with pytest.raises(ValueError, match="the pack was made for torch.float32"):
-        ops.conv_bn_act_packed(x.half(), pack, padding=1)
+        ops.conv_bn_act_packed(x.half(), pack)
     with pytest.raises(ValueError, match="pack's C_in=4"):
-        ops.conv_bn_act_packed(torch.randn(2, 3, 8, 8), pack, padding=1)
-    assert ops.conv_bn_act_packed(x, pack, stride=(2, 2), padding=(1, 1)).shape == (2, 8, 4, 4)
+        ops.conv_bn_act_packed(torch.randn(2, 3, 8, 8), pack)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        ops.conv_bn_act_packed(x, pack, relu=1)
+    strided = ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], stride=(2, 2), padding=(1, 1), backend="torch")
+    assert (strided.stride, strided.padding) == (2, 1)
+    assert ops.conv_bn_act_packed(x, strided).shape == (2, 8, 4, 4)
 
 
 def test_pack_bad_arguments():
@@ -156,9 +160,9 @@ def test_empty_batch_gives_an_empty_channels_last_output(backend):
     if ops.available_backends("cpu")[backend] is not None:
         pytest.skip(f"backend {backend!r}: {ops.available_backends('cpu')[backend]}")
     a = _args(x=torch.randn(0, 4, 8, 8))
-    pack = ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], backend=backend)
+    pack = ops.pack_conv_bn(a["weight"], a["scale"], a["shift"], padding=1, backend=backend)
     for y in (ops.conv_bn_act(a["x"], a["weight"], a["scale"], a["shift"], padding=1, backend=backend),
-              ops.conv_bn_act_packed(a["x"], pack, padding=1)):
+              ops.conv_bn_act_packed(a["x"], pack)):
         assert y.shape == (0, 8, 8, 8) and y.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -191,11 +195,11 @@ def test_pack_is_a_constant_snapshot(backend):
     # "torch" pack did: it followed later in-place edits while the "cpu" and "triton" packs did not)
     a = _args()
     weight, scale, shift = a["weight"].clone(), torch.rand(8) + 0.5, torch.randn(8)
-    pack = ops.pack_conv_bn(weight, scale, shift, backend=backend)
-    before = ops.conv_bn_act_packed(a["x"], pack, padding=1)
+    pack = ops.pack_conv_bn(weight, scale, shift, padding=1, backend=backend)
+    before = ops.conv_bn_act_packed(a["x"], pack)
     for t in (weight, scale, shift):
         t.mul_(2)
-    assert torch.equal(ops.conv_bn_act_packed(a["x"], pack, padding=1), before)
+    assert torch.equal(ops.conv_bn_act_packed(a["x"], pack), before)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -209,8 +213,8 @@ def test_pack_of_tensors_that_require_grad(backend):
         with pytest.raises(ValueError, match=f"{name} requires grad, but a pack is a constant"):
             ops.pack_conv_bn(*args, backend=backend)
     with torch.no_grad():
-        pack = ops.pack_conv_bn(weight, a["scale"], a["shift"], backend=backend)
+        pack = ops.pack_conv_bn(weight, a["scale"], a["shift"], padding=1, backend=backend)
     x = a["x"].clone().requires_grad_()
-    y = ops.conv_bn_act_packed(x, pack, padding=1)
+    y = ops.conv_bn_act_packed(x, pack)
     y.sum().backward()
     assert weight.grad is None and x.grad is not None

@@ -20,10 +20,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from resnet_fused.kernels.triton import conv_bn_act as conv_kernel
+from resnet_fused.kernels.triton import tuning
 
 SM90 = GPUTarget("cuda", 90, 32)
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
-LAYOUTS = {"flat": (7, 2, 3, conv_kernel._FLAT_K_CONFIGS), "per_tap": (3, 1, 1, conv_kernel._PER_TAP_CONFIGS)}
+LAYOUTS = {"flat": (7, 2, 3, tuning._FLAT_K_CONFIGS), "per_tap": (3, 1, 1, tuning._PER_TAP_CONFIGS)}
 
 
 def tile(config) -> str:

@@ -1,5 +1,5 @@
 """The fused paths the CLI and benchmarks run: a whole model through fuse_model, one block as its fused twin,
-and one conv layer as a single conv_bn_act over a weight packed once (PackedConvBN)."""
+and one conv layer as a single conv_bn_act over a weight packed once (resnet_fused.PackedConvBN)."""
 
 from __future__ import annotations
 
@@ -8,32 +8,8 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-from .. import ops
 from ..blocks import FusedBasicBlock, FusedBottleneck
 from ..fuse import fuse_model
-from ..fusion.conv_bn import kernel_unsupported_reason
-
-
-class PackedConvBN(nn.Module):
-    """conv -> eval BN (-> + residual) (-> ReLU) as one conv_bn_act call on a weight packed once."""
-
-    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], relu: bool, backend: Optional[str]):
-        super().__init__()
-        # Only stride and padding reach the op: a dilated conv, or one with reflect padding, would otherwise run
-        # as a plain one (a wrong answer, of the right shape for a 1x1 kernel or any kernel with reflect padding).
-        reason = kernel_unsupported_reason(conv)
-        if reason is not None:
-            raise ValueError(f"PackedConvBN runs the fused conv kernels, which do not run this conv: {reason}")
-        scale, shift = ops.fold_bn(conv, bn)
-        weight = conv.weight.detach()
-        self.pack = ops.pack_conv_bn(weight, scale.to(weight.device), shift.to(weight.device), backend=backend)
-        self.stride = conv.stride[0]
-        self.padding = conv.padding[0]
-        self.relu = relu
-
-    def forward(self, x, residual=None):
-        return ops.conv_bn_act_packed(x, self.pack, residual, stride=self.stride, padding=self.padding,
-                                      relu=self.relu)
 
 
 def fuse_for_benchmark(model: nn.Module, backend: Optional[str]) -> Tuple[nn.Module, str]:

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .fusing import PackedConvBN
+from ..packed_conv import PackedConvBN
 from .layers import ConvLayer
 
 

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_bn import call_override_reason, has_hooks, plain_bn_reason, plain_conv_reason
+from .eligibility import call_override_reason, has_hooks, plain_bn_reason, plain_conv_reason
 from .plan import ModuleShortcut, ResidualPlan, Unit
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, torch.nn.functional.relu}

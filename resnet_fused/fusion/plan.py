@@ -1,4 +1,4 @@
-"""A residual block's dataflow as plain data, and its fused execution.
+"""A residual block's dataflow as plain data (binding.py executes it).
 
     out = relu( unit_k(... unit_1(x)) + shortcut(x) )
 
@@ -11,11 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
-
-import torch
-from torch import nn
-
-from .conv_bn import run_unit, unit_eager
 
 
 @dataclass(frozen=True)
@@ -59,42 +54,3 @@ class ResidualPlan:
         else:
             short = " -> ".join(u.describe() for u in self.shortcut)
         return f"[{main}] + [{short}] -> relu"
-
-
-def _run_chain(block: nn.Module, units, x, cache, backend, residual=None, eager=False, promote=False):
-    last = len(units) - 1
-    for i, unit in enumerate(units):
-        conv = block.get_submodule(unit.conv)
-        bn = block.get_submodule(unit.bn) if unit.bn else None
-        relu = unit.relu or (i == last and residual is not None)
-        res = residual if i == last else None
-        if eager:
-            x = unit_eager(conv, bn, x, res, relu, promote)
-        else:
-            x = run_unit(cache, unit.conv, conv, bn, x, res, relu, backend, promote)
-    return x
-
-
-def run_plan(block: nn.Module, plan: ResidualPlan, x: torch.Tensor, cache: Optional[dict],
-             backend: Optional[str], eager: bool = False) -> torch.Tensor:
-    """Execute `plan` on `block`'s submodules: one fused op per unit, the residual add+ReLU in the last one
-    (eager: each conv and BN module called as the block calls it, e.g. for hooks registered on all modules)."""
-    main = plan.main
-    if plan.shortcut is None:
-        identity = x
-    elif isinstance(plan.shortcut, ModuleShortcut):
-        head, main = main[:plan.shortcut.after], main[plan.shortcut.after:]
-        out = _run_chain(block, head, x, cache, backend, eager=eager)
-        identity = block.get_submodule(plan.shortcut.name)(x)
-        x = out
-    else:
-        identity = _run_chain(block, plan.shortcut, x, cache, backend, eager=eager)
-    return _run_chain(block, main, x, cache, backend, residual=identity, eager=eager, promote=plan.promote)
-
-
-def global_module_hooks() -> bool:
-    """Whether hooks for every module are registered (torch.nn.modules.module.register_module_forward_hook and
-    the like): they must see each original module's call, so fused modules then run their modules one by one."""
-    hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                or getattr(hooks, "_global_backward_pre_hooks", None))

@@ -3,9 +3,12 @@
     conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, padding=0, relu=True, backend=None)
     bn_act(x, scale, shift, residual=None, *, relu=True, backend=None)
     add_relu(x, residual, *, backend=None)
+    pack_conv_bn(weight, scale, shift, *, stride=1, padding=0, backend=None) -> ConvBNPack
+    conv_bn_act_packed(x, pack, residual=None, *, relu=True)
 
 Inputs are logical NCHW (contiguous or channels_last); outputs are channels_last with the input's dtype.
 backend=None means the current default (`set_backend` / `use_backend`, "auto" unless changed).
+These functions are the one place arguments are checked (validation.py); the backends trust them.
 """
 
 from __future__ import annotations
@@ -17,38 +20,39 @@ from torch.utils._pytree import tree_map_only
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
 from .folding import fold_bn
+from .geometry import conv_output_shape
 from .pack import ConvBNPack
-from .registry import (AUTO_ORDER, Backend, available_backends, backend_names, get_backend, register_backend,
-                       resolve, resolve_name, set_backend, use_backend)
+from .registry import (_BACKENDS, AUTO_ORDER, Backend, available_backends, backend_names, get_backend,
+                       register_backend, resolve, resolve_name, set_backend, use_backend)
 from .validation import (SUPPORTED_DTYPES, check_add_relu, check_bn_act, check_conv_bn_act, check_conv_packed,
                          check_flag, check_pack)
 
 __all__ = [
     "conv_bn_act", "bn_act", "add_relu", "ConvBNPack", "pack_conv_bn", "conv_bn_act_packed", "fold_bn",
     "available_backends", "backend_names", "set_backend", "get_backend", "use_backend", "register_backend",
-    "Backend", "AUTO_ORDER", "SUPPORTED_DTYPES", "resolve_name",
+    "Backend", "AUTO_ORDER", "SUPPORTED_DTYPES", "resolve_name", "conv_output_shape",
 ]
 
 
-def pack_conv_bn(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
+def pack_conv_bn(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, stride=1, padding=0,
                  backend: Optional[str] = None, copy: bool = True) -> ConvBNPack:
-    """Prepare (weight, scale, shift) for repeated conv_bn_act_packed calls on the chosen backend.
+    """Prepare (weight, scale, shift) and the conv's stride and padding for repeated conv_bn_act_packed calls.
 
     The backend is resolved for the weight's device and dtype, as it will be for inputs like it. The pack is a
     constant snapshot: later in-place edits of weight, scale or shift do not reach it, nor do gradients.
     copy=False lets the pack share memory with its arguments where the backend can (no copy of the weight), for
-    callers that re-pack whenever the arguments change (as fuse_model's fold cache does).
+    callers that re-pack whenever the arguments change (as the fused modules do).
     """
-    check_pack(weight, scale, shift)
+    stride, padding = check_pack(weight, scale, shift, stride, padding)
     chosen = resolve(backend, weight, weight)  # the weight has the device and dtype of the inputs to come
     with torch.no_grad():
-        payload = chosen.pack_conv(weight, scale, shift)
+        payload = chosen.pack_conv(weight, scale, shift, stride, padding)
         if copy:
             # Some backends' packs alias their arguments (and would follow later in-place edits of them), others
             # reorder or fold into new tensors: copy what aliases, so that every backend's pack is a snapshot.
             payload = _unaliased(payload, (weight, scale, shift))
-    return ConvBNPack(chosen.name, payload, weight.shape[0], weight.shape[1], tuple(weight.shape[2:]), weight.dtype,
-                      weight.device)
+    return ConvBNPack(chosen.name, payload, weight.shape[0], weight.shape[1], tuple(weight.shape[2:]), stride,
+                      padding, weight.dtype, weight.device)
 
 
 def _unaliased(payload, sources):
@@ -62,13 +66,10 @@ def _unaliased(payload, sources):
 
 
 def conv_bn_act_packed(x: torch.Tensor, pack: ConvBNPack, residual: Optional[torch.Tensor] = None, *,
-                       stride=1, padding=0, relu: bool = True) -> torch.Tensor:
-    """conv_bn_act with a weight packed by `pack_conv_bn` (the hot path of the fused blocks)."""
-    from .registry import _BACKENDS
-
-    stride, padding = check_conv_packed(x, pack, residual, stride, padding)
-    relu = check_flag("relu", relu)
-    return _BACKENDS[pack.backend].conv_bn_act_packed(x, pack.payload, residual, stride, padding, relu)
+                       relu: bool = True) -> torch.Tensor:
+    """conv_bn_act with a weight, BN fold and geometry packed by `pack_conv_bn`."""
+    check_conv_packed(x, pack, residual)
+    return _BACKENDS[pack.backend].conv_bn_act_packed(x, pack, residual, check_flag("relu", relu))
 
 
 def conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, padding=0, relu=True, backend=None):

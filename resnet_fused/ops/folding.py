@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
 def fold_bn(conv: Optional[nn.Conv2d], bn: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor]:
     """Return fp32 (scale, shift) such that bn(conv(x)) == conv_nobias(x) * scale + shift in eval mode.
 
-    `bn` may be None (a conv alone, its bias becomes the shift); the modules are never modified.
+    `bn` may be None (a conv alone, its bias becomes the shift); the modules are never modified, and the result
+    is detached from them (see `folded_scale_shift` for the differentiable fold).
     """
     if conv is None and bn is None:
         raise ValueError("fold_bn needs a conv, a bn or both, got neither")
@@ -28,22 +28,30 @@ def fold_bn(conv: Optional[nn.Conv2d], bn: Optional[nn.BatchNorm2d]) -> tuple[to
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError("bn has no running statistics (track_running_stats=False): it cannot be folded, "
                              "its eval output depends on the batch")
-    channels = bn.num_features if bn is not None else conv.out_channels
-    device = (bn.running_mean if bn is not None else conv.weight).device
     if conv is not None and bn is not None:
         if conv.out_channels != bn.num_features:
             raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
-        if conv.weight.device != device:
-            raise ValueError(f"bn is on {device} but conv is on {conv.weight.device}; both must be on one device")
+        if conv.weight.device != bn.running_mean.device:
+            raise ValueError(f"bn is on {bn.running_mean.device} but conv is on {conv.weight.device}; both must be "
+                             f"on one device")
+    with torch.no_grad():
+        return folded_scale_shift(conv, bn)
 
-    bias = torch.zeros(channels, device=device, dtype=torch.float32)
-    if conv is not None and conv.bias is not None:
-        bias = conv.bias.detach().float()
+
+def folded_scale_shift(conv: Optional[nn.Conv2d], bn) -> tuple[torch.Tensor, torch.Tensor]:
+    """fold_bn's arithmetic without its checks, differentiable: gradients reach the conv bias and the BN's affine
+    parameters (fine-tuning with frozen statistics). New tensors, even where one term is missing."""
+    channels = bn.num_features if bn is not None else conv.out_channels
+    device = (bn.running_mean if bn is not None else conv.weight).device
+    bias = conv.bias.float() if conv is not None and conv.bias is not None else None
     if bn is None:
-        return torch.ones(channels, device=device, dtype=torch.float32), bias.clone()
-
-    gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(bias)
-    beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(bias)
-    scale = gamma * torch.rsqrt(bn.running_var.detach().float() + bn.eps)
-    shift = beta + (bias - bn.running_mean.detach().float()) * scale
+        scale = torch.ones(channels, device=device, dtype=torch.float32)
+        return scale, (bias + 0.0 if bias is not None else torch.zeros_like(scale))
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.float() * scale
+    centered = -bn.running_mean.float() if bias is None else bias - bn.running_mean.float()
+    shift = centered * scale
+    if bn.bias is not None:
+        shift = bn.bias.float() + shift
     return scale, shift

@@ -10,12 +10,15 @@ import torch
 
 @dataclass(frozen=True)
 class ConvBNPack:
-    """A conv weight and its folded BN, laid out once by one backend for all later calls."""
+    """A conv weight and its folded BN, laid out once by one backend for all later calls, with everything the
+    call needs besides its input: the conv's geometry (stride, padding), dtype and device."""
 
     backend: str
     payload: Any
     out_channels: int
     in_channels: int
     kernel_size: tuple
+    stride: int
+    padding: int
     dtype: torch.dtype
     device: torch.device

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+
+from .pack import ConvBNPack
 
 # "auto" tries these in order for a tensor's device type, skipping the unavailable ones; "torch" is last everywhere
 # because it always works. On the CPU the order is measured (benchmarks/results/). On a GPU it is not yet: triton
@@ -24,7 +26,8 @@ DEFAULT_ORDER = ("torch",)
 
 
 class Backend:
-    """Interface every backend implements. Arguments arrive validated: scale/shift are any float dtype."""
+    """Interface every backend implements. Arguments arrive validated by the public ops (ops/validation.py):
+    nothing below them checks again. scale/shift are any float dtype."""
 
     name: str = "?"
 
@@ -36,17 +39,26 @@ class Backend:
         """None if this backend handles this particular call, else why not (auto then tries the next)."""
         return None
 
-    # A pack is whatever the backend wants to cache per (weight, BN fold): e.g. a re-laid-out weight.
-    def pack_conv(self, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> Any:
+    # A payload is whatever the backend wants to keep per (weight, BN fold, geometry): e.g. a re-laid-out weight.
+    def pack_conv(self, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, stride: int,
+                  padding: int) -> Any:
         return (weight, scale.float().contiguous(), shift.float().contiguous())
 
-    def conv_bn_act_packed(self, x, pack, residual, stride: int, padding: int, relu: bool) -> torch.Tensor:
+    def conv_bn_act_packed(self, x, pack, residual, relu: bool) -> torch.Tensor:
+        """The conv of a ConvBNPack (its payload, stride and padding) on x."""
         raise NotImplementedError
+
+    def bind_conv(self, pack, input_shape: tuple, relu: bool) -> Callable:
+        """f(x, residual) computing conv_bn_act_packed for inputs of `input_shape` (and the pack's dtype and
+        device), with every per-call decision taken now: the hot path of the fused modules."""
+        return lambda x, residual: self.conv_bn_act_packed(x, pack, residual, relu)
 
     def conv_bn_act(self, x, weight, scale, shift, residual, stride: int, padding: int, relu: bool) -> torch.Tensor:
         """The unpacked call. Packs may be made without autograd: a backend whose op differentiates weight,
         scale and shift overrides this to call that op directly."""
-        return self.conv_bn_act_packed(x, self.pack_conv(weight, scale, shift), residual, stride, padding, relu)
+        pack = ConvBNPack(self.name, self.pack_conv(weight, scale, shift, stride, padding), weight.shape[0],
+                          weight.shape[1], tuple(weight.shape[2:]), stride, padding, weight.dtype, weight.device)
+        return self.conv_bn_act_packed(x, pack, residual, relu)
 
     def bn_act(self, x, scale, shift, residual, relu: bool) -> torch.Tensor:
         raise NotImplementedError

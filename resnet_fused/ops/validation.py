@@ -1,4 +1,5 @@
-"""Argument checks shared by every backend, so that each op fails the same way whatever runs it.
+"""The checks of the public ops' arguments: the one door. Everything below them (backends, kernel launchers,
+fused modules' bound calls) trusts what passed here, so each op fails the same way whatever runs it.
 
 Every check raises TypeError (wrong type or dtype) or ValueError (wrong value, shape or device) with a message
 that names the argument and says what was expected.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .geometry import conv_output_shape
 from .pack import ConvBNPack
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,10 +81,6 @@ def as_square(name: str, value, minimum: int, maximum: int = _MAX_GEOMETRY) -> i
     return value
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 def _conv_weight(weight) -> torch.Tensor:
     w = _tensor("weight", weight)
     if w.dim() != 4:
@@ -95,22 +93,23 @@ def _conv_weight(weight) -> torch.Tensor:
     return w
 
 
-def _conv_geometry(x, c_out, kernel_size, stride, padding) -> tuple[int, int, tuple]:
-    """(stride, padding, output shape) of a conv of x with this kernel, or the error naming what is wrong."""
-    stride = as_square("stride", stride, 1)
-    padding = as_square("padding", padding, 0)
+def check_conv_geometry(stride, padding) -> tuple[int, int]:
+    """stride and padding as ints (each an int or a pair of equal ints), or the error naming the bad one."""
+    return as_square("stride", stride, 1), as_square("padding", padding, 0)
+
+
+def _conv_output(x, c_out, kernel_size, stride: int, padding: int) -> tuple:
+    """The output shape of a conv of x with this kernel, or the error naming what is wrong."""
     kh, kw = kernel_size
     if 0 in x.shape[2:]:  # as F.conv2d: only the batch may be empty
         raise ValueError(f"x must have non-zero height and width for a convolution, got shape {tuple(x.shape)}")
-    h_out = conv_output_size(x.shape[2], kh, stride, padding)
-    w_out = conv_output_size(x.shape[3], kw, stride, padding)
-    if h_out < 1 or w_out < 1:
+    out_shape = conv_output_shape(x.shape, c_out, kernel_size, stride, padding)
+    if out_shape[2] < 1 or out_shape[3] < 1:
         raise ValueError(f"x's spatial size {tuple(x.shape[2:])} is too small for a {kh}x{kw} kernel "
                          f"with padding {padding}")
-    out_shape = (x.shape[0], c_out, h_out, w_out)
-    if max(x.shape[0], 1) * c_out * h_out * w_out > _MAX_NUMEL:
+    if max(x.shape[0], 1) * c_out * out_shape[2] * out_shape[3] > _MAX_NUMEL:
         raise ValueError(f"padding {padding} gives an output of shape {out_shape}, more than 2^63 elements")
-    return stride, padding, out_shape
+    return out_shape
 
 
 def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding) -> tuple[int, int]:
@@ -125,15 +124,17 @@ def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding) -> tup
         groups_hint = (f"; grouped convolution (groups={x.shape[1] // c_in}) is not supported"
                        if x.shape[1] % c_in == 0 and x.shape[1] != c_in else "")
         raise ValueError(f"weight expects C_in={c_in} input channels but x has {x.shape[1]}{groups_hint}")
-    stride, padding, out_shape = _conv_geometry(x, c_out, w.shape[2:], stride, padding)
+    stride, padding = check_conv_geometry(stride, padding)
+    out_shape = _conv_output(x, c_out, w.shape[2:], stride, padding)
     _channel_vector("scale", scale, c_out, x)
     _channel_vector("shift", shift, c_out, x)
     _residual(residual, out_shape, x)
     return stride, padding
 
 
-def check_pack(weight, scale, shift) -> None:
-    """Validate pack_conv_bn's arguments (the conv_bn_act checks that do not need an input)."""
+def check_pack(weight, scale, shift, stride, padding) -> tuple[int, int]:
+    """Validate pack_conv_bn's arguments (the conv_bn_act checks that do not need an input); return (stride,
+    padding) as ints."""
     w = _conv_weight(weight)
     _channel_vector("scale", scale, w.shape[0], w, "weight")
     _channel_vector("shift", shift, w.shape[0], w, "weight")
@@ -143,10 +144,11 @@ def check_pack(weight, scale, shift) -> None:
                 raise ValueError(f"{name} requires grad, but a pack is a constant that no gradient reaches: pack "
                                  f"{name}.detach() (or pack under torch.no_grad()), or call conv_bn_act, which "
                                  f"differentiates weight, scale and shift")
+    return check_conv_geometry(stride, padding)
 
 
-def check_conv_packed(x, pack, residual, stride, padding) -> tuple[int, int]:
-    """Validate conv_bn_act_packed's arguments against the pack; return (stride, padding) as ints."""
+def check_conv_packed(x, pack, residual) -> None:
+    """Validate conv_bn_act_packed's arguments against the pack."""
     x = _activation("x", x)
     if not isinstance(pack, ConvBNPack):
         raise TypeError(f"pack must be a ConvBNPack from pack_conv_bn, got {type_name(pack)}")
@@ -154,26 +156,7 @@ def check_conv_packed(x, pack, residual, stride, padding) -> tuple[int, int]:
         raise ValueError(f"x is {x.dtype} on {x.device} but the pack was made for {pack.dtype} on {pack.device}")
     if x.shape[1] != pack.in_channels:
         raise ValueError(f"x must have the pack's C_in={pack.in_channels} channels, got shape {tuple(x.shape)}")
-    stride, padding, out_shape = _conv_geometry(x, pack.out_channels, pack.kernel_size, stride, padding)
-    _residual(residual, out_shape, x)
-    return stride, padding
-
-
-def check_conv_prepacked(x, weight_packed, scale, shift, residual, kernel_size, stride, padding) -> tuple[int, int]:
-    """Validate a kernel launcher's arguments where the weight is already laid out as (rows, C_out) (the Triton
-    kernels' pack); the launcher checks the rows against C_in and the kernel size. Return (stride, padding)."""
-    x = _activation("x", x)
-    w = _tensor("weight_packed", weight_packed)
-    if w.dim() != 2 or w.dtype != x.dtype:
-        raise ValueError(f"weight_packed must be a 2-D (rows, C_out) tensor of x's dtype {x.dtype}, got "
-                         f"{w.dim()}-D {w.dtype}")
-    check_same_device("weight_packed", w, x)
-    c_out = w.shape[1]
-    stride, padding, out_shape = _conv_geometry(x, c_out, kernel_size, stride, padding)
-    _channel_vector("scale", scale, c_out, x)
-    _channel_vector("shift", shift, c_out, x)
-    _residual(residual, out_shape, x)
-    return stride, padding
+    _residual(residual, _conv_output(x, pack.out_channels, pack.kernel_size, pack.stride, pack.padding), x)
 
 
 def check_bn_act(x, scale, shift, residual) -> None:

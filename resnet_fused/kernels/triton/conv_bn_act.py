@@ -19,7 +19,7 @@ A is never materialized. B is the weight prepacked once by `pack_weight`, in one
 
 Split K (small M x N, long K: batch 1, late stages): with SPLIT_K > 1 program (tile, s) sums only the s-th slice
 of the K steps and stores its fp32 partial P_s[M, N] to a workspace; `_split_k_epilogue_kernel` then computes
-y = act(scale * sum_s P_s + shift (+ residual)). Whether to split is measured, not guessed (`choose_split_k`).
+y = act(scale * sum_s P_s + shift (+ residual)). Whether to split is measured, not guessed (tuning.py).
 
 Accumulation is fp32. fp16/bf16 tiles go to the tensor cores as they are; fp32 tiles go through TF32 on the GPU
 when torch.backends.cudnn.allow_tf32 is set (PyTorch's default for convolutions), else full-precision fp32.
@@ -29,17 +29,14 @@ Offsets are 64-bit when any tensor of the call has 2^31 elements or more.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ...ops.validation import check_conv_prepacked
-from .common import INTERPRET, check_device, device_guard, relu_keep_nan
+from . import tuning
+from .runtime import INTERPRET, device_guard, relu_keep_nan
 
 CIN_ALIGN = 16  # packed K rows come in multiples of this (the smallest BLOCK_K the GPU's dot accepts)
-_INT32_LIMIT = 2**31 - 1
 
 
 def uses_flat_k(c_in: int) -> bool:
@@ -77,56 +74,8 @@ def unpack_weight(packed: torch.Tensor, c_in: int, kernel_h: int, kernel_w: int)
     return taps.permute(3, 2, 0, 1)
 
 
-def _config(block_m, block_n, block_k, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
-
-
-# Flat K (Cin < 16: the stem): 4 warps only (see the module docstring); K = 49*3 = 147 fits 5 steps of 32 or 10
-# of 16. On sm_90, 128x128 with 4 warps spills 1 KB of registers per thread, and 128x64x32 spilled in the K loop
-# with triton 3.6 (the GPU machine's): 128x64 takes steps of 16.
-_FLAT_K_CONFIGS = [_config(64, 64, 32, 4, 3), _config(128, 64, 16, 4, 4)]
-_PER_TAP_CONFIGS = [
-    # small M (batch 1, late stages: M = 49..3136): narrow M tiles keep the SMs busy
-    _config(32, 64, 64, 4, 4), _config(32, 128, 64, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 128, 32, 4, 4),
-    # mid to large M (batch 32..256)
-    _config(128, 64, 32, 4, 4), _config(128, 128, 32, 8, 4), _config(128, 128, 64, 8, 3),
-    # 256x128 spills in its epilogue only (once per tile; tests/test_triton_compile.py checks the K loop);
-    # 128x256 spilled in every dtype on sm_90
-    _config(256, 128, 32, 8, 3), _config(256, 64, 32, 8, 4),
-]
-
-
-def _configs():
-    if INTERPRET:  # autotune with several configs fails without a GPU driver; one mid-size tile is fastest here
-        return [_config(64, 32, 16, 4, 1)]
-    return _FLAT_K_CONFIGS + _PER_TAP_CONFIGS
-
-
-def _prune(configs, named_args, **kwargs):
-    """The configs of the call's K layout, without tiles larger than the problem in any GEMM dimension (keeping
-    the smallest such tile). named_args: the positional kernel arguments; kwargs: the constexprs of the call."""
-    flat = kwargs["FLAT_K"]
-    kept = [c for c in configs if (c in _FLAT_K_CONFIGS) == flat]
-    k_extent = kwargs["KH"] * kwargs["KW"] * named_args["Cin"] if flat else named_args["Cin"]
-    caps = {"BLOCK_M": named_args["M"], "BLOCK_N": named_args["Cout"], "BLOCK_K": k_extent}
-    for key, size in caps.items():
-        smallest = min(c.kwargs[key] for c in kept)
-        cap = max(triton.next_power_of_2(size), smallest)
-        kept = [c for c in kept if c.kwargs[key] <= cap]
-    return kept
-
-
-def _quick_bench(kernel_call, quantiles):
-    """Autotuning timer: a few ms per config instead of triton's default ~125 ms (dozens of shapes x configs
-    are tuned on first use); kernel times here are 10 us .. 2 ms, so 20 ms of repetitions is plenty."""
-    from triton.testing import do_bench  # explicit: `import triton` need not import its testing module
-
-    return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
-
-@triton.autotune(configs=_configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE", "SPLIT_K"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+@triton.autotune(configs=tuning.configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE", "SPLIT_K"],
+                 prune_configs_by={"early_config_prune": tuning.prune}, do_bench=tuning.quick_bench)
 @triton.jit
 def _conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, ws_ptr,
@@ -260,115 +209,35 @@ def _split_k_epilogue_kernel(ws_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, M, Co
                     HAS_RESIDUAL, RELU)
 
 
-def empty_output(x: torch.Tensor, c_out: int, kernel_h: int, kernel_w: int, stride: int, padding: int):
-    """The output buffer: (N, Cout, Ho, Wo) channels_last in x's dtype (the fake kernel uses the same)."""
-    h_out = (x.shape[2] + 2 * padding - kernel_h) // stride + 1
-    w_out = (x.shape[3] + 2 * padding - kernel_w) // stride + 1
-    return torch.empty((x.shape[0], c_out, h_out, w_out), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last)
-
-
-# ---- split K: when and by how much ------------------------------------------------------------------------
-
-SPLIT_K_TILE = 64        # the tile side the wave estimate assumes (the autotuner picks the real tile)
-SPLIT_K_MAX = 16
-SPLIT_K_MIN_STEPS = 4    # K steps (of 32) each slice keeps at least
-_split_choices: dict = {}  # (shape key) -> the measured choice
-
-
-def split_k_candidate(m: int, c_out: int, k_rows: int, sm_count: int) -> int:
-    """The split factor worth measuring against no split (1: none is): the largest power of two that keeps the
-    tiles x slices within one wave of SMs and each slice at least SPLIT_K_MIN_STEPS steps of 32 K rows, when one
-    unsplit wave would leave more than half the SMs idle."""
-    tiles = triton.cdiv(m, SPLIT_K_TILE) * triton.cdiv(c_out, SPLIT_K_TILE)
-    steps = triton.cdiv(k_rows, 32)
-    if 2 * tiles > sm_count:
-        return 1
-    split = 1
-    while (split * 2 <= SPLIT_K_MAX and tiles * split * 2 <= sm_count
-           and steps // (split * 2) >= SPLIT_K_MIN_STEPS and split * 2 * m * c_out <= _INT32_LIMIT):
-        split *= 2
-    return split
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def graph_replay_ms(fn, calls: int = 20, replays: int = 5) -> float:
-    """GPU milliseconds per fn() call: one CUDA graph of `calls` calls, replayed `replays` times between two
-    events (a few ms in all; fn must be warm: compiled, autotuned)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()  # first replay uploads the graph
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (calls * replays)
-
-
-def choose_split_k(key, candidate: int, launch) -> int:
-    """1 or `candidate`, whichever `launch(split)` takes less GPU time, timed once per key (shape, dtype,
-    epilogue). Timed as CUDA graph replays: split K pays off where launches are cheap (small batches run through
-    rf.cuda_graphed), and timing launches one by one would measure the host instead. Not timed while a graph is
-    being captured (then 1 unless already chosen), nor in the interpreter."""
-    choice = _split_choices.get(key)
-    if choice is not None:
-        return choice
-    if candidate == 1:
-        _split_choices[key] = 1
-        return 1
-    if INTERPRET or torch.cuda.is_current_stream_capturing():
-        return 1
-    for split in (1, candidate):  # compiles and autotunes each variant outside the timing
-        launch(split)
-    times = {split: graph_replay_ms(lambda: launch(split)) for split in (1, candidate)}
-    _split_choices[key] = choice = min(times, key=times.get)
-    return choice
-
-
 def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                residual, kernel_h: int, kernel_w: int, stride: int, padding: int, relu: bool,
+                residual, out: torch.Tensor, kernel_h: int, kernel_w: int, stride: int, padding: int, relu: bool,
                 index_64=None, split_k=None) -> torch.Tensor:
-    """Launch the kernel. x: logical NCHW (any layout; made channels_last once), weight_packed from pack_weight.
+    """Launch the kernel into `out` and return it. x: logical NCHW (any layout; made channels_last once),
+    weight_packed from pack_weight, out: the (N, Cout, Ho, Wo) channels_last output of x's dtype, scale and shift
+    fp32 vectors; every shape already checked by the caller.
 
-    Returns a channels_last tensor of x's dtype. index_64=None picks 64-bit offsets only where needed;
-    split_k=None splits K where that measured faster on this GPU (choose_split_k), an int forces a split.
+    index_64=None picks 64-bit offsets only where needed; split_k=None splits K where that measured faster on this
+    GPU (tuning.choose_split_k), an int forces a split.
     """
-    # The kernel trusts every length and shape: check before it reads.
-    stride, padding = check_conv_prepacked(x, weight_packed, scale, shift, residual, (kernel_h, kernel_w), stride,
-                                           padding)
-    check_device(x)
     n, c_in, h, w = x.shape
     k_rows, c_out = weight_packed.shape
-    if k_rows != packed_rows(c_in, kernel_h, kernel_w):
-        raise ValueError(f"weight_packed must be pack_weight's ({packed_rows(c_in, kernel_h, kernel_w)}, Cout) for "
-                         f"Cin={c_in} and a {kernel_h}x{kernel_w} kernel, got shape {tuple(weight_packed.shape)}")
-    y = empty_output(x, c_out, kernel_h, kernel_w, stride, padding)
-    h_out, w_out = y.shape[2:]
+    h_out, w_out = out.shape[2:]
     m = n * h_out * w_out
     if m == 0:
-        return y
+        return out
     x = x.contiguous(memory_format=torch.channels_last)
     residual = None if residual is None else residual.contiguous(memory_format=torch.channels_last)
     if index_64 is None:
-        index_64 = max(x.numel(), y.numel()) > _INT32_LIMIT
+        index_64 = max(x.numel(), out.numel()) > tuning.INT32_LIMIT
     # Only fp32 tiles care: TF32 tensor cores unless the user turned TF32 off for convolutions.
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
-    scale, shift = scale.float().contiguous(), shift.float().contiguous()
-    res = residual if residual is not None else y
+    res = residual if residual is not None else out
 
     def launch(split: int) -> None:
         workspace = scale if split == 1 else torch.empty((split, m, c_out), dtype=torch.float32, device=x.device)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), split)  # noqa
         _conv_bn_act_kernel[grid](
-            x, weight_packed, scale, shift, res, y, workspace,
+            x, weight_packed, scale, shift, res, out, workspace,
             m, h, w, c_in, h_out, w_out, c_out, k_rows // (kernel_h * kernel_w), split,
             KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
             HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, FLAT_K=uses_flat_k(c_in),
@@ -377,20 +246,20 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
         if split > 1:
             block_m, block_n = 32, 64
             _split_k_epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))](
-                workspace, scale, shift, res, y, m, c_out, split,
+                workspace, scale, shift, res, out, m, c_out, split,
                 HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n)
 
-    if split_k is not None and (split_k < 1 or (split_k > 1 and split_k * m * c_out > _INT32_LIMIT)):
+    if split_k is not None and (split_k < 1 or (split_k > 1 and split_k * m * c_out > tuning.INT32_LIMIT)):
         raise ValueError(f"split_k must be >= 1 with split_k * M * Cout < 2^31, got {split_k} for M={m}, "
                          f"Cout={c_out}")
     with device_guard(x):
         if split_k is None:  # the cached choice first: this runs on every call
             key = (m, h, w, c_in, c_out, kernel_h, kernel_w, stride, padding, x.dtype, residual is not None, relu,
                    precision, x.device.index)
-            split_k = _split_choices.get(key)
+            split_k = tuning.split_choices.get(key)
             if split_k is None:
-                candidate = 1 if INTERPRET or index_64 else split_k_candidate(m, c_out, k_rows,
-                                                                              _sm_count(x.device.index))
-                split_k = choose_split_k(key, candidate, launch)
+                candidate = 1 if INTERPRET or index_64 else tuning.split_k_candidate(
+                    m, c_out, k_rows, tuning.sm_count(x.device.index))
+                split_k = tuning.choose_split_k(key, candidate, launch)
         launch(split_k)
-    return y
+    return out

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.validation import check_add_relu, check_bn_act
-from .common import check_device, device_guard, relu_keep_nan
+from .runtime import device_guard, relu_keep_nan
 
 _INT32_LIMIT = 2**31 - 1
 _BLOCK = 1024
@@ -57,10 +56,8 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def empty_output(x: torch.Tensor) -> torch.Tensor:
-    """The output buffer: x's shape, dtype and device, channels_last (the fake kernels use the same)."""
+def _empty_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-
 
 def _launch_args(y: torch.Tensor, index_64):
     total = y.numel()
@@ -69,11 +66,10 @@ def _launch_args(y: torch.Tensor, index_64):
 
 def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual, relu: bool,
            index_64=None) -> torch.Tensor:
-    """x (N, C, H, W) in any layout -> channels_last y of x's dtype. scale, shift: length-C float vectors."""
-    check_bn_act(x, scale, shift, residual)  # the kernel trusts every length and shape: check before it reads
-    check_device(x)
+    """x (N, C, H, W) in any layout -> channels_last y of x's dtype. scale, shift: length-C float vectors;
+    residual: None or x's shape and dtype (checked by the caller)."""
     x = _channels_last(x)
-    y = empty_output(x)
+    y = _empty_output(x)
     if y.numel() == 0:
         return y
     residual = None if residual is None else _channels_last(residual)
@@ -87,11 +83,9 @@ def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual, 
 
 
 def add_relu(x: torch.Tensor, residual: torch.Tensor, index_64=None) -> torch.Tensor:
-    """relu(x + residual) for two (N, C, H, W) tensors in any layout -> channels_last y of x's dtype."""
-    check_add_relu(x, residual)
-    check_device(x)
+    """relu(x + residual) for two (N, C, H, W) tensors of one shape and dtype, any layout -> channels_last y."""
     x = _channels_last(x)
-    y = empty_output(x)
+    y = _empty_output(x)
     if y.numel() == 0:
         return y
     grid, total, index_64 = _launch_args(y, index_64)

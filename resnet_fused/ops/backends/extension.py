@@ -1,28 +1,21 @@
-"""The "cpu" and "cuda" backends: the fused ops as the C++ extension's kernels, torch.ops.resnet_fused.*.
+"""What the "cpu" and "cuda" backends share: loading the C++ extension (torch.ops.resnet_fused.*), and running
+the public ops as its ops.
 
     conv_bn_act: y = conv2d(x, weight, stride, padding) * scale[c] + shift[c] (+ residual), ReLU if relu
     bn_act:      y = x * scale[c] + shift[c] (+ residual), ReLU if relu
     add_relu:    y = max(x + residual, 0)
-
-"cpu" (csrc/cpu): oneDNN convolution with the BN fold in the weight and the epilogue as oneDNN post-ops. Its pack
-is the folded weight w * scale[c] (channels_last) and the folded shift as the conv bias, both in the convolution's
-dtype (x's, or fp32 for bf16/fp16 on a CPU without native kernels for them), run by the internal op conv_bias_act:
-nothing is re-laid-out per call.
-"cuda" (csrc/cuda): its pack is (weight in channels_last, fp32 scale, fp32 shift) for resnet_fused::conv_bn_act.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from ... import _extension
-from ..registry import Backend, register_backend
+from ..registry import Backend
 from ..validation import SUPPORTED_DTYPES
-
-CL = torch.channels_last
+from . import extension_library
 
 
 def _extension_reason(dispatch_key: str) -> Optional[str]:
@@ -30,9 +23,7 @@ def _extension_reason(dispatch_key: str) -> Optional[str]:
     error = _extension.load()
     if error is not None:
         return error
-    from .. import extension_ops
-
-    extension_ops.register()
+    extension_library.register()
     if not all(_extension.has_kernel(op, dispatch_key) for op in ("conv_bn_act", "bn_act", "add_relu")):
         if dispatch_key == "CUDA":
             return "the extension was built without CUDA"
@@ -45,69 +36,14 @@ def _extension_reason(dispatch_key: str) -> Optional[str]:
     return None
 
 
-def _onednn_reason() -> Optional[str]:
-    """None if torch has oneDNN, which the cpu backend's convolution runs on."""
-    if not torch.backends.mkldnn.is_available():
-        return "torch was built without oneDNN (mkldnn), which the cpu backend's convolution runs on"
-    return None
+# Computed once at import (the package loads the extension first): a plain dict, so that resolving a backend
+# costs a lookup and torch.compile traces it as a constant.
+EXTENSION_REASON = {key: _extension_reason(key) for key in ("CPU", "CUDA")}
 
 
-def onednn_conv_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the cpu backend convolves `dtype` inputs in: their own where this CPU convolves them in hardware
-    (bf16: AVX512-BF16 or AMX-BF16; fp16: AVX512-FP16 or AMX-FP16), else fp32, rounding the output once. The C++
-    kernels decide (csrc/cpu/conv_dtype.cpp); the pack folds into the same dtype once."""
-    from ... import _C
+class ExtensionBackend(Backend):
+    """A backend whose ops are the extension's kernels for one device type."""
 
-    return _C.cpu_conv_dtype(dtype)
-
-
-# Computed once at import (the package loads the extension first): plain dicts, so that resolving a backend costs
-# a lookup and torch.compile traces it as a constant.
-_EXTENSION_REASON = {key: _extension_reason(key) for key in ("CPU", "CUDA")}
-_ONEDNN_REASON = _onednn_reason()
-_CONV_DTYPE = {dtype: onednn_conv_dtype(dtype) for dtype in SUPPORTED_DTYPES} \
-    if _ONEDNN_REASON is None and _EXTENSION_REASON["CPU"] is None else {}
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_reason(index: Optional[int]) -> Optional[str]:
-    """The CUDA kernels use cp.async and bf16 tensor cores: compute capability 8.0 (Ampere) or newer."""
-    major, minor = torch.cuda.get_device_capability(index)
-    if major < 8:
-        return f"the cuda kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
-    return None
-
-
-class CpuConvPack(NamedTuple):
-    """The BN fold applied once: weight * scale[c] (x's dtype, channels_last) and bias = shift (x's dtype).
-
-    `onednn_weights` holds the same weight reordered into oneDNN's blocked layout (opaque mkldnn tensors), one
-    per input shape, made on first use: without it oneDNN reorders the weight on every call, which dominates
-    small-spatial layers (batch 1, late stages). The layout depends on the input shape: one chosen without it was
-    measured 10-20x slower on some 1x1 convs at 14x14. Autograd and torch.compile take `weight` instead.
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    onednn_weights: dict
-
-
-_ONEDNN_SHAPES_PER_PACK = 4  # distinct input shapes kept per pack (bounds memory when shapes vary)
-
-
-def _onednn_weight(pack: CpuConvPack, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    key = (tuple(x.shape), x.dtype, stride, padding)
-    weight = pack.onednn_weights.get(key)
-    if weight is None:
-        if len(pack.onednn_weights) >= _ONEDNN_SHAPES_PER_PACK:
-            pack.onednn_weights.clear()
-        weight = torch.ops.mkldnn._reorder_convolution_weight(pack.weight.contiguous(), [padding] * 2,
-                                                              [stride] * 2, [1, 1], 1, list(x.shape))
-        pack.onednn_weights[key] = weight
-    return weight
-
-
-class _ExtensionBackend(Backend):
     device_type = "?"
     dispatch_key = "?"
 
@@ -115,7 +51,7 @@ class _ExtensionBackend(Backend):
         device = torch.device(device)
         if device.type != self.device_type:
             return f"the {self.name!r} backend runs on {self.device_type} tensors, not {device.type}"
-        return _EXTENSION_REASON[self.dispatch_key]
+        return EXTENSION_REASON[self.dispatch_key]
 
     def unsupported_reason(self, x, weight):
         if x.dtype not in SUPPORTED_DTYPES:
@@ -132,50 +68,3 @@ class _ExtensionBackend(Backend):
 
     def add_relu(self, x, residual):
         return torch.ops.resnet_fused.add_relu.default(x, residual)
-
-
-class CpuBackend(_ExtensionBackend):
-    name = "cpu"
-    device_type = "cpu"
-    dispatch_key = "CPU"
-
-    def unsupported_reason(self, x, weight):
-        # The elementwise kernels take every supported dtype; only the convolution depends on oneDNN.
-        return super().unsupported_reason(x, weight) or (_ONEDNN_REASON if weight is not None else None)
-
-    @torch.no_grad()
-    def pack_conv(self, weight, scale, shift):
-        dtype = _CONV_DTYPE[weight.dtype]  # fp32 for bf16/fp16 where this CPU has no native kernel
-        folded = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(dtype)
-        return CpuConvPack(folded.contiguous(memory_format=CL), shift.detach().to(dtype).contiguous(), {})
-
-    def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
-            weight = pack.weight
-        else:
-            weight = _onednn_weight(pack, x, stride, padding)
-        return torch.ops.resnet_fused.conv_bias_act.default(x, weight, pack.bias, residual, stride, padding, relu)
-
-
-class CudaBackend(_ExtensionBackend):
-    name = "cuda"
-    device_type = "cuda"
-    dispatch_key = "CUDA"
-
-    def unavailable_reason(self, device):
-        reason = super().unavailable_reason(device)
-        if reason is None and not torch.cuda.is_available():
-            return "no CUDA device is available"
-        return reason or _capability_reason(torch.device(device).index)
-
-    @torch.no_grad()
-    def pack_conv(self, weight, scale, shift):
-        return (weight.contiguous(memory_format=CL), scale.float().contiguous(), shift.float().contiguous())
-
-    def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
-        weight, scale, shift = pack
-        return torch.ops.resnet_fused.conv_bn_act.default(x, weight, scale, shift, residual, stride, padding, relu)
-
-
-register_backend(CpuBackend())
-register_backend(CudaBackend())

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 
 from ..registry import Backend, register_backend
 
-CL = torch.channels_last
-
 
 def _epilogue(y, scale, shift, residual, relu: bool, out_dtype):
     y = y.float() * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1)
@@ -25,7 +23,7 @@ def _epilogue(y, scale, shift, residual, relu: bool, out_dtype):
         y = y + residual.float()
     if relu:
         y = torch.relu(y)
-    return y.to(out_dtype).contiguous(memory_format=CL)
+    return y.to(out_dtype).contiguous(memory_format=torch.channels_last)
 
 
 class TorchBackend(Backend):
@@ -34,16 +32,16 @@ class TorchBackend(Backend):
     def unavailable_reason(self, device):
         return None
 
-    def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
-        weight, scale, shift = pack
-        y = F.conv2d(x.contiguous(memory_format=CL), weight, None, stride, padding)
+    def conv_bn_act_packed(self, x, pack, residual, relu):
+        weight, scale, shift = pack.payload
+        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, None, pack.stride, pack.padding)
         return _epilogue(y, scale, shift, residual, relu, x.dtype)
 
     def bn_act(self, x, scale, shift, residual, relu):
         return _epilogue(x, scale, shift, residual, relu, x.dtype)
 
     def add_relu(self, x, residual):
-        return torch.relu(x.float() + residual.float()).to(x.dtype).contiguous(memory_format=CL)
+        return torch.relu(x.float() + residual.float()).to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
 register_backend(TorchBackend())

@@ -1,4 +1,5 @@
-"""The "triton" backend: the fused ops as Triton kernels (resnet_fused/kernels/triton), via torch.ops.resnet_fused_triton.
+"""The "triton" backend: the fused ops as Triton kernels (resnet_fused/kernels/triton), through the torch.library
+ops that triton_library.py registers (torch.ops.resnet_fused_triton.*).
 
 Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1, for tests).
 Triton is imported on first use, not when resnet_fused is imported: the package works without it, and tests
@@ -23,7 +24,7 @@ def _load():
     global _ops, _load_error
     if _ops is None and _load_error is None:
         try:
-            from ...kernels.triton import library  # noqa: F401  (registers torch.ops.resnet_fused_triton.*)
+            from . import triton_library  # noqa: F401  (registers torch.ops.resnet_fused_triton.*)
             _ops = torch.ops.resnet_fused_triton
         except Exception as exc:  # ImportError, or a triton too old for the kernels
             _load_error = f"triton is not importable ({type(exc).__name__}: {exc})"
@@ -67,7 +68,7 @@ class TritonBackend(Backend):
             return _load_error
         return None
 
-    def pack_conv(self, weight, scale, shift):
+    def pack_conv(self, weight, scale, shift, stride, padding):
         from ...kernels.triton.conv_bn_act import pack_weight
 
         return TritonConvPack(pack_weight(weight), scale.float().contiguous(), shift.float().contiguous(),
@@ -79,17 +80,23 @@ class TritonBackend(Backend):
             return self.bn_act(conv, scale, shift, residual, relu)
         return super().conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu)
 
-    def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
+    def conv_bn_act_packed(self, x, pack, residual, relu):
+        payload = pack.payload
         if _wants_grad(x, residual):
             # x and residual get gradients, as on the other backends; the pack is a constant, so conv2d reads its
             # weight back out of it
             from ...kernels.triton.conv_bn_act import unpack_weight
 
-            weight = unpack_weight(pack.weight, x.shape[1], pack.kernel_h, pack.kernel_w)
-            conv = torch.nn.functional.conv2d(x, weight, None, stride, padding)
-            return self.bn_act(conv, pack.scale, pack.shift, residual, relu)
-        return (_ops or _load()).conv_bn_act(x, pack.weight, pack.scale, pack.shift, residual,
-                                             pack.kernel_h, pack.kernel_w, stride, padding, relu)
+            weight = unpack_weight(payload.weight, x.shape[1], payload.kernel_h, payload.kernel_w)
+            conv = torch.nn.functional.conv2d(x, weight, None, pack.stride, pack.padding)
+            return self.bn_act(conv, payload.scale, payload.shift, residual, relu)
+        return (_ops or _load()).conv_bn_act(x, payload.weight, payload.scale, payload.shift, residual,
+                                             payload.kernel_h, payload.kernel_w, pack.stride, pack.padding, relu)
+
+    def bind_conv(self, pack, input_shape, relu):
+        op, payload, stride, padding = (_ops or _load()).conv_bn_act.default, pack.payload, pack.stride, pack.padding
+        weight, scale, shift, kernel_h, kernel_w = payload
+        return lambda x, residual: op(x, weight, scale, shift, residual, kernel_h, kernel_w, stride, padding, relu)
 
     def bn_act(self, x, scale, shift, residual, relu):
         return (_ops or _load()).bn_act(x, scale, shift, residual, relu)

@@ -1,4 +1,5 @@
-"""Fake (meta) kernels and autograd for the C++ extension's ops, torch.ops.resnet_fused.*.
+"""Fake (meta) kernels and autograd for the C++ extension's ops, torch.ops.resnet_fused.* (their schemas and
+kernels are in csrc/).
 
     conv_bn_act(x, w, scale, shift, residual, stride, padding, relu)
         y = act(conv2d(x, w, stride, padding) * scale[c] + shift[c] (+ residual))
@@ -20,18 +21,16 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_same_device
+from ..autograd import (_channel_sum, _grad_or_none, _masked_grad, backward_add_relu, backward_bn_act,
+                        setup_add_relu, setup_bn_act)
+from ..geometry import conv_output_shape
+from ..validation import check_same_device
 
-CL = torch.channels_last
 _registered = False
 
 
-def _out_size(size, kernel, stride, padding):
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def _empty_like_output(x, channels, height, width):
-    return torch.empty((x.shape[0], channels, height, width), dtype=x.dtype, device=x.device, memory_format=CL)
+def _empty_output(x, shape):
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 # ---- fake kernels ---------------------------------------------------------------------------------------------
@@ -45,9 +44,7 @@ def _same_device(x, **tensors):
 
 
 def _conv_output(x, weight, stride, padding):
-    height = _out_size(x.shape[2], weight.shape[2], stride, padding)
-    width = _out_size(x.shape[3], weight.shape[3], stride, padding)
-    return _empty_like_output(x, weight.shape[0], height, width)
+    return _empty_output(x, conv_output_shape(x.shape, weight.shape[0], weight.shape[2:], stride, padding))
 
 
 def _fake_conv_bn_act(x, weight, scale, shift, residual, stride, padding, relu):
@@ -62,19 +59,15 @@ def _fake_conv_bias_act(x, weight, bias, residual, stride, padding, relu):
 
 def _fake_bn_act(x, scale, shift, residual, relu):
     _same_device(x, scale=scale, shift=shift, residual=residual)
-    return _empty_like_output(x, *x.shape[1:])
+    return _empty_output(x, x.shape)
 
 
 def _fake_add_relu(x, residual):
     _same_device(x, residual=residual)
-    return _empty_like_output(x, *x.shape[1:])
+    return _empty_output(x, x.shape)
 
 
 # ---- autograd -------------------------------------------------------------------------------------------------
-
-from .autograd import (_channel_sum, _grad_or_none, _masked_grad, backward_add_relu, backward_bn_act,
-                       setup_add_relu, setup_bn_act)
-
 
 def _setup_conv(ctx, inputs, output):
     x, weight, scale_or_bias, shift, residual, stride, padding, relu = inputs

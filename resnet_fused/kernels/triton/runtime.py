@@ -1,5 +1,5 @@
-"""What the Triton kernels share: whether they run in the interpreter, the launchers' device check and guard,
-and the NaN-keeping ReLU."""
+"""What the Triton kernels share: whether they run in the interpreter, the launchers' device guard, and the
+NaN-keeping ReLU."""
 
 from __future__ import annotations
 
@@ -21,13 +21,6 @@ def _interpreting() -> bool:
 
 # Fixed when the kernels are defined (triton.jit reads it at decoration time), so it is read once here.
 INTERPRET = _interpreting()
-
-
-def check_device(x: torch.Tensor) -> None:
-    """Triton reads CUDA memory, or CPU memory only in the interpreter: say so instead of a pointer error."""
-    if x.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"x is on {x.device}: Triton kernels need a CUDA tensor "
-                         f"(or TRITON_INTERPRET=1 set before triton is imported, for tests on CPU)")
 
 
 def device_guard(x: torch.Tensor):

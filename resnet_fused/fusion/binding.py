@@ -1,0 +1,164 @@
+"""Decide once, run many: a fused module's forward bound to the current state of its modules.
+
+A fused module (blocks.py) keeps Bindings: the packs of its units and, per input signature, its forward as a
+plain loop over the steps that unit.decide chose. A call replays them when nothing they depend on changed:
+
+    the change counter (changes.epoch: optimizer steps, registrations, hooks, train/eval, conversions),
+    its units' tensors (versions, storages, requires_grad) and attributes (conv geometry, BN eps/momentum/flags),
+    the input's signature (shape, dtype, device, requires_grad, grad mode, autocast, the default backend).
+
+Otherwise it decides again while running (`execute`), and keeps the result where every step is replayable.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+from ..ops.registry import get_backend
+from . import changes
+from .eligibility import _autocast_available, batch_stats
+from .plan import ModuleShortcut, ResidualPlan
+from .unit import decide, unit_eager
+
+_CONV_ATTRS = attrgetter("stride", "padding", "dilation", "groups", "padding_mode")
+_BN_ATTRS = attrgetter("eps", "momentum", "training", "track_running_stats")
+
+
+def _none():
+    return None
+
+
+class Bindings:
+    """The packs and bound forwards of one fused module, valid while `is_current()`. Copies and pickles of a
+    module carry none (packs may be opaque oneDNN tensors): they come out as None."""
+
+    __slots__ = ("epoch", "convs", "bns", "tensors", "attrs", "packs", "runs")
+
+    def __init__(self, convs, bns):
+        self.epoch = changes.epoch()
+        # Modules that are no conv or BatchNorm (a unit's conv replaced by a wrapper) run as they are on every call
+        self.convs = tuple(conv for conv in convs if isinstance(conv, nn.Conv2d))
+        self.bns = tuple(bn for bn in bns if isinstance(bn, _BatchNorm))
+        watched = [t for conv in self.convs for t in (conv.weight, conv.bias)]
+        for bn in self.bns:  # running statistics only where eval reads them: training updates them every call
+            watched += [bn.weight, bn.bias]
+            if not batch_stats(bn):
+                watched += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+        self.tensors = changes.TensorState([t for t in watched if t is not None])  # raises for inference tensors
+        self.attrs = self._attrs()
+        self.packs: dict = {}
+        self.runs: dict = {}
+
+    def _attrs(self) -> tuple:
+        return tuple(map(_CONV_ATTRS, self.convs)), tuple(map(_BN_ATTRS, self.bns))
+
+    def is_current(self) -> bool:
+        return (self.epoch == (changes._Counter.value, RemovableHandle.next_id) and self.tensors.is_current()
+                and self.attrs == (tuple(map(_CONV_ATTRS, self.convs)), tuple(map(_BN_ATTRS, self.bns))))
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return _none, ()
+
+
+def signature(x: torch.Tensor, backend: str) -> tuple:
+    """What of an input and of the calling context the bound steps depend on."""
+    device_type = x.device.type
+    autocast = _autocast_available(device_type) and torch.is_autocast_enabled(device_type) and \
+        torch.get_autocast_dtype(device_type)
+    return (x.shape, x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(), autocast,
+            get_backend() if backend == "auto" else backend)
+
+
+# ------------------------------------------------------------------------------------------------ execution
+
+
+DecideUnit = Callable[..., tuple]  # (conv, bn, x, residual, relu, promote, name) -> (step, replayable)
+
+
+def fused_units(backend: Optional[str], packs: Optional[dict]) -> DecideUnit:
+    """Each unit as unit.decide chooses (packs None: fold on every call, for torch.compile)."""
+    def choose(conv, bn, x, residual, relu, promote, name):
+        return decide(conv, bn, x, residual, relu, backend, promote, packs, name)
+    return choose
+
+
+def eager_units(conv, bn, x, residual, relu, promote, name):
+    """Each unit's modules called one by one (for hooks registered on every module)."""
+    return (lambda x, residual: unit_eager(conv, bn, x, residual, relu, promote)), False
+
+
+def execute(block: torch.nn.Module, plan: ResidualPlan, x: torch.Tensor, choose: DecideUnit,
+            record: Optional[list] = None) -> torch.Tensor:
+    """Run `plan` on `block`'s submodules, each unit as `choose` decides, the residual add+ReLU in the last main
+    unit; append each (step, replayable) to `record`, in execution order."""
+    def run(units, x, residual=None, promote=False):
+        last = len(units) - 1
+        for i, unit in enumerate(units):
+            conv = block.get_submodule(unit.conv)
+            bn = block.get_submodule(unit.bn) if unit.bn else None
+            res = residual if i == last else None
+            step, replayable = choose(conv, bn, x, res, unit.relu or res is not None, promote, unit.conv)
+            if record is not None:
+                record.append((step, replayable))
+            x = step(x, res)
+        return x
+
+    main = plan.main
+    if plan.shortcut is None:
+        identity = x
+    elif isinstance(plan.shortcut, ModuleShortcut):
+        # It may modify its input in place: it runs where the block ran it, after the units that read x first.
+        head, main = main[:plan.shortcut.after], main[plan.shortcut.after:]
+        out = run(head, x)
+        identity = block.get_submodule(plan.shortcut.name)(x)
+        x = out
+    else:
+        identity = run(plan.shortcut, x)
+    return run(main, x, residual=identity, promote=plan.promote)
+
+
+def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: DecideUnit) -> Callable:
+    """The forward `execute` recorded, as a loop over its steps. After a module shortcut, whose output the plan
+    cannot predict, the last unit is decided on every call (its packs stay cached)."""
+    shortcut = plan.shortcut
+    if isinstance(shortcut, ModuleShortcut):
+        head, (*middle, _) = steps[:shortcut.after], steps[shortcut.after:]
+        module = block.get_submodule(shortcut.name)
+        unit = plan.main[-1]
+        conv = block.get_submodule(unit.conv)
+        bn = block.get_submodule(unit.bn) if unit.bn else None
+
+        def last(y, identity):
+            return choose(conv, bn, y, identity, True, plan.promote, unit.conv)[0](y, identity)
+
+        def forward(x):
+            y = x
+            for step in head:
+                y = step(y, None)
+            identity = module(x)
+            for step in middle:
+                y = step(y, None)
+            return last(y, identity)
+        return forward
+
+    short = steps[:len(shortcut)] if shortcut else ()
+    *middle, last = steps[len(short):]
+
+    def forward(x):
+        identity = x
+        for step in short:
+            identity = step(identity, None)
+        y = x
+        for step in middle:
+            y = step(y, None)
+        return last(y, identity)
+    return forward
