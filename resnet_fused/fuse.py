@@ -25,8 +25,8 @@ from torch import nn
 
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
                      FusedBottleneck, FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
-from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, node_kind,
-                              reached_descendants, trace_shallow)
+from .fusion.analysis import _steps_of_module, ambient_context, find_chains, match_residual, node_kind, trace_shallow
+from .fusion.bytecode import reached_descendants
 from .fusion.conv_bn import call_override_reason, has_hooks, kernel_unsupported_reason
 from .fusion.plan import ModuleShortcut, ResidualPlan, global_module_hooks
 from .ops.registry import _check_name
