@@ -12,6 +12,7 @@ Forwards fx cannot trace are read from their bytecode instead (bytecode.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from collections import Counter
 from dataclasses import dataclass
@@ -69,7 +70,17 @@ class _Proxy(fx.Proxy):
 
 
 class _ShallowTracer(fx.Tracer):
-    """Every registered submodule is a leaf; a module built inside forward (nn.ReLU()(x)) is traced through."""
+    """fx's graph of `root.forward` alone: every registered descendant is a leaf (a call_module node); a module
+    built inside forward (nn.ReLU()(x)) is traced through.
+
+    fx's own `Tracer.trace` patches nn.Module.__call__ and __getattr__ on the class, for every thread of the
+    process, for as long as it traces: a module running in another thread then meets this tracer, and two traces
+    at once restore each other's patches in the wrong order. This tracer patches nothing shared: it catches the
+    calls of root's descendants one instance at a time (nn.Module.__call__ runs an instance's
+    `_compiled_call_impl` first, where `module.compile()` puts its compiled call), and fuse_model traces its own
+    copy of the model, so no other code ever sees those instances caught. It leaves out what fx's patch adds:
+    parameters read in forward are values, not proxies, and `torch.fx.wrap`/math functions are not autowrapped
+    (a forward that needs either fails to trace, and is left as it is)."""
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -82,41 +93,76 @@ class _ShallowTracer(fx.Tracer):
         node.meta["rf_context"] = _context()  # fx records no `with torch.no_grad()` / autocast: keep the state
         return node
 
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            self.path_of_module(m)
-        except NameError:
-            if type(m) is nn.ReLU and not has_hooks(m):
-                return self.create_proxy("call_function", torch.relu, (args[0],), {})
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+    def create_arg(self, a):
+        # fx stores a tensor that is no attribute of root (a value computed from parameters) on root as
+        # `_tensor_constant<i>`: the graph is only read here, so leave the module as it was
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a not in self.tensor_attrs \
+                and not any(a is b for b in self.root.buffers()):
+            return self.create_node("get_attr", "<tensor constant>", (), {})
+        return super().create_arg(a)
+
+    def trace(self, root: nn.Module) -> fx.Graph:
+        if not (nn.Module.__call__ is _MODULE_CALL and nn.Module.__getattr__ is _MODULE_GETATTR):
+            raise RuntimeError(_PATCHED)
+        self.root = root
+        self.submodule_paths = {m: name for name, m in root.named_modules()}
+        self.tensor_attrs = {}  # tensors held as plain attributes, as fx collects them: read as get_attr nodes
+        for prefix, m in root.named_modules():
+            for key, value in m.__dict__.items():
+                if isinstance(value, torch.Tensor):
+                    self.tensor_attrs[value] = f"{prefix}.{key}" if prefix else key
+        self.graph = fx.Graph(tracer_cls=type(self))
+        forward, args = self.create_args_for_root(type(root).forward, True, None)
+        descendants = [m for m in root.modules() if m is not root]
+        with _on_instances(descendants, "_compiled_call_impl", lambda m: functools.partial(self._leaf_call, m)):
+            out = forward(*args)
+        if not (nn.Module.__call__ is _MODULE_CALL and nn.Module.__getattr__ is _MODULE_GETATTR):
+            raise RuntimeError(_PATCHED)  # patched meanwhile: the calls went elsewhere
+        self.create_node("output", "output", (self.create_arg(out),), {})
+        return self.graph
+
+    def _leaf_call(self, module: nn.Module, *args, **kwargs):
+        return self.call_module(module, module.forward, args, kwargs)
 
 
+_ABSENT = object()
+_MODULE_CALL, _MODULE_GETATTR = nn.Module.__call__, nn.Module.__getattr__
+_PATCHED = ("nn.Module.__call__ or __getattr__ is patched while fusing (torch.fx.symbolic_trace running in another "
+            "thread patches them for every thread)")
 _REPLACEABLE = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)  # what chains swap out (exact types)
 
 
 def trace_shallow(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], Set[int]]:
     """(graph, None, forwarded), or (None, why tracing failed, forwarded).
 
-    forwarded: ids of descendants whose `.forward` the forward calls directly (`self.conv.forward(x)`): fx traces
-    through such a call, leaving no call_module node, so a chain would swap the module without seeing the call.
+    forwarded: ids of descendants whose `.forward` the forward calls directly (`self.conv.forward(x)`): that
+    call bypasses __call__, leaving no call_module node, so a chain would swap the module without seeing the call.
     """
     forwarded: Set[int] = set()
     wrapped = [m for m in module.modules() if m is not module and type(m) in _REPLACEABLE]
-    saved = [(m, m.__dict__.get("forward")) for m in wrapped]
-    for m in wrapped:  # Tracer.call_module never runs a leaf's forward: any call of it comes from elsewhere
-        m.__dict__["forward"] = _recording_forward(m, m.forward, forwarded)
+    # a leaf's call never runs its forward: any call of it comes from elsewhere
     try:
-        return _ShallowTracer().trace(module), None, forwarded
+        with _on_instances(wrapped, "forward", lambda m: _recording_forward(m, m.forward, forwarded)):
+            return _ShallowTracer().trace(module), None, forwarded
     except Exception as error:  # fx raises many types (TraceError, TypeError, NameError, ...): all mean "not provable"
         first_line = (str(error).strip().splitlines() or [""])[0]
         return None, f"forward is not traceable by torch.fx ({type(error).__name__}: {first_line[:120]})", forwarded
+
+
+@contextlib.contextmanager
+def _on_instances(modules, name: str, make):
+    """Set `name` in each module's own __dict__ (shadowing its class's attribute) to make(module); then restore."""
+    saved = [(m, m.__dict__.get(name, _ABSENT)) for m in modules]
+    try:
+        for m in modules:
+            m.__dict__[name] = make(m)
+        yield
     finally:
-        for m, forward in saved:
-            if forward is None:
-                del m.__dict__["forward"]
+        for m, value in saved:
+            if value is _ABSENT:
+                m.__dict__.pop(name, None)
             else:
-                m.__dict__["forward"] = forward
+                m.__dict__[name] = value
 
 
 def _recording_forward(module: nn.Module, forward, forwarded: Set[int]):
