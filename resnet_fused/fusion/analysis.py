@@ -33,6 +33,7 @@ _ADD_METHODS = {"add", "add_"}
 
 
 _INPLACE_ADDS = {("call_function", operator.iadd), ("call_method", "add_")}
+_CLONES = {("call_function", torch.clone), ("call_method", "clone")}
 
 
 def _context() -> tuple:
@@ -204,6 +205,8 @@ def _only_tensor_arg(node: fx.Node) -> Optional[fx.Node]:
 def node_kind(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
         return _module_kind(root.get_submodule(node.target))
+    if (node.op, node.target) in _CLONES and len(node.args) == 1 and not node.kwargs:
+        return "identity"  # a copy of the value: the residual and the chains read the same numbers
     if node.op == "call_function":
         if node.target in _RELU_FUNCTIONS:
             return "relu"
@@ -222,9 +225,10 @@ def node_kind(node: fx.Node, root: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class _Step:
-    kind: str  # conv, bn, relu, identity, module
-    name: Optional[str]
+    kind: str  # conv, bn, relu, identity, module, or a node's op
+    name: Optional[str]  # the module's (None: a function or method call)
     why: Optional[str] = None  # for a "module" step that could have been flattened
+    label: str = ""  # how a reason names a function or method call
 
 
 def _sequential_entries(module: nn.Sequential, name: str) -> List[Tuple[str, Optional[nn.Module]]]:
@@ -273,7 +277,7 @@ def _steps(path: List[fx.Node], root: nn.Module) -> List[_Step]:
         if node.op == "call_module":
             steps += _steps_of_module(root.get_submodule(node.target), node.target)
         else:
-            steps.append(_Step(node_kind(node, root), None))
+            steps.append(_Step(node_kind(node, root), None, label=describe(node, root)))
     return steps
 
 
@@ -291,8 +295,8 @@ def _units(steps: List[_Step]) -> Tuple[Optional[Tuple[Unit, ...]], Optional[str
         elif step.kind == "relu" and current is not None:
             current[2] = True
         else:
-            what = step.name or "a function call"
-            return None, f"{what} ({step.why or step.kind}) is not a conv -> BatchNorm -> ReLU step"
+            what = f"{step.name} ({step.why or step.kind})" if step.name else step.label
+            return None, f"{what} is not a conv -> BatchNorm -> ReLU step"
     if current:
         units.append(Unit(*current))
     return tuple(units), None
@@ -302,74 +306,137 @@ def _modules_of(units) -> List[str]:
     return [n for u in units for n in (u.conv, u.bn) if n]
 
 
-def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[ResidualPlan], str, List[str]]:
-    """(plan, "", []) if forward(x) == relu(main(x) + shortcut(x)) exactly; else (None, reason, blocking names)."""
+def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[ResidualPlan], str]:
+    """(plan, "") if forward(x) == relu(main(x) + shortcut(x)) exactly; else (None, the reason, naming the node
+    that blocks it)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
     if len(placeholders) != 1:
-        return None, f"forward takes {len(placeholders)} inputs, not one", []
+        return None, f"forward takes {len(placeholders)} inputs, not one"
     x = placeholders[0]
     last = output.args[0]
-    if not isinstance(last, fx.Node) or node_kind(last, module) != "relu" or _only_tensor_arg(last) is None:
-        return None, "the output is not relu(...)", []
+    if not isinstance(last, fx.Node):
+        return None, f"the output is a {type(last).__name__}, not relu(...) of a tensor"
+    if node_kind(last, module) != "relu" or _only_tensor_arg(last) is None:
+        return None, f"the output comes from {describe(last, module)}, not from a ReLU"
     add = last.args[0]
-    if node_kind(add, module) != "add" or list(add.users) != [last]:
-        return None, "the output is not relu(a + b)", []
-    if not all(isinstance(a, fx.Node) for a in add.args):
-        return None, "the residual add has a non-tensor operand", []
+    if node_kind(add, module) != "add":
+        return None, f"the final ReLU's input comes from {describe(add, module)}, not from an add"
+    if list(add.users) != [last]:
+        other = next(u for u in add.users if u is not last)
+        return None, f"the sum before the final ReLU is also read by {describe(other, module)}"
+    constants = [a for a in add.args if not isinstance(a, fx.Node)]
+    if constants:
+        return None, f"the residual add has an operand that is not a tensor ({constants[0]!r})"
     if add.args[0] is add.args[1]:  # out + out: one branch computed once, not a main branch plus a shortcut
-        return None, "both operands of the add are the same value", []
+        return None, f"both operands of the add are the same value ({describe(add.args[0], module)})"
     changed = context_changes(graph)
     if changed:  # the fused block runs in its caller's grad mode / autocast state, not the one forward sets
         return None, f"forward changes grad mode or autocast (torch.no_grad, autocast, ...) around " \
-                     f"{', '.join(str(n.target) for n in changed[:4])}", []
-    inplace = (add.op, add.target) in _INPLACE_ADDS
-    reason, blocking = "neither operand of the add is a conv-BN chain from the input", []
+                     f"{', '.join(describe(n, module) for n in changed[:4])}"
+    # Each operand of the add is tried as the main branch; where neither fits, the reason is the one from the
+    # operand that came furthest (the one that really is the main branch).
+    best = (-1, "")
     for main_end, short_end in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
-        main_path = _linear_path(main_end, x)
-        if main_path is None or not main_path or list(main_path[-1].users) != [add]:
-            continue
-        if inplace and add.args[0] is not main_end:
-            # x += out writes into the block's input (or the shortcut's output, which may be it): the caller sees
-            # that change; the fused block writes into nothing
-            reason = "the in-place add writes into the shortcut's value, not into the main branch's"
-            continue
-        main, why = _units(_steps(main_path, module))
-        if main is None:
-            reason = f"main branch: {why}"
-            blocking = [s.name for s in _steps(main_path, module) if s.kind in ("module",) and s.name]
-            continue
-        if not main or main[-1].relu:
-            reason = "main branch does not end in conv(-BN) before the add"
-            continue
-        shortcut, short_path = _shortcut(short_end, x, add, module)
-        if shortcut == "fail":
-            reason = "the shortcut is not the input, a conv-BN chain or one module applied to the input"
-            continue
-        if set(main_path) & set(short_path):
-            reason = "the main branch and the shortcut share nodes"
-            continue
-        used = set(main_path) | set(short_path) | {add, last, x, output}
-        extra = [n for n in graph.nodes if n not in used]
-        if extra:
-            return None, f"forward also computes {', '.join(str(n.target) for n in extra[:4])}", \
-                [str(n.target) for n in extra if n.op == "call_module"]
-        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-        names = _modules_of(main) + (_modules_of(shortcut) if isinstance(shortcut, tuple) else [])
-        roots = {name.split(".")[0] for name in names}
-        if any(calls[r] > 1 for r in roots):
-            return None, "a conv or BatchNorm module is called more than once", []
-        ids = [id(module.get_submodule(name)) for name in names]
-        if isinstance(shortcut, ModuleShortcut):
-            ids += [id(m) for m in module.get_submodule(shortcut.name).modules()]
-        if len(set(ids)) != len(ids):  # the fused block would change the order of its calls (BN statistics)
-            return None, "a conv or BatchNorm module is used twice in the block", []
-        if isinstance(shortcut, ModuleShortcut):
-            shortcut, why = _ordered(shortcut, short_path[0], main_path, main, graph, module)
-            if shortcut is None:
-                return None, why, []
-        return ResidualPlan(main, shortcut, promote=not inplace), "", []
-    return None, reason, blocking
+        found = _as_main_branch(module, graph, x, add, {x, add, last, output}, main_end, short_end)
+        if isinstance(found, ResidualPlan):
+            return found, ""
+        best = max(best, found, key=lambda f: f[0])
+    return None, best[1]
+
+
+def _as_main_branch(module, graph, x, add, fixed, main_end, short_end):
+    """The plan with main_end as the main branch's output, or (how far the match came, why it failed there)."""
+    main_path = _linear_path(main_end, x)
+    if main_path is None:
+        return 0, f"main branch: {_path_break(main_end, x, module)}"
+    if not main_path:
+        return 0, "main branch: the add reads the input itself"
+    if list(main_path[-1].users) != [add]:
+        other = next(u for u in main_path[-1].users if u is not add)
+        return 1, f"main branch: its output ({describe(main_end, module)}) is also read by {describe(other, module)}"
+    inplace = (add.op, add.target) in _INPLACE_ADDS
+    if inplace and add.args[0] is not main_end:
+        # x += out writes into the block's input (or the shortcut's output, which may be it): the caller sees
+        # that change; the fused block writes into nothing
+        return 1, f"the in-place add writes into the shortcut's value ({describe(add.args[0], module)}), not " \
+                  f"into the main branch's"
+    steps = _steps(main_path, module)
+    main, why = _units(steps)
+    if main is None:
+        return 2, f"main branch: {why}"
+    if not main or main[-1].relu:
+        return 3, f"main branch: it ends in {describe(main_end, module)}, not in a conv or BatchNorm before the add"
+    shortcut, short_path = _shortcut(short_end, x, add, module)
+    if isinstance(shortcut, str):
+        return 4, f"shortcut: {shortcut}"
+    shared = [n for n in main_path if n in set(short_path)]
+    if shared:
+        return 5, f"the main branch and the shortcut share {describe(shared[0], module)}"
+    used = set(main_path) | set(short_path) | fixed
+    extra = [n for n in graph.nodes if n not in used]
+    if extra:
+        return 6, f"forward also computes {', '.join(describe(n, module) for n in extra[:4])}"
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    names = _modules_of(main) + (_modules_of(shortcut) if isinstance(shortcut, tuple) else [])
+    repeated = [r for r in dict.fromkeys(name.split(".")[0] for name in names) if calls[r] > 1]
+    if repeated:
+        return 6, f"a conv or BatchNorm module is called more than once ({repeated[0]})"
+    modules = [(name, module.get_submodule(name)) for name in names]
+    if isinstance(shortcut, ModuleShortcut):
+        modules += [(f"{shortcut.name}.{n}".rstrip("."), m) for n, m in
+                    module.get_submodule(shortcut.name).named_modules(remove_duplicate=False)]
+    seen = {}
+    for name, m in modules:  # the fused block would change the order of its calls (BN statistics)
+        if id(m) in seen:
+            return 6, f"a conv or BatchNorm module is used twice in the block ({seen[id(m)]} is {name})"
+        seen[id(m)] = name
+    if isinstance(shortcut, ModuleShortcut):
+        shortcut, why = _ordered(shortcut, short_path[0], main_path, main, graph, module)
+        if shortcut is None:
+            return 6, why
+    return ResidualPlan(main, shortcut, promote=not inplace)
+
+
+def _path_break(end: fx.Node, start: fx.Node, module: nn.Module) -> str:
+    """Why the values before `end` are no single chain back to `start`: the node where it breaks, named."""
+    node = end
+    while node is not start:
+        previous = _only_tensor_arg(node) if node.op != "placeholder" else None
+        if previous is None:
+            others = [describe(a, module) for a in node.args[1:] if isinstance(a, fx.Node)]
+            return f"{describe(node, module)} " + (f"also takes {', '.join(others)}" if others else
+                                                   "takes arguments besides the value before it")
+        if list(previous.users) != [node] and previous is not start:
+            other = next(u for u in previous.users if u is not node)
+            return f"{describe(previous, module)} is also read by {describe(other, module)}"
+        node = previous
+    return "it is no chain from the input"  # not reached: _linear_path found no break either
+
+
+_OPERATORS = {operator.add: "+", operator.iadd: "+=", operator.sub: "-", operator.mul: "*", operator.imul: "*=",
+              operator.truediv: "/", operator.matmul: "@", operator.getitem: "[]", operator.neg: "unary -"}
+
+
+def describe(node, module: nn.Module, prefix: str = "") -> str:
+    """A node as a reader of the forward would name it: `se (Sequential)`, `.mean()`, `torch.cat()`, `*`; modules
+    by their name in the model when `module` is the model's module `prefix`."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "call_module":
+        name = f"{prefix}.{node.target}" if prefix else node.target
+        return f"{name} ({type(module.get_submodule(node.target)).__name__})"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        if node.target in _OPERATORS:
+            return f"the operator {_OPERATORS[node.target]}"
+        owner = getattr(node.target, "__module__", None) or "torch"
+        owner = "torch" if owner.startswith("torch._") else owner
+        return f"{owner}.{getattr(node.target, '__name__', node.target)}()"
+    if node.op == "get_attr":
+        return f"the attribute {node.target}"
+    return "the input" if node.op == "placeholder" else str(node.target)
 
 
 def _ordered(shortcut: ModuleShortcut, node: fx.Node, main_path, main, graph: fx.Graph, module: nn.Module):
@@ -379,26 +446,37 @@ def _ordered(shortcut: ModuleShortcut, node: fx.Node, main_path, main, graph: fx
     order = {n: i for i, n in enumerate(graph.nodes)}
     before = sum(step.kind == "conv" for n in main_path if order[n] < order[node] for step in _steps([n], module))
     if before >= len(main) == 1:
-        return None, "the shortcut module runs after the one-unit main branch read the input (it may modify " \
-                     "the input in place, and the unit's epilogue needs its output first)"
+        return None, f"the shortcut module {shortcut.name} runs after the one-unit main branch read the input (it " \
+                     f"may modify the input in place, and the unit's epilogue needs its output first)"
     return ModuleShortcut(shortcut.name, min(before, len(main) - 1)), ""
 
 
 def _shortcut(end: fx.Node, x: fx.Node, add: fx.Node, module: nn.Module):
+    """(None for the input itself | conv-BN units | ModuleShortcut, its nodes), or (why it is none of those, [])."""
     if end is x:
         return None, []
     path = _linear_path(end, x)
-    if path is None or list(path[-1].users) != [add]:
-        return "fail", []
+    if path is None:
+        return _path_break(end, x, module), []
+    if list(path[-1].users) != [add]:
+        other = next(u for u in path[-1].users if u is not add)
+        return f"its output ({describe(end, module)}) is also read by {describe(other, module)}", []
     steps = _steps(path, module)
     if all(s.kind == "identity" for s in steps):
         return None, path
-    units, _ = _units(steps)
+    units, why = _units(steps)
     if units:
         return units, path
     if len(path) == 1 and path[0].op == "call_module":
         return ModuleShortcut(path[0].target), path
-    return "fail", []
+    calls = [n for n in path if n.op == "call_module"]
+    if len(calls) == 1 and all(node_kind(n, module) == "identity" for n in path if n is not calls[0]):
+        # x.clone() before a module run as is: that module may write into what it gets, the fused block would
+        # hand it the input itself
+        copies = ", ".join(describe(n, module) for n in path if n is not calls[0])
+        return f"{describe(calls[0], module)} is a module run as is, and gets a copy of the input ({copies}) " \
+               f"that the fused block would not make", []
+    return f"it is not the input, a conv-BN chain or one module applied to the input: {why}", []
 
 
 # ------------------------------------------------------------------------------------------- chains
@@ -409,49 +487,81 @@ class Chain:
     conv: str
     bn: Optional[str]
     relu: Optional[str]  # the nn.ReLU child that becomes an AbsorbedReLU (None: no ReLU fused)
+    note: str = ""  # why a ReLU that follows stays apart
 
 
-def find_chains(module: nn.Module, graph: fx.Graph, usable) -> Tuple[List[Chain], dict]:
+def find_chains(module: nn.Module, graph: fx.Graph, blocker, prefix: str = "") -> Tuple[List[Chain], dict]:
     """conv -> BN (-> ReLU module) runs among `module`'s direct children, with each value read only by the next.
 
-    usable(name) says whether the direct child `name` may be swapped (not shared, not called from elsewhere).
-    Returns the chains and, for convs that could not be fused, the reason (by child name).
+    blocker(name) says why the direct child `name` may not be swapped (shared, called from elsewhere, hooked), or
+    None. Returns the chains and, for convs that could not be fused, the reason (by child name). Reasons name
+    modules by their name in the model: `prefix` is `module`'s.
     """
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    single = lambda n: n.op == "call_module" and "." not in n.target and calls[n.target] == 1 and usable(n.target)
+    describe_ = lambda n: describe(n, module, prefix)  # noqa: E731
+
+    def unswappable(n: fx.Node) -> Optional[str]:
+        if "." in n.target:
+            return f"{describe_(n)} is called through its parent module, which stays as it is"
+        if calls[n.target] > 1:
+            return f"{describe_(n)} is called {calls[n.target]} times in forward"
+        return blocker(n.target)
+
     chains, why = [], {}
     for node in graph.nodes:
         if node.op != "call_module" or node_kind(node, module) != "conv":
             continue
-        if type(module.get_submodule(node.target)) is not nn.Conv2d or not single(node):
-            why[node.target] = "shared, called more than once or a conv subclass"
+        conv = module.get_submodule(node.target)
+        reason = unswappable(node) or (None if type(conv) is nn.Conv2d else
+                                       f"{describe_(node)} is a subclass of nn.Conv2d")
+        if reason:
+            why[node.target] = reason
             continue
         # the fused conv runs the BN and ReLU in its own call's grad mode / autocast state: they must share it
         same_context = lambda n: n.meta.get("rf_context") == node.meta.get("rf_context")
-        users = list(node.users)
-        bn_node = users[0] if len(users) == 1 and users[0].op == "call_module" else None
-        if bn_node is not None and not (node_kind(bn_node, module) == "bn" and single(bn_node)
-                                        and _only_tensor_arg(bn_node) is node and same_context(bn_node)
-                                        and type(module.get_submodule(bn_node.target)) is nn.BatchNorm2d):
-            bn_node = None
+        bn_node, bn_reason = _following_bn(node, module, prefix, unswappable, same_context)
         tail = bn_node or node
-        relu = _following_relu(tail, module, lambda n: single(n) and same_context(n))
+        relu, note = _following_relu(tail, module, prefix, lambda n: unswappable(n) or (
+            None if same_context(n) else "runs under another grad mode or autocast state"))
         if bn_node is None and relu is None:
-            why[node.target] = "not followed by a BatchNorm2d or ReLU module that only it feeds"
+            why[node.target] = f"its output {bn_reason}"
             continue
-        chains.append(Chain(node.target, bn_node.target if bn_node else None, relu))
+        chains.append(Chain(node.target, bn_node.target if bn_node else None, relu, note))
     return chains, why
 
 
-def _following_relu(node: fx.Node, module: nn.Module, single) -> Optional[str]:
+def _following_bn(conv: fx.Node, module: nn.Module, prefix: str, unswappable, same_context):
+    """(the BatchNorm2d node that alone reads the conv's output and can be absorbed, "") or (None, why not)."""
+    users = list(conv.users)
+    if len(users) != 1:
+        return None, f"is read by {len(users)} nodes" if users else "is not used"
+    user = users[0]
+    if user.op != "call_module" or node_kind(user, module) != "bn" \
+            or type(module.get_submodule(user.target)) is not nn.BatchNorm2d:
+        return None, f"goes to {describe(user, module, prefix)}, not to a BatchNorm2d or ReLU module"
+    if _only_tensor_arg(user) is not conv:
+        return None, f"goes to {describe(user, module, prefix)} with other arguments"
+    reason = unswappable(user) or (None if same_context(user) else
+                                   f"{describe(user, module, prefix)} runs under another grad mode or autocast state")
+    return (None, f"goes to {describe(user, module, prefix)}, which cannot be absorbed: {reason}") if reason else (user, "")
+
+
+def _following_relu(node: fx.Node, module: nn.Module, prefix: str, unswappable) -> Tuple[Optional[str], str]:
+    """(the ReLU module that alone reads the node's value, through identities, "") or (None, why a ReLU that does
+    stays apart: "" if none does)."""
     while len(node.users) == 1:
         previous, node = node, next(iter(node.users))
         if _only_tensor_arg(node) is not previous:
-            return None
-        kind = node_kind(node, module) if node.op == "call_module" else None
-        if kind == "identity":
+            return None, ""
+        kind = node_kind(node, module)
+        if kind == "identity" and node.op == "call_module":
             continue
-        if kind == "relu" and single(node):
-            return node.target
-        return None
-    return None
+        if kind != "relu":
+            return None, ""
+        if node.op != "call_module":
+            return None, f"the ReLU after it, {describe(node, module)} in {type(module).__name__}.forward, runs on " \
+                         f"its own: fuse_model swaps modules, it does not rewrite forward (an nn.ReLU module there " \
+                         f"would be fused)"
+        reason = unswappable(node)
+        return (None, f"the ReLU after it stays apart: {reason}") if reason else (node.target, "")
+    return None, ""
