@@ -334,8 +334,9 @@ def test_demo_unusable_weights_file_is_one_line(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     empty.write_bytes(b"")
     torch.save(torch.zeros(3), tensor)
-    for path, why in ((tmp_path / "missing.pth", "checkpoint file not found"), (garbage, "cannot read it"),
-                      (empty, "the file ended early"), (tensor, "does not hold a state_dict")):
+    for path, why in ((tmp_path / "missing.pth", "checkpoint file not found"),
+                      (garbage, "is not a checkpoint saved by torch.save"), (empty, "is an empty file"),
+                      (tensor, "does not hold a state_dict"), (tmp_path, "is a directory, not a file")):
         with pytest.raises(SystemExit) as info:
             main(["demo", "--device", "cpu", "--batch", "1", "--model", "resnet18", "--weights", str(path)])
         message = str(info.value.code)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import pickle
 import platform
 from pathlib import Path
 from typing import Optional
@@ -92,13 +91,9 @@ def build_model(name: str, weights: Optional[str], device, dtype) -> torch.nn.Mo
     except Exception as exc:  # noqa: BLE001
         if weights is None:
             raise
-        # missing, truncated, garbage, a pickled object rather than a state_dict, another model's keys: the
-        # user's file, so one line (torch.load's own messages run to paragraphs, EOFError to none)
+        # missing, a directory, not a checkpoint, truncated, a pickled object rather than a state_dict, another
+        # model's keys: the user's file, so one line (the loader says each in one; a mismatch lists every key)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
-        if isinstance(exc, EOFError):
-            reason = "the file ended early"
-        elif isinstance(exc, pickle.UnpicklingError):
-            reason = "torch.load(weights_only=True) cannot read it as a saved state_dict"
         reason = reason if len(reason) <= 300 else reason[:300] + " ..."
         raise SystemExit(f"--weights: cannot load {weights!r} into {name} ({type(exc).__name__}: {reason})") from None
     if weights is None:
