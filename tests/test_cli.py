@@ -241,7 +241,7 @@ def test_report_merges_several_files(tmp_path, capsys, monkeypatch):
     second.write_text(json.dumps({"benchmarks": [
         _bench("model resnet50 | fp32 b8 cpu", "torch.compile-max-autotune", 0.5),
         _bench("conv stem | fp32 b1 cpu", "cpu", 0.001)]}))  # a later timing of the same provider wins
-    groups = report.load_all([first, second])
+    groups, _ = report.load_all([first, second])
     assert groups["model resnet50 | fp32 b8 cpu"] == {"eager": 1.0, "cpu": 0.8, "torch.compile-max-autotune": 0.5}
     assert groups["conv stem | fp32 b1 cpu"]["cpu"] == 0.001
     assert main(["report", str(first), str(second), "--markdown"]) == 0
