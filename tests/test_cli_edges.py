@@ -74,3 +74,41 @@ def test_provider_labels_say_what_ran():
     assert report.provider_label("eager-nchw") == "eager PyTorch, NCHW"
     assert report.provider_label("triton+cudagraph") == "fused, triton backend + CUDA graph"
     assert report.provider_label("torch.compile-max-autotune") == "torch.compile max-autotune"
+
+
+# ---- sizes --------------------------------------------------------------------------------------------------
+
+def _never(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} ran before the size was refused")
+    return fail
+
+
+@pytest.mark.parametrize("command", ["demo", "profile"])
+@pytest.mark.parametrize("batch, free", [("100000", 2**30), ("99999999999999999999", None)], ids=["large", "huge"])
+def test_a_batch_that_cannot_fit_is_refused_before_any_work(command, batch, free, tmp_path, monkeypatch):
+    from resnet_fused.cli import common, demo, profile
+
+    monkeypatch.setattr(common, "free_memory", lambda device: free)  # None: this machine cannot tell
+    monkeypatch.setattr(demo, "fuse_for_benchmark", _never("fusing"))
+    monkeypatch.setattr(profile, "fuse_for_benchmark", _never("fusing"))
+    monkeypatch.setattr(profile, "device_peak", _never("measuring the peaks"))
+    with pytest.raises(SystemExit) as info:
+        main([command, "--device", "cpu", "--model", "resnet18", "--image-size", "32", "--batch", batch,
+              "--iters", "1"] + ["--out", str(tmp_path / "p")] * (command == "profile"))
+    message = str(info.value.code)
+    assert message.startswith(f"--batch {batch}: a forward at 32x32 in fp32 needs about") and "\n" not in message
+    assert "use --batch" in message
+
+
+def test_a_batch_that_fits_passes_and_the_image_size_is_checked_too(monkeypatch):
+    from resnet_fused import models
+    from resnet_fused.cli import common
+
+    model = models.resnet18().eval()
+    monkeypatch.setattr(common, "free_memory", lambda device: 2**30)
+    common.check_fits(model, 8, 32, models_held=3)
+    with pytest.raises(SystemExit, match="--batch 100000: .* use --batch [0-9]+ or less"):
+        common.check_fits(model, 100_000, 32, models_held=3)
+    with pytest.raises(SystemExit, match="--image-size 10000000000: too large"):
+        common.check_fits(model, 1, 10**10, models_held=3)

@@ -14,8 +14,8 @@ import torch
 
 from .. import ops
 from ..graphs import cuda_graphed
-from .common import (DTYPE_NAMES, MODELS, build_model, environment, image_size, make_images, pick_backend, pick_device,
-                     pick_dtype, positive_int)
+from .common import (DTYPE_NAMES, MODELS, build_model, check_fits, environment, image_size, make_images, pick_backend,
+                     pick_device, pick_dtype, positive_int)
 from .fusing import fuse_for_benchmark
 from .timing import side_by_side
 
@@ -75,6 +75,7 @@ def run(args) -> int:
           f"batch {batch} x 3 x {args.image_size} x {args.image_size}, {DTYPE_NAMES[dtype]}, channels_last")
 
     eager = build_model(args.model, args.weights, device, dtype)
+    check_fits(eager, batch, args.image_size, models_held=3)  # eager, eager NCHW, fused
     fused, how = fuse_for_benchmark(eager, backend)
     print(f"fused with {how}")
     x = make_images(batch, args.image_size, device, dtype)

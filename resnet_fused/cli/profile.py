@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .common import (DTYPE_NAMES, MODELS, build_model, environment, image_size, make_images, non_negative_int,
-                     output_dir, pick_backend, pick_device, pick_dtype, positive_int)
+from .common import (DTYPE_NAMES, MODELS, build_model, check_fits, environment, image_size, make_images,
+                     non_negative_int, output_dir, pick_backend, pick_device, pick_dtype, positive_int)
 from .fusing import fuse_for_benchmark
 from .layers import conv_layers
 from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib
@@ -96,13 +96,15 @@ def run(args) -> int:
     print(f"device: {env['device']}; torch {env['torch']}; triton {env['triton']}; backend {args.backend} -> "
           f"{backend!r}; {args.model} batch {batch} {DTYPE_NAMES[dtype]} {args.image_size}x{args.image_size}")
 
+    torch.manual_seed(0)
+    eager = build_model(args.model, None, device, dtype)
+    check_fits(eager, batch, args.image_size, models_held=2)  # eager, fused
+
     print(f"device peaks (measured once, cached in {cache_file()}) ...", flush=True)
     peak_kwargs = {"matmul_size": args.peak_matmul} if args.peak_matmul else {}
     peak = device_peak(device, dtype, **peak_kwargs)
     print(f"  {peak.flops_per_s / 1e12:.2f} TFLOP/s matmul, {peak.bytes_per_s / 1e9:.1f} GB/s copy")
 
-    torch.manual_seed(0)
-    eager = build_model(args.model, None, device, dtype)
     fused, how = fuse_for_benchmark(eager, backend)
     print(f"fused with {how}")
     x = make_images(batch, args.image_size, device, dtype)
