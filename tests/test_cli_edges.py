@@ -4,11 +4,13 @@ machines; each refused in one line, or handled, before any work is wasted."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
 from resnet_fused.__main__ import main
-from resnet_fused.cli import report
+from resnet_fused.cli import report, roofline
 
 from .test_cli import _bench, _write_benchmark_json
 
@@ -112,3 +114,151 @@ def test_a_batch_that_fits_passes_and_the_image_size_is_checked_too(monkeypatch)
         common.check_fits(model, 100_000, 32, models_held=3)
     with pytest.raises(SystemExit, match="--image-size 10000000000: too large"):
         common.check_fits(model, 1, 10**10, models_held=3)
+
+
+# ---- the roofline cache -------------------------------------------------------------------------------------
+
+def _fake_measure(calls, spread=0.0):
+    def measure_peak(device, dtype, **kwargs):
+        calls.append(device)
+        return roofline.Peak(roofline.device_name(device), "fp32", 1e12, 1e10, time.time(), spread, 0.5)
+    return measure_peak
+
+
+def _entry(**changes):
+    def edit(cache):
+        (key,) = cache
+        cache[key].update(changes)
+        for field, value in changes.items():
+            if value is _DROP:
+                del cache[key][field]
+        return json.dumps(cache)
+    return edit
+
+
+_DROP = object()
+WRONG_CACHES = {
+    "list": lambda cache: "[1, 2]", "text": lambda cache: "text", "null": lambda cache: "null",
+    "entry-a-string": lambda cache: json.dumps({key: "v" for key in cache}),
+    "zero-flops": _entry(flops_per_s=0), "inf-flops": _entry(flops_per_s=float("inf")),
+    "bool-flops": _entry(flops_per_s=True), "other-device": _entry(device="another CPU"),
+    "expired": _entry(measured_at=1.0), "noisy": _entry(spread=0.9), "extra-field": _entry(extra=1),
+    "missing-field": _entry(bytes_per_s=_DROP),
+}
+
+
+@pytest.mark.parametrize("edit", WRONG_CACHES.values(), ids=WRONG_CACHES.keys())
+def test_a_roofline_cache_of_the_wrong_shape_is_measured_again(edit, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(roofline, "measure_peak", _fake_measure(calls))
+    good = roofline.device_peak("cpu", torch.float32)
+    roofline.cache_file().write_text(edit(json.loads(roofline.cache_file().read_text())))
+    again = roofline.device_peak("cpu", torch.float32)  # crashed after all the profiling, or reused a bad peak
+    assert len(calls) == 2 and again.flops_per_s == good.flops_per_s
+    assert roofline.device_peak("cpu", torch.float32) == again and len(calls) == 2  # and stored again
+
+
+def test_roofline_peaks_are_keyed_by_cpu_model_and_threads(monkeypatch):
+    import platform
+
+    import torch
+
+    from resnet_fused.cli.common import device_name
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 None) if os.path.exists("/proc/cpuinfo") else None
+    if model:
+        assert device_name("cpu") == model != platform.machine()  # every x86 machine was "x86_64"
+    calls = []
+    monkeypatch.setattr(roofline, "measure_peak", _fake_measure(calls))
+    monkeypatch.setattr(roofline, "device_name", lambda device: "CPU A")
+    roofline.device_peak("cpu", torch.float32)
+    roofline.device_peak("cpu", torch.float32)
+    monkeypatch.setattr(roofline, "device_name", lambda device: "CPU B")
+    roofline.device_peak("cpu", torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        roofline.device_peak("cpu", torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 3
+    assert sorted(json.loads(roofline.cache_file().read_text())) == sorted(
+        [f"CPU A|cpu|fp32|{threads} threads", f"CPU B|cpu|fp32|{threads} threads",
+         f"CPU B|cpu|fp32|{threads + 1} threads"])
+
+
+def test_a_noisy_peak_is_used_but_not_cached(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(roofline, "measure_peak", _fake_measure(calls, spread=0.6))
+    assert roofline.device_peak("cpu", torch.float32).noisy
+    roofline.device_peak("cpu", torch.float32)
+    assert len(calls) == 2 and not roofline.cache_file().exists()
+
+
+# ---- profile: labels, noise, what eager is ------------------------------------------------------------------
+
+def test_layer_labels_are_unique_and_name_the_module():
+    import resnet_fused as rf
+    from resnet_fused.cli.layers import conv_layers
+
+    labels = [layer.label for layer in conv_layers(rf.resnet50())]
+    assert len(set(label.split()[0] for label in labels)) == len(labels)  # "layer2.conv1" named two rows
+    assert any(label.startswith("layer2.0.conv1 256->128") for label in labels)
+    assert any(label.startswith("layer2.1.conv1 512->128") for label in labels)
+
+
+def test_charts_label_every_bar_with_its_value(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from resnet_fused.cli import plotting
+
+    labelled = []
+    real = Axes.bar_label
+    monkeypatch.setattr(Axes, "bar_label", lambda self, bars, labels=None, **kw: labelled.append(labels)
+                        or real(self, bars, labels=labels, **kw))
+    plotting.bar_chart(tmp_path / "c.png", ["a", "b"], {"fused, cpu backend": [1.5, float("nan")]}, title="t")
+    assert labelled == [["1.50x", ""]]
+
+
+def test_profiler_chatter_is_dropped_and_the_rest_of_stderr_kept(capfd):
+    from resnet_fused.cli import profile
+
+    with profile._without_profiler_chatter():
+        os.write(2, b"USDT:2026-12-05 12:49:57 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a real warning\n")
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "a real warning" in err
+
+
+def test_profile_flags_noisy_timings_and_a_peak_measured_low(tmp_path, capfd, monkeypatch):
+    from resnet_fused.cli import profile
+    from resnet_fused.cli.timing import Timing, measure
+
+    def noisy_eager(fns, device, **kwargs):  # a busy machine: eager's repeats spread by 50%
+        return {k: Timing(t.median, 0.5 if k == "eager" else 0.0) for k, t in measure(fns, device, **kwargs).items()}
+
+    refreshed = []
+
+    def low_peak(device, dtype, refresh=False, **kwargs):
+        refreshed.append(refresh)
+        return roofline.Peak("CPU", "fp32", 1e6, 1e6, time.time(), 0.0, 7.0)  # far below what convs reach
+
+    monkeypatch.setattr(profile, "measure", noisy_eager)
+    monkeypatch.setattr(profile, "device_peak", low_peak)
+    rc = main(["profile", "--device", "cpu", "--model", "resnet18", "--batch", "1", "--image-size", "32",
+               "--iters", "2", "--out", str(tmp_path / "p"), "--refresh-peaks"])
+    out, err = capfd.readouterr()
+    assert rc == 0 and refreshed == [True]
+    layers = json.loads((tmp_path / "p" / "profile.json").read_text())["layers"]
+    assert all(row["noisy"] and row["spread"] == 0.5 for row in layers)
+    assert f"note: {len(layers) + 1} of {len(layers) + 1} measurements (marked !) spread by more than 25%" in out
+    assert "the peaks were measured low" in out and "--refresh-peaks" in out
+    assert "eager: conv -> BatchNorm (-> + residual) (-> ReLU) as separate modules, channels_last" in out
+    assert "eager: the same model unfused, channels_last" in out
+    assert "USDT" not in err and "USDT" not in out

@@ -165,9 +165,18 @@ def make_images(batch: int, image_size: int, device, dtype, seed: int = 0) -> to
 
 
 def device_name(device) -> str:
+    """The GPU's name, or the CPU's model (not platform.machine(): every x86 machine is "x86_64")."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
 
 
