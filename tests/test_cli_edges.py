@@ -262,3 +262,15 @@ def test_profile_flags_noisy_timings_and_a_peak_measured_low(tmp_path, capfd, mo
     assert "eager: conv -> BatchNorm (-> + residual) (-> ReLU) as separate modules, channels_last" in out
     assert "eager: the same model unfused, channels_last" in out
     assert "USDT" not in err and "USDT" not in out
+
+
+def test_demo_says_when_a_busy_machine_made_its_speedups_meaningless(capsys, monkeypatch):
+    from resnet_fused.cli import demo
+    from resnet_fused.cli.timing import Timing
+
+    monkeypatch.setattr(demo, "measure", lambda fns, device, **kw: {k: Timing(1.0, 0.4 * (k == "fused"))
+                                                                    for k in fns})
+    assert main(["demo", "--device", "cpu", "--model", "resnet18", "--image-size", "32", "--batch", "1",
+                 "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(! fused: repeats spread by more than 25%, the machine was busy; the speedups say little)" in out

@@ -28,8 +28,8 @@ from .common import (DTYPE_NAMES, MODELS, build_model, check_fits, environment, 
 from .fusing import fuse_for_benchmark
 from .layers import conv_layers
 from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib
-from .roofline import NOISY, Peak, bound_seconds, cache_file, device_peak, load_average
-from .timing import Timing, measure
+from .roofline import Peak, bound_seconds, cache_file, device_peak, load_average
+from .timing import NOISY, Timing, measure
 from .units import conv_and_bn, eager_and_fused, layer_inputs
 
 

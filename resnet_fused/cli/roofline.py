@@ -25,10 +25,9 @@ from typing import Optional
 import torch
 
 from .common import DTYPE_NAMES, device_name
-from .timing import measure
+from .timing import NOISY, measure
 
 
-NOISY = 0.25  # spread of repeats, (slowest - fastest) / median, past which a timing says more about the load
 MAX_AGE_S = 7 * 24 * 3600
 
 

@@ -29,6 +29,9 @@ def time_once(fn: Callable[[], object], device) -> float:
     return time.perf_counter() - begin
 
 
+NOISY = 0.25  # a spread of repeats past which a timing says more about the machine's load than about the code
+
+
 class Timing(NamedTuple):
     median: float  # seconds per call
     spread: float  # (slowest - fastest) / median over the repeats: 0 with one repeat
