@@ -135,12 +135,44 @@ class TwoOperandMain(nn.Module):
         return F.relu(self.bn(self.conv(x)) * self.gate(x) + x)
 
 
+class PreActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv1(F.relu(self.bn1(x))) + x
+
+
+class ConvCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn_a, self.bn_b = nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x))
+
+
+def _hooked_bn():
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+    model[1].register_forward_hook(lambda *args: None)
+    return model
+
+
 @pytest.mark.parametrize("model, name, expected", [
     (SEBottleneck(16), "", "the operator * also takes se (Sequential)"),
     (TwoOperandMain(), "", "the operator * also takes gate (Sigmoid)"),
     (SEBottleneck(16), "se.3", "se.4 (Sigmoid)"),
+    (PreActivation(), "", "the output comes from the operator +, not from a ReLU"),
+    (PreActivation(), "bn1", "what it normalizes comes from the forward's input, not from a conv"),
+    (PreActivation(), "conv1", "its output goes to the operator +"),
+    (ConvCalledTwice(), "conv", "conv (Conv2d) is called 2 times in forward"),
+    (ConvCalledTwice(), "bn_b", "it follows conv (Conv2d), which stays unfused"),
+    (_hooked_bn(), "0", "goes to 1 (BatchNorm2d), which cannot be absorbed: 1 (BatchNorm2d) has hooks"),
+    (_hooked_bn(), "1", "1 (BatchNorm2d) has hooks"),
     (nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Tanh()), "0", None),
-], ids=["se-block", "gated-main", "conv-into-sigmoid", "bn-then-tanh"])
+], ids=["se-block", "gated-main", "conv-into-sigmoid", "preact-output", "preact-bn", "preact-conv",
+        "conv-twice", "bn-after-conv-twice", "conv-into-hooked-bn", "hooked-bn", "bn-then-tanh"])
 def test_every_reason_names_the_node_that_blocks(model, name, expected):
     fused, report = rf.fuse_model(_randomize_bn(model).eval())
     if expected is None:  # conv -> BN fuses, and nothing is said of the Tanh that ends the chain

@@ -436,7 +436,7 @@ def describe(node, module: nn.Module, prefix: str = "") -> str:
         return f"{owner}.{getattr(node.target, '__name__', node.target)}()"
     if node.op == "get_attr":
         return f"the attribute {node.target}"
-    return "the input" if node.op == "placeholder" else str(node.target)
+    return "the forward's input" if node.op == "placeholder" else str(node.target)
 
 
 def _ordered(shortcut: ModuleShortcut, node: fx.Node, main_path, main, graph: fx.Graph, module: nn.Module):
@@ -509,11 +509,11 @@ def find_chains(module: nn.Module, graph: fx.Graph, blocker, prefix: str = "") -
 
     chains, why = [], {}
     for node in graph.nodes:
-        if node.op != "call_module" or node_kind(node, module) != "conv":
+        conv = module.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or getattr(type(conv), "_fused_conv", False):
             continue
-        conv = module.get_submodule(node.target)
-        reason = unswappable(node) or (None if type(conv) is nn.Conv2d else
-                                       f"{describe_(node)} is a subclass of nn.Conv2d")
+        unplain = plain_conv_reason(conv) or (None if type(conv) is nn.Conv2d else "a subclass of nn.Conv2d")
+        reason = unswappable(node) or (f"{describe_(node)}: {unplain}" if unplain else None)
         if reason:
             why[node.target] = reason
             continue
@@ -524,10 +524,31 @@ def find_chains(module: nn.Module, graph: fx.Graph, blocker, prefix: str = "") -
         relu, note = _following_relu(tail, module, prefix, lambda n: unswappable(n) or (
             None if same_context(n) else "runs under another grad mode or autocast state"))
         if bn_node is None and relu is None:
-            why[node.target] = f"its output {bn_reason}"
+            why[node.target] = f"its output {bn_reason}" if bn_reason else \
+                f"its output goes to {describe_(next(iter(node.users)))}: {note}"
             continue
         chains.append(Chain(node.target, bn_node.target if bn_node else None, relu, note))
+    absorbed = {chain.bn for chain in chains}
+    for node in graph.nodes:
+        bn = module.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and node.target not in absorbed \
+                and not getattr(type(bn), "_absorbed_bn", False):
+            why[node.target] = _bn_left_reason(node, bn, why, unswappable, describe_)
     return chains, why
+
+
+def _bn_left_reason(node: fx.Node, bn: nn.Module, why: dict, unswappable, describe_) -> str:
+    """Why a BatchNorm stays as it is: what blocks it, or what comes before it instead of a conv it could fold into."""
+    unplain = plain_bn_reason(bn)
+    own = unswappable(node) or (f"{describe_(node)}: {unplain}" if unplain else None)
+    if own:
+        return own
+    previous = _only_tensor_arg(node)
+    if previous is None:
+        return f"{describe_(node)} is called with more than the value it normalizes"
+    if previous.op == "call_module" and previous.target in why:
+        return f"it follows {describe_(previous)}, which stays unfused: {why[previous.target]}"
+    return f"what it normalizes comes from {describe_(previous)}, not from a conv it could fold into"
 
 
 def _following_bn(conv: fx.Node, module: nn.Module, prefix: str, unswappable, same_context):
@@ -536,13 +557,15 @@ def _following_bn(conv: fx.Node, module: nn.Module, prefix: str, unswappable, sa
     if len(users) != 1:
         return None, f"is read by {len(users)} nodes" if users else "is not used"
     user = users[0]
-    if user.op != "call_module" or node_kind(user, module) != "bn" \
-            or type(module.get_submodule(user.target)) is not nn.BatchNorm2d:
+    bn = module.get_submodule(user.target) if user.op == "call_module" else None
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and node_kind(user, module) != "relu":
         return None, f"goes to {describe(user, module, prefix)}, not to a BatchNorm2d or ReLU module"
-    if _only_tensor_arg(user) is not conv:
-        return None, f"goes to {describe(user, module, prefix)} with other arguments"
-    reason = unswappable(user) or (None if same_context(user) else
-                                   f"{describe(user, module, prefix)} runs under another grad mode or autocast state")
+    if bn is None:
+        return None, ""  # a ReLU: _following_relu decides
+    reason = unswappable(user) or plain_bn_reason(bn) or (
+        None if type(bn) is nn.BatchNorm2d else "a subclass of nn.BatchNorm2d") or (
+        None if _only_tensor_arg(user) is conv else "it is called with other arguments") or (
+        None if same_context(user) else "it runs under another grad mode or autocast state")
     return (None, f"goes to {describe(user, module, prefix)}, which cannot be absorbed: {reason}") if reason else (user, "")
 
 
