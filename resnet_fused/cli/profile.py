@@ -217,9 +217,10 @@ def run(args) -> int:
         t = measure({"eager": lambda: eager(x), "fused": lambda: fused(x)}, device, warmup=1, iters=iters)
         summary["model_images_per_s"] = {k: batch / v.median for k, v in t.items()}
         model_flag = _flag(t["eager"], t["fused"])
-        print(f"\nwhole model: eager {batch / t['eager'].median:.1f} images/s, fused "
-              f"{batch / t['fused'].median:.1f} images/s ({t['eager'].median / t['fused'].median:.2f}x{model_flag.strip()}"
-              f"; repeats spread by {max(v.spread for v in t.values()):.0%}; {EAGER_MODEL})")
+        eager_s, fused_s = t["eager"].median, t["fused"].median
+        print(f"\nwhole model: eager {batch / eager_s:.1f} images/s, fused {batch / fused_s:.1f} images/s "
+              f"({eager_s / fused_s:.2f}x{model_flag.strip()}; repeats spread by "
+              f"{max(v.spread for v in t.values()):.0%}; {EAGER_MODEL})")
 
         for name, model in (("eager", eager), ("fused", fused)):
             prof, trace = _profile_path(name, lambda: model(x), device, min(iters, 3), out_dir)

@@ -566,7 +566,9 @@ def _following_bn(conv: fx.Node, module: nn.Module, prefix: str, unswappable, sa
         None if type(bn) is nn.BatchNorm2d else "a subclass of nn.BatchNorm2d") or (
         None if _only_tensor_arg(user) is conv else "it is called with other arguments") or (
         None if same_context(user) else "it runs under another grad mode or autocast state")
-    return (None, f"goes to {describe(user, module, prefix)}, which cannot be absorbed: {reason}") if reason else (user, "")
+    if reason:
+        return None, f"goes to {describe(user, module, prefix)}, which cannot be absorbed: {reason}"
+    return user, ""
 
 
 def _following_relu(node: fx.Node, module: nn.Module, prefix: str, unswappable) -> Tuple[Optional[str], str]:
