@@ -85,3 +85,17 @@ def test_concurrent_fusing_beside_inference_equals_serial():
     assert {name: nn.Module.__dict__[name] for name in _MODULE_ATTRIBUTES} == before
     module = nn.Linear(2, 2)  # and a module call after it works as before
     torch.testing.assert_close(module(torch.ones(1, 2)), module.weight.sum(1)[None] + module.bias)
+
+
+def test_while_torch_fx_patches_nn_module_nothing_is_fused_and_the_report_says_why(monkeypatch):
+    """torch.fx.symbolic_trace in another thread patches nn.Module.__call__ for every thread: calls would go to its
+    tracer, so fuse_model proves nothing meanwhile, and says so."""
+    model = _randomize_bn(rf.resnet18(num_classes=10)).eval()
+    original = nn.Module.__call__
+    monkeypatch.setattr(nn.Module, "__call__", lambda self, *args, **kwargs: original(self, *args, **kwargs))
+    fused, report = rf.fuse_model(model)
+    assert not report.fused and "nn.Module.__call__ or __getattr__ is patched" in report.left[0].reason
+    monkeypatch.undo()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
