@@ -47,8 +47,8 @@ def test_concurrent_fusing_beside_inference_equals_serial():
         try:
             with torch.no_grad():
                 while not stop.is_set():
-                    out = served(x)
-                    served_runs.append(torch.equal(out, served_expected))
+                    out = served(x)  # the same model, the same numbers: only a change of reduction order may differ
+                    served_runs.append(torch.allclose(out, served_expected, rtol=1e-5, atol=1e-6))
         except Exception as error:  # noqa: BLE001 - any failure of the serving thread fails the test
             errors.append(("serving", repr(error)))
 
@@ -80,8 +80,8 @@ def test_concurrent_fusing_beside_inference_equals_serial():
     assert not errors, errors
     assert served_runs and all(served_runs), f"{served_runs.count(False)} of {len(served_runs)} served outputs differ"
     for (report, out), (serial_report, serial_out) in zip(results, serial):
-        assert report == serial_report
-        assert torch.equal(out, serial_out)
+        assert report == serial_report  # the same blocks and chains fused, the same reasons
+        torch.testing.assert_close(out, serial_out, rtol=1e-5, atol=1e-6)
     assert {name: nn.Module.__dict__[name] for name in _MODULE_ATTRIBUTES} == before
     module = nn.Linear(2, 2)  # and a module call after it works as before
     torch.testing.assert_close(module(torch.ones(1, 2)), module.weight.sum(1)[None] + module.bias)
