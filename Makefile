@@ -3,10 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 # On a machine without a GPU this pin picks the local CPU wheel; elsewhere PyPI's build for the platform.
 TORCH_SPEC ?= torch==2.13.0
+# `make test` also checks that torchvision's and timm's ResNets fuse and match, so it adds both. PyPI's torchvision
+# runs only beside the torch it was built with: this pair replaces TORCH_SPEC's torch in the virtualenv (on these
+# machines a CUDA 13 build, from local disk, that runs on the CPU as well; it brings the triton it pins).
+TEST_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TEST_EXTRAS ?= timm
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MAX_JOBS ?= 2
+# Without a GPU the CUDA sources stay out of the build unless asked for (RESNET_FUSED_CUDA=1): a CUDA torch and nvcc
+# would compile every kernel, minutes on 2 cores, for nothing that can run here (tests/test_cuda_compile.py
+# compiles them with nvcc alone).
+ifeq ($(shell nvidia-smi -L 2>/dev/null | grep -c GPU),0)
+export RESNET_FUSED_CUDA ?= 0
+endif
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+BUILD := $(PY) -m pip install --no-build-isolation --no-deps -e .
 
 .PHONY: setup demo test bench clean
 
@@ -17,16 +29,25 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install triton || echo "triton is not installable here: the 'triton' backend stays unavailable"
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+$(VENV)/.test-deps: $(VENV)/.deps
+	$(PY) -m pip install $(TEST_TORCH_SPEC) $(TEST_EXTRAS)
 	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(BUILD)
+	touch $@
+
+# The test stack replaced torch: the extension is rebuilt against it (and stands for `setup` too).
+$(VENV)/.test-built: $(VENV)/.test-deps $(SOURCES)
+	$(BUILD)
+	touch $@ $(VENV)/.built
 
 setup: $(VENV)/.built
 
 demo: setup
 	$(PY) -m resnet_fused demo
 
-test: setup
+test: $(VENV)/.test-built
 	$(PY) -m pytest tests -q
 	$(PY) -m pytest benchmarks -q --benchmark-disable
 

@@ -27,7 +27,8 @@ def _want_cuda():
 
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # C++20: torch's own default for extensions, and what its headers require from torch 2.14 on (ATen.h)
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if not _want_cuda():
         return CppExtension("resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=["-fopenmp"])

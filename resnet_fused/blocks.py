@@ -216,6 +216,20 @@ class _FusedReference(_FusedResidual):
             return super().eager_forward(x)
         return self._reference.forward(self, x)
 
+    def _check_shortcut_fits(self, inplanes: int, planes: int, stride: int, downsample) -> None:
+        """Without a downsample the block adds its input to its output: that needs the same shape. A model built for
+        blocks that make their own shortcut from (in_planes, planes, stride) passes no downsample, and would
+        otherwise fail in forward with a shape error."""
+        out = planes * self.expansion
+        if downsample is None and (stride != 1 or inplanes != out):
+            name = type(self).__name__
+            raise ValueError(
+                f"{name}(inplanes={inplanes}, planes={planes}, stride={stride}) needs a downsample: without one its "
+                f"shortcut adds the input ({inplanes} channels, full size) to the output ({out} channels, stride "
+                f"{stride}). {name} takes torchvision's {self._reference_name} arguments (inplanes, planes, stride, "
+                f"downsample, ...), the model passing downsample=conv1x1+BatchNorm where the shapes differ; for a "
+                f"model whose blocks build their own shortcut, build it eager and fuse it with rf.fuse_model")
+
     @classmethod
     def from_block(cls, block: nn.Module, backend: str = "auto"):
         """A fused block SHARING `block`'s submodules, parameters and buffers (the same tensors)."""
@@ -245,6 +259,7 @@ class FusedBottleneck(_FusedReference, Bottleneck):
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
                  backend: str = "auto") -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self._check_shortcut_fits(inplanes, planes, stride, downsample)
         self.backend = _check_name(backend)
         self._structure = self.structure()
 
@@ -261,6 +276,7 @@ class FusedBasicBlock(_FusedReference, BasicBlock):
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
                  backend: str = "auto") -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self._check_shortcut_fits(inplanes, planes, stride, downsample)
         self.backend = _check_name(backend)
         self._structure = self.structure()
 

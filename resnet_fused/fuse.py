@@ -25,8 +25,8 @@ from torch import nn
 
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
                      FusedBottleneck, FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
-from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, node_kind,
-                              reached_descendants, trace_shallow)
+from .fusion.analysis import _steps_of_module, ambient_context, find_chains, match_residual, node_kind, trace_shallow
+from .fusion.bytecode import reached_descendants
 from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks, kernel_unsupported_reason
 from .fusion.plan import ModuleShortcut, ResidualPlan
 from .ops.registry import _check_name
@@ -115,6 +115,9 @@ class _Fuser:
         """Fuse inside `module`; return what should stand in its place (itself, or a fused block)."""
         if isinstance(module, (_FusedResidual, FusedConvBNAct)) or not module._modules:
             return module
+        if isinstance(module, torch.jit.ScriptModule):  # torch.jit.script / trace: it runs its compiled code
+            self.report.left.append(LeftItem(name, type(module).__name__, _SCRIPTED))
+            return module
         overridden = call_override_reason(module)
         if overridden:  # fx traces type(module).forward: what a call really runs is unknown, as is what it reaches
             self.escaped |= {id(m) for m in module.modules() if m is not module}
@@ -129,7 +132,7 @@ class _Fuser:
                 if node.op == "call_module" and "." in node.target:
                     self.escaped.add(id(module.get_submodule(node.target)))
             matches = [match_residual(module, g) for g in graphs]
-            plan, reason, blocking = matches[0]
+            plan, reason = matches[0]
             if plan is not None and id(module) in self.held:
                 plan, reason = None, "another module holds it as a plain attribute (it would keep the original)"
             if plan is not None and all(m[0] == plan for m in matches) and not has_hooks(module):
@@ -161,11 +164,17 @@ class _Fuser:
                 setattr(module, child_name, replacement)
 
     def absorb_chains(self, module: nn.Module, graphs, name: str) -> None:
-        def usable(child: str) -> bool:
+        def blocker(child: str) -> Optional[str]:
             sub = module.get_submodule(child)
-            return self.occurrences[id(sub)] == 1 and id(sub) not in self.escaped and not has_hooks(sub)
+            what = f"{_join(name, child)} ({type(sub).__name__})"
+            if self.occurrences[id(sub)] > 1:
+                return f"{what} is registered in more than one place of the model"
+            if id(sub) in self.escaped:
+                return f"{what} is also reached other than by this forward's calls (held in a plain attribute, " \
+                       f"its .forward called directly, or reached into by an untraceable parent)"
+            return f"{what} has hooks" if has_hooks(sub) else None
 
-        found = [find_chains(module, g, usable) for g in graphs]
+        found = [find_chains(module, g, blocker, name) for g in graphs]
         chains = [c for c in found[0][0] if all(c in other for other, _ in found)]  # proven in every mode
         why = {k: v for _, other_why in reversed(found) for k, v in other_why.items()}
         for conv_name, reason in why.items():
@@ -183,8 +192,9 @@ class _Fuser:
                 setattr(module, chain.relu, AbsorbedReLU.absorb(module.get_submodule(chain.relu)))
             parts = [chain.conv] + ([chain.bn] if chain.bn else []) + ([chain.relu] if chain.relu else [])
             kind = "conv" + ("-bn" if chain.bn else "") + ("-relu" if chain.relu else "")
-            note = kernel_unsupported_reason(conv)
-            detail = " + ".join(_join(name, p) for p in parts) + (f" (conv runs as F.conv2d: {note})" if note else "")
+            unsupported = kernel_unsupported_reason(conv)
+            notes = [note for note in (unsupported and f"conv runs as F.conv2d: {unsupported}", chain.note) if note]
+            detail = " + ".join(_join(name, p) for p in parts) + (f" ({'; '.join(notes)})" if notes else "")
             self.report.fused.append(FusedItem(_join(name, chain.conv), kind, detail))
 
     def list_leftovers(self, root: nn.Module) -> None:
@@ -198,6 +208,10 @@ class _Fuser:
                 reason = self.why.get(id(module), "not in a conv -> BatchNorm (-> ReLU) chain that torch.fx "
                                                   "could prove (see the entries above)")
                 self.report.left.append(LeftItem(name, type(module).__name__, reason))
+
+
+_SCRIPTED = ("a TorchScript module (torch.jit.script / torch.jit.trace) runs its compiled code, not its Python "
+             "submodules: fuse the eager model before scripting it")
 
 
 def _trace_both_modes(module: nn.Module):

@@ -242,7 +242,7 @@ def test_report_merges_several_files(tmp_path, capsys, monkeypatch):
     second.write_text(json.dumps({"benchmarks": [
         _bench("model resnet50 | fp32 b8 cpu", "torch.compile-max-autotune", 0.5),
         _bench("conv stem | fp32 b1 cpu", "cpu", 0.001)]}))  # a later timing of the same provider wins
-    groups = report.load_all([first, second])
+    groups, _ = report.load_all([first, second])
     assert groups["model resnet50 | fp32 b8 cpu"] == {"eager": 1.0, "cpu": 0.8, "torch.compile-max-autotune": 0.5}
     assert groups["conv stem | fp32 b1 cpu"]["cpu"] == 0.001
     assert main(["report", str(first), str(second), "--markdown"]) == 0
@@ -335,8 +335,9 @@ def test_demo_unusable_weights_file_is_one_line(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     empty.write_bytes(b"")
     torch.save(torch.zeros(3), tensor)
-    for path, why in ((tmp_path / "missing.pth", "checkpoint file not found"), (garbage, "cannot read it"),
-                      (empty, "the file ended early"), (tensor, "does not hold a state_dict")):
+    for path, why in ((tmp_path / "missing.pth", "checkpoint file not found"),
+                      (garbage, "is not a checkpoint saved by torch.save"), (empty, "is an empty file"),
+                      (tensor, "does not hold a state_dict"), (tmp_path, "is a directory, not a file")):
         with pytest.raises(SystemExit) as info:
             main(["demo", "--device", "cpu", "--batch", "1", "--model", "resnet18", "--weights", str(path)])
         message = str(info.value.code)

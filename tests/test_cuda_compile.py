@@ -124,7 +124,7 @@ def test_binding_syntax():
         macros = Path(stub) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
         macros.parent.mkdir(parents=True)
         macros.write_text("#pragma once\n")
-        cmd = ["g++", "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-DRESNET_FUSED_WITH_CUDA=1",
+        cmd = ["g++", "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror", "-DRESNET_FUSED_WITH_CUDA=1",
                "-I", str(CUDA_DIR)]
         for d in include_dirs:
             cmd += ["-isystem", str(d)]

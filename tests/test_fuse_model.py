@@ -14,6 +14,7 @@ from resnet_fused.blocks import (AbsorbedBatchNorm2d, FusedBasicBlock, FusedBott
 from tests.float64_step import one_sgd_step
 from tests.oracle import TOLERANCES, assert_matches
 from tests.test_blocks import BACKENDS, _randomize_bn, assert_no_worse_than_eager
+from tests.third_party import require
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"]
 
@@ -508,7 +509,7 @@ def test_a_single_block_as_the_model():
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
 def test_torchvision_models(name):
-    models = pytest.importorskip("torchvision.models")
+    models = require("torchvision.models")
     model = _randomize_bn(getattr(models, name)(num_classes=10))
     fused, report = rf.fuse_model(model)
     assert len(report.blocks) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
@@ -519,7 +520,7 @@ def test_torchvision_models(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet50d", "seresnet50", "resnet26t"])
 def test_timm_models(name):
-    timm = pytest.importorskip("timm")
+    timm = require("timm")
     model = _randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
     fused, report = rf.fuse_model(model)
     assert report.fused

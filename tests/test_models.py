@@ -6,6 +6,7 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused import models
+from tests.third_party import require
 
 # torchvision's published parameter counts (torchvision.models weights tables).
 PARAMETER_COUNTS = {
@@ -144,7 +145,7 @@ class _Unsafe:
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
 def test_torchvision_checkpoint_loads_strict_and_matches(name):
-    tv = pytest.importorskip("torchvision")
+    tv = require("torchvision")
     theirs = getattr(tv.models, name)().eval()
     ours = getattr(models, name)().eval()
     assert list(ours.state_dict()) == list(theirs.state_dict())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import pickle
+import copy
+import os
 import platform
 from pathlib import Path
 from typing import Optional
@@ -92,18 +93,69 @@ def build_model(name: str, weights: Optional[str], device, dtype) -> torch.nn.Mo
     except Exception as exc:  # noqa: BLE001
         if weights is None:
             raise
-        # missing, truncated, garbage, a pickled object rather than a state_dict, another model's keys: the
-        # user's file, so one line (torch.load's own messages run to paragraphs, EOFError to none)
+        # missing, a directory, not a checkpoint, truncated, a pickled object rather than a state_dict, another
+        # model's keys: the user's file, so one line (the loader says each in one; a mismatch lists every key)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
-        if isinstance(exc, EOFError):
-            reason = "the file ended early"
-        elif isinstance(exc, pickle.UnpicklingError):
-            reason = "torch.load(weights_only=True) cannot read it as a saved state_dict"
         reason = reason if len(reason) <= 300 else reason[:300] + " ..."
         raise SystemExit(f"--weights: cannot load {weights!r} into {name} ({type(exc).__name__}: {reason})") from None
     if weights is None:
         randomize_bn(model)
     return model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+# A forward in inference mode holds a few activations at once (a block's input, its branch, the sum): measured on
+# resnet50 here, the peak is about 4x the largest activation; 5x leaves some room.
+ACTIVATION_COPIES = 5
+
+
+def check_fits(model: torch.nn.Module, batch: int, image_size: int, *, models_held: int) -> None:
+    """Refuse, in one line naming --batch, a run whose forward cannot fit in the memory free on the model's
+    device; decided from its shapes (a copy on the meta device, no memory) before any input is made or fused."""
+    parameter = next(model.parameters())
+    meta = copy.deepcopy(model).to("meta")
+    largest = 0
+
+    def record(module, inputs, output):
+        nonlocal largest
+        largest = max(largest, output.numel())
+
+    for module in meta.modules():
+        if not module._modules:
+            module.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            meta(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except RuntimeError as exc:  # sizes past what a tensor can hold
+        raise SystemExit(f"--image-size {image_size}: too large for this model ({exc})") from None
+    element = parameter.element_size()
+    weights = sum(p.numel() for p in model.parameters()) * element * models_held
+    per_image = (largest * ACTIVATION_COPIES + 3 * image_size**2) * element
+    need, free = batch * per_image + weights, free_memory(parameter.device)
+    limit = free if free is not None else 2**63  # unknown: still refuse what no machine has
+    if need > limit:
+        fits = max(0, (limit - weights) // per_image)
+        raise SystemExit(f"--batch {batch}: a forward at {image_size}x{image_size} in {DTYPE_NAMES[parameter.dtype]} "
+                         f"needs about {need / 2**30:.3g} GiB (its largest activation x {ACTIVATION_COPIES}, and the "
+                         f"weights), but {limit / 2**30:.3g} GiB are free on {parameter.device.type}: use --batch "
+                         f"{fits} or less")
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes that can still be allocated on the device (None: unknown here)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def make_images(batch: int, image_size: int, device, dtype, seed: int = 0) -> torch.Tensor:
@@ -113,9 +165,18 @@ def make_images(batch: int, image_size: int, device, dtype, seed: int = 0) -> to
 
 
 def device_name(device) -> str:
+    """The GPU's name, or the CPU's model (not platform.machine(): every x86 machine is "x86_64")."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
 
 

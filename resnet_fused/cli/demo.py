@@ -14,10 +14,10 @@ import torch
 
 from .. import ops
 from ..graphs import cuda_graphed
-from .common import (DTYPE_NAMES, MODELS, build_model, environment, image_size, make_images, pick_backend, pick_device,
-                     pick_dtype, positive_int)
+from .common import (DTYPE_NAMES, MODELS, build_model, check_fits, environment, image_size, make_images, pick_backend,
+                     pick_device, pick_dtype, positive_int)
 from .fusing import fuse_for_benchmark
-from .timing import side_by_side
+from .timing import NOISY, measure
 
 # Max relative error of the logits allowed per dtype (fused and eager both run in this dtype).
 REL_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -75,6 +75,7 @@ def run(args) -> int:
           f"batch {batch} x 3 x {args.image_size} x {args.image_size}, {DTYPE_NAMES[dtype]}, channels_last")
 
     eager = build_model(args.model, args.weights, device, dtype)
+    check_fits(eager, batch, args.image_size, models_held=3)  # eager, eager NCHW, fused
     fused, how = fuse_for_benchmark(eager, backend)
     print(f"fused with {how}")
     x = make_images(batch, args.image_size, device, dtype)
@@ -96,11 +97,16 @@ def run(args) -> int:
         if device.type == "cuda":  # one graph launch per forward: what small batches need on a GPU
             graphed = cuda_graphed(fused)
             contenders["fused+graph"] = lambda: graphed(x)
-        times = side_by_side(contenders, device, warmup=1, iters=iters)
-    print(f"\n{'path':<11} {'ms/batch':>10} {'images/s':>10} {'vs eager':>9} {'vs NCHW':>8}")
+        timings = measure(contenders, device, warmup=1, iters=iters)
+    times = {name: t.median for name, t in timings.items()}
+    print(f"\n{'path':<11} {'ms/batch':>10} {'images/s':>10} {'vs eager':>9} {'vs NCHW':>8} {'spread':>7}")
     for name, seconds in times.items():
         print(f"{name:<11} {seconds * 1e3:>10.1f} {batch / seconds:>10.1f} {times['eager'] / seconds:>8.2f}x"
-              f" {times['eager NCHW'] / seconds:>7.2f}x")
+              f" {times['eager NCHW'] / seconds:>7.2f}x {timings[name].spread:>6.0%}")
+    noisy = [name for name, t in timings.items() if t.spread > NOISY]
+    if noisy:
+        print(f"(! {', '.join(noisy)}: repeats spread by more than {NOISY:.0%}, the machine was busy; the speedups "
+              f"say little)")
     print("(eager: channels_last, the faster eager layout; fused takes either layout"
           + ("; fused+graph: rf.cuda_graphed(fused))" if device.type == "cuda" else ")"))
     print("\nRESULT: " + ("outputs match" if ok else "OUTPUTS DO NOT MATCH"))

@@ -40,12 +40,9 @@ class ConvLayer:
 
     @property
     def label(self) -> str:
-        """A short label for tables: stage.role and the shape (which tells same-role convs apart)."""
-        parts = self.name.split(".")
-        role = parts[-1] if parts[-1] != "0" else "downsample"
-        stage = parts[0] if parts[0].startswith("layer") else "stem"
-        where = stage if stage == "stem" else f"{stage}.{role}"
-        return f"{where} {self.cin}->{self.cout} k{self.kernel}s{self.stride} @{self.h}"
+        """A label for tables: the first conv of this shape and role by its module name (unique: stage.role alone
+        named layer2.0.conv1 and layer2.1.conv1 alike), and the shape."""
+        return f"{self.name} {self.cin}->{self.cout} k{self.kernel}s{self.stride} @{self.h}"
 
     def macs(self, batch: int = 1) -> int:
         return batch * self.cout * self.ho * self.wo * (self.cin // self.groups) * self.kernel * self.kernel
@@ -147,9 +144,9 @@ def model_bytes(layers: List[ConvLayer], batch: int, element_size: int, fused: b
 
 
 def format_table(layers: List[ConvLayer], batch: int = 1, element_size: int = 4) -> str:
-    rows = [f"{'layer':<40} {'x':>3} {'GMAC':>7} {'MB fused':>9} {'MB eager':>9}"]
+    rows = [f"{'layer':<48} {'x':>3} {'GMAC':>7} {'MB fused':>9} {'MB eager':>9}"]
     for layer in layers:
-        rows.append(f"{layer.label:<40} {layer.count:>3} {layer.macs(batch) / 1e9:>7.3f} "
+        rows.append(f"{layer.label:<48} {layer.count:>3} {layer.macs(batch) / 1e9:>7.3f} "
                     f"{layer.bytes_fused(batch, element_size) / 1e6:>9.2f} "
                     f"{layer.bytes_eager(batch, element_size) / 1e6:>9.2f}")
     return "\n".join(rows)

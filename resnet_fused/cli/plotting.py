@@ -26,26 +26,10 @@ def _pyplot():
 
 
 def bar_chart(path, labels: Sequence[str], series: Dict[str, List[float]], *, title: str,
-              ylabel: str = "speedup vs eager (x)", baseline: float = 1.0) -> None:
-    """Grouped horizontal bars: one group per label, one bar per series entry (missing values as NaN)."""
-    plt = _pyplot()
-    names = list(series)
-    height = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.35 * len(labels) * max(len(names), 1) + 1.5)))
-    for i, name in enumerate(names):
-        positions = [row + i * height for row in range(len(labels))]
-        ax.barh(positions, series[name], height=height, label=name)
-    ax.set_yticks([row + height * (len(names) - 1) / 2 for row in range(len(labels))])
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(baseline, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xlabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    if len(names) > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+              xlabel: str = "speedup vs eager (x)", baseline: float = 1.0) -> None:
+    """Grouped horizontal bars, each labelled with its value: one group per label, one bar per series entry
+    (missing values as NaN)."""
+    panel_chart(path, [("", labels, series)], title=title, xlabel=xlabel, baseline=baseline)
 
 
 def panel_chart(path, panels: Sequence[Tuple[str, Sequence[str], Dict[str, List[float]]]], *, title: str,

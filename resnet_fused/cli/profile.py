@@ -10,19 +10,26 @@ chart of the per-layer speedups into --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .common import (DTYPE_NAMES, MODELS, build_model, environment, image_size, make_images, non_negative_int,
-                     output_dir, pick_backend, pick_device, pick_dtype, positive_int)
+from .common import (DTYPE_NAMES, MODELS, build_model, check_fits, environment, image_size, make_images,
+                     non_negative_int, output_dir, pick_backend, pick_device, pick_dtype, positive_int)
 from .fusing import fuse_for_benchmark
 from .layers import conv_layers
 from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib
-from .roofline import bound_seconds, cache_file, device_peak
-from .timing import side_by_side
+from .roofline import Peak, bound_seconds, cache_file, device_peak, load_average
+from .timing import NOISY, Timing, measure
 from .units import conv_and_bn, eager_and_fused, layer_inputs
 
 
@@ -38,6 +45,8 @@ def add_parser(subparsers) -> None:
                    help="timed iterations per measurement (default 10 GPU, 3 CPU)")
     p.add_argument("--top", type=non_negative_int, default=12, help="kernels listed per path")
     p.add_argument("--image-size", type=image_size, default=224, help=argparse.SUPPRESS)
+    p.add_argument("--refresh-peaks", action="store_true",
+                   help="measure the device peaks again (they are cached for a week; a busy machine measures low)")
     p.add_argument("--peak-matmul", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
@@ -70,10 +79,29 @@ def kernel_table(prof, on_gpu: bool, top: int):
     return rows[:top]
 
 
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Kineto writes `USDT: ... profiler_start` / `profiler_stop` lines straight to file descriptor 2 when a
+    profile starts and stops: let everything else written there through, after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not line.startswith("USDT:")))
+
+
 def _profile_path(name, fn, device, iters, out_dir: Path):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     fn()  # warm-up outside the trace
-    with profile(activities=activities) as prof:
+    with _without_profiler_chatter(), profile(activities=activities) as prof:
         for _ in range(iters):
             with record_function(f"{name}_forward"):
                 fn()
@@ -82,6 +110,77 @@ def _profile_path(name, fn, device, iters, out_dir: Path):
     trace = out_dir / f"trace_{name}.json"
     prof.export_chrome_trace(str(trace))
     return prof, trace
+
+
+EAGER_MODEL = "eager: the same model unfused, channels_last (the faster eager layout)"
+EAGER_LAYER = "eager: conv -> BatchNorm (-> + residual) (-> ReLU) as separate modules, channels_last"
+
+
+def _flag(*timings: Timing) -> str:
+    """'!' where a repeat spread says the machine, not the code, set the time."""
+    return "!" if max(t.spread for t in timings) > NOISY else " "
+
+
+def _describe_peak(peak: Peak, cached_in: Path) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(peak.measured_at))
+    load = f", load average {peak.load:.1f}" if peak.load is not None else ""
+    text = (f"  {peak.flops_per_s / 1e12:.2f} TFLOP/s matmul, {peak.bytes_per_s / 1e9:.1f} GB/s copy (measured "
+            f"{when}{load}, repeats within {peak.spread:.0%})")
+    if peak.noisy:
+        text += (f"\n  ! the repeats spread by {peak.spread:.0%}: the machine is busy, so these peaks are low and "
+                 f"not cached; the roofline percentages below overstate")
+    return text + f"\n  (cached in {cached_in}; --refresh-peaks measures again)" * (not peak.noisy)
+
+
+def _layer_table(eager, layers, backend, batch, device, dtype, iters, peak, summary) -> Tuple[int, float]:
+    """Print and record each distinct conv: eager vs fused, speedup, spread, percent of the roofline bound.
+    Returns (noisy rows, the highest percent of the roofline)."""
+    element = torch.finfo(dtype).bits // 8
+    print(f"\nper layer ({len(layers)} distinct convs; % = roofline bound / measured time; {EAGER_LAYER})")
+    print(f"  {'layer (first of its shape)':<48} {'x':>2} {'eager ms':>9} {'fused ms':>9} {'speedup':>9} "
+          f"{'spread':>7} {'%roof e':>8} {'%roof f':>8}")
+    total_eager = total_fused = highest = 0.0
+    noisy = 0
+    for layer in layers:
+        conv, bn = conv_and_bn(eager, layer)
+        eager_unit, fused_unit = eager_and_fused(conv, bn, layer, backend)
+        lx, residual = layer_inputs(layer, batch, device, dtype)
+        t = measure({"eager": lambda: eager_unit(lx, residual), "fused": lambda: fused_unit(lx, residual)},
+                    device, warmup=1, iters=iters)
+        e, f = t["eager"], t["fused"]
+        flops = layer.flops(batch)
+        roof_e = bound_seconds(flops, layer.bytes_eager(batch, element), peak) / e.median * 100
+        roof_f = bound_seconds(flops, layer.bytes_fused(batch, element), peak) / f.median * 100
+        total_eager += layer.count * e.median
+        total_fused += layer.count * f.median
+        highest = max(highest, roof_e, roof_f)
+        flag = _flag(e, f)
+        noisy += flag == "!"
+        summary["layers"].append({"layer": layer.label, "name": layer.name, "count": layer.count,
+                                  "eager_s": e.median, "fused_s": f.median, "speedup": e.median / f.median,
+                                  "spread": max(e.spread, f.spread), "noisy": flag == "!", "flops": flops,
+                                  "bytes_eager": layer.bytes_eager(batch, element),
+                                  "bytes_fused": layer.bytes_fused(batch, element),
+                                  "roofline_pct_eager": roof_e, "roofline_pct_fused": roof_f})
+        print(f"  {layer.label:<48} {layer.count:>2} {e.median * 1e3:>9.3f} {f.median * 1e3:>9.3f} "
+              f"{e.median / f.median:>7.2f}x{flag} {max(e.spread, f.spread):>6.0%} {roof_e:>7.1f}% {roof_f:>7.1f}%",
+              flush=True)
+    print(f"  {'all convs (x count)':<51} {total_eager * 1e3:>9.3f} {total_fused * 1e3:>9.3f} "
+          f"{total_eager / total_fused:>7.2f}x")
+    return noisy, highest
+
+
+def _notes(noisy: int, rows: int, iters: int, highest: float) -> None:
+    if iters == 1:
+        print("\nnote: one timed repeat (--iters 1): how noisy the timings are is unknown")
+    if noisy:
+        load = load_average()
+        print(f"\nnote: {noisy} of {rows} measurements (marked !) spread by more than {NOISY:.0%} between repeats"
+              + (f" (load average {load:.1f} on {os.cpu_count()} cores)" if load is not None else "")
+              + ": the machine was busy, so those speedups say little; rerun on an idle machine")
+    if highest > 100:
+        print(f"\nnote: a layer reached {highest:.0f}% of the roofline bound, which no layer can: the peaks were "
+              f"measured low (on a busy machine?); rerun with --refresh-peaks on an idle one")
 
 
 def run(args) -> int:
@@ -93,29 +192,35 @@ def run(args) -> int:
     backend = pick_backend(args.backend, device, dtype)
     out_dir = output_dir(args.out or f"profile-{args.model}-{device.type}")
     env = environment(device)
+    load = load_average()
     print(f"device: {env['device']}; torch {env['torch']}; triton {env['triton']}; backend {args.backend} -> "
-          f"{backend!r}; {args.model} batch {batch} {DTYPE_NAMES[dtype]} {args.image_size}x{args.image_size}")
-
-    print(f"device peaks (measured once, cached in {cache_file()}) ...", flush=True)
-    peak_kwargs = {"matmul_size": args.peak_matmul} if args.peak_matmul else {}
-    peak = device_peak(device, dtype, **peak_kwargs)
-    print(f"  {peak.flops_per_s / 1e12:.2f} TFLOP/s matmul, {peak.bytes_per_s / 1e9:.1f} GB/s copy")
+          f"{backend!r}; {args.model} batch {batch} {DTYPE_NAMES[dtype]} {args.image_size}x{args.image_size}"
+          + (f"; load average {load:.1f} on {os.cpu_count()} cores" if load is not None else ""))
 
     torch.manual_seed(0)
     eager = build_model(args.model, None, device, dtype)
+    check_fits(eager, batch, args.image_size, models_held=2)  # eager, fused
+
+    print("device peaks ...", flush=True)
+    peak_kwargs = {"matmul_size": args.peak_matmul} if args.peak_matmul else {}
+    peak = device_peak(device, dtype, refresh=args.refresh_peaks, **peak_kwargs)
+    print(_describe_peak(peak, cache_file()))
+
     fused, how = fuse_for_benchmark(eager, backend)
     print(f"fused with {how}")
     x = make_images(batch, args.image_size, device, dtype)
     summary = {"environment": env, "backend": backend, "fused_with": how, "batch": batch,
                "dtype": DTYPE_NAMES[dtype], "model": args.model, "image_size": args.image_size,
-               "peak": peak.__dict__, "layers": []}
+               "peak": asdict(peak), "load_average": load, "layers": []}
 
     with torch.inference_mode():
-        times = side_by_side({"eager": lambda: eager(x), "fused": lambda: fused(x)}, device, warmup=1,
-                             iters=iters)
-        summary["model_images_per_s"] = {k: batch / v for k, v in times.items()}
-        print(f"\nwhole model: eager {batch / times['eager']:.1f} images/s, fused {batch / times['fused']:.1f} "
-              f"images/s ({times['eager'] / times['fused']:.2f}x)")
+        t = measure({"eager": lambda: eager(x), "fused": lambda: fused(x)}, device, warmup=1, iters=iters)
+        summary["model_images_per_s"] = {k: batch / v.median for k, v in t.items()}
+        model_flag = _flag(t["eager"], t["fused"])
+        eager_s, fused_s = t["eager"].median, t["fused"].median
+        print(f"\nwhole model: eager {batch / eager_s:.1f} images/s, fused {batch / fused_s:.1f} images/s "
+              f"({eager_s / fused_s:.2f}x{model_flag.strip()}; repeats spread by "
+              f"{max(v.spread for v in t.values()):.0%}; {EAGER_MODEL})")
 
         for name, model in (("eager", eager), ("fused", fused)):
             prof, trace = _profile_path(name, lambda: model(x), device, min(iters, 3), out_dir)
@@ -126,40 +231,20 @@ def run(args) -> int:
                 print(f"  {kernel[:60]:<60} {calls:>6} {total_us / 1e3:>9.2f}")
 
         layers = conv_layers(eager, image_size=args.image_size)
-        element = torch.finfo(dtype).bits // 8
-        print(f"\nper layer ({len(layers)} distinct convs; % = roofline bound / measured time)")
-        print(f"  {'layer':<40} {'x':>2} {'eager ms':>9} {'fused ms':>9} {'speedup':>8} {'%roof e':>8} "
-              f"{'%roof f':>8}")
-        total_eager = total_fused = 0.0
-        for layer in layers:
-            conv, bn = conv_and_bn(eager, layer)
-            eager_unit, fused_unit = eager_and_fused(conv, bn, layer, backend)
-            lx, residual = layer_inputs(layer, batch, device, dtype)
-            t = side_by_side({"eager": lambda: eager_unit(lx, residual), "fused": lambda: fused_unit(lx, residual)},
-                             device, warmup=1, iters=iters)
-            flops = layer.flops(batch)
-            roof_e = bound_seconds(flops, layer.bytes_eager(batch, element), peak) / t["eager"] * 100
-            roof_f = bound_seconds(flops, layer.bytes_fused(batch, element), peak) / t["fused"] * 100
-            total_eager += layer.count * t["eager"]
-            total_fused += layer.count * t["fused"]
-            summary["layers"].append({"layer": layer.label, "name": layer.name, "count": layer.count,
-                                      "eager_s": t["eager"], "fused_s": t["fused"],
-                                      "speedup": t["eager"] / t["fused"], "flops": flops,
-                                      "bytes_eager": layer.bytes_eager(batch, element),
-                                      "bytes_fused": layer.bytes_fused(batch, element),
-                                      "roofline_pct_eager": roof_e, "roofline_pct_fused": roof_f})
-            print(f"  {layer.label:<40} {layer.count:>2} {t['eager'] * 1e3:>9.3f} {t['fused'] * 1e3:>9.3f} "
-                  f"{t['eager'] / t['fused']:>7.2f}x {roof_e:>7.1f}% {roof_f:>7.1f}%", flush=True)
-        print(f"  {'all convs (x count)':<43} {total_eager * 1e3:>9.3f} {total_fused * 1e3:>9.3f} "
-              f"{total_eager / total_fused:>7.2f}x")
+        noisy, highest = _layer_table(eager, layers, backend, batch, device, dtype, iters, peak, summary)
+    _notes(noisy + (model_flag == "!"), len(layers) + 1, iters, highest)
 
     (out_dir / "profile.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {out_dir / 'profile.json'}, {out_dir / 'trace_eager.json'}, {out_dir / 'trace_fused.json'}")
     if have_matplotlib():
         png = out_dir / "layer_speedups.png"
-        bar_chart(png, [r["layer"] for r in summary["layers"]], {backend: [r["speedup"] for r in summary["layers"]]},
-                  title=f"{args.model} per-layer speedup, fused ({backend}) vs eager, batch {batch} "
-                        f"{DTYPE_NAMES[dtype]}, {env['device']}")
+        rows = summary["layers"]
+        bar_chart(png, [r["layer"] + " (noisy!)" * r["noisy"] for r in rows],
+                  {f"fused, {backend} backend": [r["speedup"] for r in rows]},
+                  title=f"{args.model} per layer, batch {batch} {DTYPE_NAMES[dtype]}, {env['device']}\n"
+                        f"fused ({backend} backend) vs eager PyTorch: conv, BatchNorm, add, ReLU as separate "
+                        f"modules, channels_last",
+                  xlabel="speedup vs eager (x)")
         print(f"wrote {png}")
     else:
         print(MISSING_MATPLOTLIB)

@@ -17,8 +17,9 @@ import json
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from ..ops.registry import backend_names
 from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib, panel_chart
 
 BASELINE = "eager"
@@ -43,18 +44,32 @@ def png_path(text: str) -> Path:
     return Path(text)
 
 
-def load_groups(path) -> "OrderedDict[str, dict[str, float]]":
-    """group -> {provider: median seconds}, in file order."""
-    path = Path(path)
+# Medians outside this range (seconds) are no timing: at 1e308 the milliseconds printed were inf.
+PLAUSIBLE_SECONDS = (1e-12, 1e6)
+
+
+def _read_json(path: Path):
     if not path.is_file():
         raise SystemExit(f"report: {path} is a directory, not a file" if path.is_dir() else
                          f"report: file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as exc:
         raise SystemExit(f"report: cannot read {path} ({exc.strerror or exc})")
+    except RecursionError:
+        raise SystemExit(f"report: {path} is nested too deeply to be a pytest-benchmark JSON") from None
     except ValueError as exc:
         raise SystemExit(f"report: {path} is not JSON ({exc})")
+
+
+def load_groups(path) -> "OrderedDict[str, dict[str, float]]":
+    """group -> {provider: median seconds}, in file order."""
+    return _load(Path(path))[0]
+
+
+def _load(path: Path):
+    """(load_groups' answer, the machine the file was timed on or None)."""
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise SystemExit(f"report: {path} is not a pytest-benchmark JSON (no 'benchmarks' list)")
     groups: "OrderedDict[str, dict[str, float]]" = OrderedDict()
@@ -69,27 +84,47 @@ def load_groups(path) -> "OrderedDict[str, dict[str, float]]":
         median = _object(bench.get("stats")).get("median")
         if median is None:
             continue
-        if isinstance(median, bool) or not isinstance(median, (int, float)) or not 0 < median < math.inf:
+        low, high = PLAUSIBLE_SECONDS
+        if isinstance(median, bool) or not isinstance(median, (int, float)) or not low <= median <= high:
             raise SystemExit(f"report: {path}: benchmarks[{i}] ({group}, {provider}) has median {median!r}; "
-                             f"expected a time in seconds > 0")
+                             f"expected a time in seconds > 0, between {low:g} and {high:g}")
         groups.setdefault(group, {})[provider] = float(median)
     if not groups:
         raise SystemExit(f"report: {path} holds no benchmark with timing stats "
                          f"(was it run with --benchmark-disable?)")
-    return groups
+    return groups, _machine(data)
+
+
+def _machine(data: dict) -> Optional[str]:
+    """What a run was timed on: the CPU (pytest-benchmark's machine_info: brand, cores) and the GPU of its CUDA
+    cases (the benchmarks record the device's name with each); None when the file does not say."""
+    cpu = _object(_object(data.get("machine_info")).get("cpu"))
+    parts = [f"{cpu['brand_raw']}, {cpu.get('count', '?')} cores"] if cpu.get("brand_raw") else []
+    parts += sorted({str(_object(bench.get("extra_info")).get("device_name")) for bench in data["benchmarks"]
+                     if isinstance(bench, dict) and split_group(str(bench.get("group")))[2].endswith("cuda")})
+    return "; ".join(parts) or None
 
 
 def _object(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def load_all(paths) -> "OrderedDict[str, dict[str, float]]":
-    """load_groups of each file, merged: groups in first-seen order, later files' providers added or replacing."""
+def load_all(paths) -> "Tuple[OrderedDict[str, dict[str, float]], Optional[str]]":
+    """(load_groups of each file, merged: groups in first-seen order, later files' providers added or replacing;
+    the machine they were timed on). Files from different machines are refused: they do not compare."""
     merged: "OrderedDict[str, dict[str, float]]" = OrderedDict()
-    for path in paths:
-        for group, providers in load_groups(path).items():
+    machines = {}
+    for path in map(Path, paths):
+        groups, machine = _load(path)
+        machines.setdefault(machine, path)
+        for group, providers in groups.items():
             merged.setdefault(group, {}).update(providers)
-    return merged
+    known = {machine: path for machine, path in machines.items() if machine is not None}
+    if len(known) > 1:
+        ran = "; ".join(f"{path.name} on {machine}" for machine, path in known.items())
+        raise SystemExit(f"report: these files were timed on different machines ({ran}): their timings do not "
+                         f"merge into one table; report each machine's files on their own")
+    return merged, next(iter(known), None)
 
 
 def split_group(group: str) -> Tuple[str, str, str]:
@@ -182,9 +217,27 @@ def summary_panels(groups, summary):
     return panels
 
 
+# Providers as a chart's reader would name them (the benchmarks' short names stay in the tables).
+PROVIDER_LABELS = {"eager": "eager PyTorch, channels_last", "eager-nchw": "eager PyTorch, NCHW",
+                   "torch.compile": "torch.compile", "torch.compile-max-autotune": "torch.compile max-autotune",
+                   "cudnn": "cuDNN fused conv+add+ReLU"}
+GRAPHED = "+cudagraph"  # the benchmarks' suffix for a provider replayed as a CUDA graph
+XLABEL = f"speedup vs {PROVIDER_LABELS[BASELINE]} (x)"
+
+
+def provider_label(provider: str) -> str:
+    base = provider[:-len(GRAPHED)] if provider.endswith(GRAPHED) else provider
+    label = f"fused, {base} backend" if base in backend_names() else PROVIDER_LABELS.get(base, base)
+    return label + (" + CUDA graph" if base != provider else "")
+
+
+def _labelled(series: Dict[str, List[float]]) -> Dict[str, List[float]]:
+    return {provider_label(name): values for name, values in series.items()}
+
+
 def run(args) -> int:
-    groups = load_all(args.files)
-    title = ", ".join(Path(f).name for f in args.files)
+    groups, machine = load_all(args.files)
+    title = ", ".join(Path(f).name for f in args.files) + (f" ({machine})" if machine else "")
     print(format_table(groups))
     summary = summarize(groups)
     if not any(len(row) > 1 for row in summary.values()):
@@ -200,10 +253,11 @@ def run(args) -> int:
         print("\n" + MISSING_MATPLOTLIB)
         return 0
     out = args.out or Path(args.files[0]).with_suffix(".png")
-    _write_png(out, panel_chart, summary_panels(groups, summary), title=title)
+    panels = [(name, labels, _labelled(series)) for name, labels, series in summary_panels(groups, summary)]
+    _write_png(out, panel_chart, panels, title=title, xlabel=XLABEL)
     if args.cases:
         labels, series = speedup_series(groups)
-        _write_png(args.cases, bar_chart, labels, series, title=f"speedup vs eager, every case: {title}")
+        _write_png(args.cases, bar_chart, labels, _labelled(series), title=f"every case: {title}", xlabel=XLABEL)
     return 0
 
 

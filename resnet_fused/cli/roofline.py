@@ -3,24 +3,32 @@
     bound_seconds = max(FLOPs / peak_flops_per_s, bytes / peak_bytes_per_s)
     percent_of_roofline = 100 * bound_seconds / measured_seconds     (100% = as fast as the device allows)
 
-Peaks are measured once per (device, dtype) and cached in a JSON file (~/.cache/resnet_fused/roofline.json, or
-$RESNET_FUSED_CACHE_DIR/roofline.json): FLOP/s from a big matmul (2*n^3 FLOPs), bytes/s from a big copy (it
-reads and writes every byte, so 2 * size bytes move). On a CPU, torch's matmul runs below what oneDNN's
-convolutions reach, so the FLOP/s peak there is the best of the matmul and a compute-bound 3x3 convolution.
+Peaks are measured once per (device model, dtype; on a CPU also the thread count) and cached in a JSON file
+(~/.cache/resnet_fused/roofline.json, or $RESNET_FUSED_CACHE_DIR/roofline.json): FLOP/s from a big matmul (2*n^3
+FLOPs), bytes/s from a big copy (it reads and writes every byte, so 2 * size bytes move). On a CPU, torch's matmul
+runs below what oneDNN's convolutions reach, so the FLOP/s peak there is the best of the matmul and a
+compute-bound 3x3 convolution. A busy machine measures low peaks: a measurement whose repeats spread by more than
+NOISY is used once but not cached, entries expire after MAX_AGE_S, and an entry of the wrong shape (another
+version's, hand-edited) is measured again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .common import DTYPE_NAMES, device_name
-from .timing import side_by_side
+from .timing import NOISY, measure
+
+
+MAX_AGE_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,13 @@ class Peak:
     dtype: str
     flops_per_s: float
     bytes_per_s: float
+    measured_at: float = 0.0  # time.time()
+    spread: float = 0.0  # the largest spread of the measurement's repeats (see NOISY)
+    load: Optional[float] = None  # the 1-minute load average then, where the OS tells
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY
 
 
 def bound_seconds(flops: float, nbytes: float, peak: Peak) -> float:
@@ -64,28 +79,43 @@ def measure_peak(device, dtype: torch.dtype, *, matmul_size: Optional[int] = Non
         w = torch.randn(64, 64, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
         paths["conv"] = lambda: torch.nn.functional.conv2d(x, w, padding=1)
     with torch.inference_mode():
-        times = side_by_side(paths, device, warmup=2, iters=iters)
-    flops_per_s = 2.0 * n**3 / times["matmul"]
+        times = measure(paths, device, warmup=2, iters=iters)
+    flops_per_s = 2.0 * n**3 / times["matmul"].median
     if "conv" in times:
-        flops_per_s = max(flops_per_s, 2.0 * 8 * 56 * 56 * 64 * 64 * 9 / times["conv"])
+        flops_per_s = max(flops_per_s, 2.0 * 8 * 56 * 56 * 64 * 64 * 9 / times["conv"].median)
     return Peak(device=device_name(device), dtype=DTYPE_NAMES.get(dtype, str(dtype)),
                 flops_per_s=flops_per_s,
-                bytes_per_s=2.0 * src.numel() * src.element_size() / times["copy"])
+                bytes_per_s=2.0 * src.numel() * src.element_size() / times["copy"].median,
+                measured_at=time.time(), spread=max(t.spread for t in times.values()), load=load_average())
+
+
+def load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def device_peak(device, dtype: torch.dtype, *, refresh: bool = False, **measure_kwargs) -> Peak:
-    """The cached peak for (this device, dtype), measured and stored on first use."""
+    """The cached peak for (this device, dtype), measured and stored on first use, and again when the entry is
+    missing, of the wrong shape, or older than MAX_AGE_S; a noisy measurement is returned but not stored."""
     path = cache_file()
-    key = f"{device_name(device)}|{torch.device(device).type}|{DTYPE_NAMES.get(dtype, str(dtype))}"
-    cache = {}
-    if path.is_file():
-        try:
-            cache = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cache = {}  # a corrupt cache is re-measured, not fatal
-    if not refresh and key in cache:
-        return Peak(**cache[key])
+    device = torch.device(device)
+    dtype_name = DTYPE_NAMES.get(dtype, str(dtype))
+    name = device_name(device)
+    threads = f"|{torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    key = f"{name}|{device.type}|{dtype_name}{threads}"
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        cache = {}  # a corrupt cache is re-measured, not fatal
+    cache = cache if isinstance(cache, dict) else {}
+    cached = None if refresh else _valid_entry(cache.get(key), name, dtype_name)
+    if cached is not None:
+        return cached
     peak = measure_peak(device, dtype, **measure_kwargs)
+    if peak.noisy:
+        return peak
     cache[key] = asdict(peak)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,3 +123,19 @@ def device_peak(device, dtype: torch.dtype, *, refresh: bool = False, **measure_
     except OSError:
         pass  # a read-only home still gets the numbers, just not cached
     return peak
+
+
+def _valid_entry(entry, device: str, dtype: str) -> Optional[Peak]:
+    """The cached Peak if the entry is one this version wrote for this device and dtype, fresh and plausible."""
+    if not isinstance(entry, dict) or set(entry) != {f.name for f in fields(Peak)}:
+        return None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if entry["device"] != device or entry["dtype"] != dtype or not all(
+            number(entry[k]) and entry[k] > 0 for k in ("flops_per_s", "bytes_per_s", "measured_at")):
+        return None
+    if not (number(entry["spread"]) and 0 <= entry["spread"] <= NOISY) or not (
+            entry["load"] is None or number(entry["load"])):
+        return None
+    if not 0 <= time.time() - entry["measured_at"] <= MAX_AGE_S:
+        return None
+    return Peak(**entry)

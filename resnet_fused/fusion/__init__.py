@@ -7,4 +7,5 @@
     binding      a fused module's steps decided once, replayed while nothing changed
     changes      the process-wide change counter that bindings and CUDA graphs read
     analysis     torch.fx proofs that a module's forward is such a dataflow (fuse_model)
+    bytecode     what an untraceable forward reaches into, read from its bytecode
 """

@@ -5,15 +5,15 @@
   ResidualPlan (or the reason it is not one);
 - `find_chains` lists conv -> BN (-> ReLU) runs whose intermediate values nobody else reads, so the three can
   become one fused op without changing what the forward computes.
+
+Forwards fx cannot trace are read from their bytecode instead (bytecode.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dis
-import inspect
+import functools
 import operator
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import List, Optional, Set, Tuple
@@ -33,6 +33,7 @@ _ADD_METHODS = {"add", "add_"}
 
 
 _INPLACE_ADDS = {("call_function", operator.iadd), ("call_method", "add_")}
+_CLONES = {("call_function", torch.clone), ("call_method", "clone")}
 
 
 def _context() -> tuple:
@@ -70,7 +71,17 @@ class _Proxy(fx.Proxy):
 
 
 class _ShallowTracer(fx.Tracer):
-    """Every registered submodule is a leaf; a module built inside forward (nn.ReLU()(x)) is traced through."""
+    """fx's graph of `root.forward` alone: every registered descendant is a leaf (a call_module node); a module
+    built inside forward (nn.ReLU()(x)) is traced through.
+
+    fx's own `Tracer.trace` patches nn.Module.__call__ and __getattr__ on the class, for every thread of the
+    process, for as long as it traces: a module running in another thread then meets this tracer, and two traces
+    at once restore each other's patches in the wrong order. This tracer patches nothing shared: it catches the
+    calls of root's descendants one instance at a time (nn.Module.__call__ runs an instance's
+    `_compiled_call_impl` first, where `module.compile()` puts its compiled call), and fuse_model traces its own
+    copy of the model, so no other code ever sees those instances caught. It leaves out what fx's patch adds:
+    parameters read in forward are values, not proxies, and `torch.fx.wrap`/math functions are not autowrapped
+    (a forward that needs either fails to trace, and is left as it is)."""
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -83,41 +94,76 @@ class _ShallowTracer(fx.Tracer):
         node.meta["rf_context"] = _context()  # fx records no `with torch.no_grad()` / autocast: keep the state
         return node
 
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            self.path_of_module(m)
-        except NameError:
-            if type(m) is nn.ReLU and not has_hooks(m):
-                return self.create_proxy("call_function", torch.relu, (args[0],), {})
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+    def create_arg(self, a):
+        # fx stores a tensor that is no attribute of root (a value computed from parameters) on root as
+        # `_tensor_constant<i>`: the graph is only read here, so leave the module as it was
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a not in self.tensor_attrs \
+                and not any(a is b for b in self.root.buffers()):
+            return self.create_node("get_attr", "<tensor constant>", (), {})
+        return super().create_arg(a)
+
+    def trace(self, root: nn.Module) -> fx.Graph:
+        if not (nn.Module.__call__ is _MODULE_CALL and nn.Module.__getattr__ is _MODULE_GETATTR):
+            raise RuntimeError(_PATCHED)
+        self.root = root
+        self.submodule_paths = {m: name for name, m in root.named_modules()}
+        self.tensor_attrs = {}  # tensors held as plain attributes, as fx collects them: read as get_attr nodes
+        for prefix, m in root.named_modules():
+            for key, value in m.__dict__.items():
+                if isinstance(value, torch.Tensor):
+                    self.tensor_attrs[value] = f"{prefix}.{key}" if prefix else key
+        self.graph = fx.Graph(tracer_cls=type(self))
+        forward, args = self.create_args_for_root(type(root).forward, True, None)
+        descendants = [m for m in root.modules() if m is not root]
+        with _on_instances(descendants, "_compiled_call_impl", lambda m: functools.partial(self._leaf_call, m)):
+            out = forward(*args)
+        if not (nn.Module.__call__ is _MODULE_CALL and nn.Module.__getattr__ is _MODULE_GETATTR):
+            raise RuntimeError(_PATCHED)  # patched meanwhile: the calls went elsewhere
+        self.create_node("output", "output", (self.create_arg(out),), {})
+        return self.graph
+
+    def _leaf_call(self, module: nn.Module, *args, **kwargs):
+        return self.call_module(module, module.forward, args, kwargs)
 
 
+_ABSENT = object()
+_MODULE_CALL, _MODULE_GETATTR = nn.Module.__call__, nn.Module.__getattr__
+_PATCHED = ("nn.Module.__call__ or __getattr__ is patched while fusing (torch.fx.symbolic_trace running in another "
+            "thread patches them for every thread)")
 _REPLACEABLE = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)  # what chains swap out (exact types)
 
 
 def trace_shallow(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], Set[int]]:
     """(graph, None, forwarded), or (None, why tracing failed, forwarded).
 
-    forwarded: ids of descendants whose `.forward` the forward calls directly (`self.conv.forward(x)`): fx traces
-    through such a call, leaving no call_module node, so a chain would swap the module without seeing the call.
+    forwarded: ids of descendants whose `.forward` the forward calls directly (`self.conv.forward(x)`): that
+    call bypasses __call__, leaving no call_module node, so a chain would swap the module without seeing the call.
     """
     forwarded: Set[int] = set()
     wrapped = [m for m in module.modules() if m is not module and type(m) in _REPLACEABLE]
-    saved = [(m, m.__dict__.get("forward")) for m in wrapped]
-    for m in wrapped:  # Tracer.call_module never runs a leaf's forward: any call of it comes from elsewhere
-        m.__dict__["forward"] = _recording_forward(m, m.forward, forwarded)
+    # a leaf's call never runs its forward: any call of it comes from elsewhere
     try:
-        return _ShallowTracer().trace(module), None, forwarded
+        with _on_instances(wrapped, "forward", lambda m: _recording_forward(m, m.forward, forwarded)):
+            return _ShallowTracer().trace(module), None, forwarded
     except Exception as error:  # fx raises many types (TraceError, TypeError, NameError, ...): all mean "not provable"
         first_line = (str(error).strip().splitlines() or [""])[0]
         return None, f"forward is not traceable by torch.fx ({type(error).__name__}: {first_line[:120]})", forwarded
+
+
+@contextlib.contextmanager
+def _on_instances(modules, name: str, make):
+    """Set `name` in each module's own __dict__ (shadowing its class's attribute) to make(module); then restore."""
+    saved = [(m, m.__dict__.get(name, _ABSENT)) for m in modules]
+    try:
+        for m in modules:
+            m.__dict__[name] = make(m)
+        yield
     finally:
-        for m, forward in saved:
-            if forward is None:
-                del m.__dict__["forward"]
+        for m, value in saved:
+            if value is _ABSENT:
+                m.__dict__.pop(name, None)
             else:
-                m.__dict__["forward"] = forward
+                m.__dict__[name] = value
 
 
 def _recording_forward(module: nn.Module, forward, forwarded: Set[int]):
@@ -159,6 +205,8 @@ def _only_tensor_arg(node: fx.Node) -> Optional[fx.Node]:
 def node_kind(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
         return _module_kind(root.get_submodule(node.target))
+    if (node.op, node.target) in _CLONES and len(node.args) == 1 and not node.kwargs:
+        return "identity"  # a copy of the value: the residual and the chains read the same numbers
     if node.op == "call_function":
         if node.target in _RELU_FUNCTIONS:
             return "relu"
@@ -177,9 +225,10 @@ def node_kind(node: fx.Node, root: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class _Step:
-    kind: str  # conv, bn, relu, identity, module
-    name: Optional[str]
+    kind: str  # conv, bn, relu, identity, module, or a node's op
+    name: Optional[str]  # the module's (None: a function or method call)
     why: Optional[str] = None  # for a "module" step that could have been flattened
+    label: str = ""  # how a reason names a function or method call
 
 
 def _sequential_entries(module: nn.Sequential, name: str) -> List[Tuple[str, Optional[nn.Module]]]:
@@ -228,7 +277,7 @@ def _steps(path: List[fx.Node], root: nn.Module) -> List[_Step]:
         if node.op == "call_module":
             steps += _steps_of_module(root.get_submodule(node.target), node.target)
         else:
-            steps.append(_Step(node_kind(node, root), None))
+            steps.append(_Step(node_kind(node, root), None, label=describe(node, root)))
     return steps
 
 
@@ -246,8 +295,8 @@ def _units(steps: List[_Step]) -> Tuple[Optional[Tuple[Unit, ...]], Optional[str
         elif step.kind == "relu" and current is not None:
             current[2] = True
         else:
-            what = step.name or "a function call"
-            return None, f"{what} ({step.why or step.kind}) is not a conv -> BatchNorm -> ReLU step"
+            what = f"{step.name} ({step.why or step.kind})" if step.name else step.label
+            return None, f"{what} is not a conv -> BatchNorm -> ReLU step"
     if current:
         units.append(Unit(*current))
     return tuple(units), None
@@ -257,74 +306,137 @@ def _modules_of(units) -> List[str]:
     return [n for u in units for n in (u.conv, u.bn) if n]
 
 
-def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[ResidualPlan], str, List[str]]:
-    """(plan, "", []) if forward(x) == relu(main(x) + shortcut(x)) exactly; else (None, reason, blocking names)."""
+def match_residual(module: nn.Module, graph: fx.Graph) -> Tuple[Optional[ResidualPlan], str]:
+    """(plan, "") if forward(x) == relu(main(x) + shortcut(x)) exactly; else (None, the reason, naming the node
+    that blocks it)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
     if len(placeholders) != 1:
-        return None, f"forward takes {len(placeholders)} inputs, not one", []
+        return None, f"forward takes {len(placeholders)} inputs, not one"
     x = placeholders[0]
     last = output.args[0]
-    if not isinstance(last, fx.Node) or node_kind(last, module) != "relu" or _only_tensor_arg(last) is None:
-        return None, "the output is not relu(...)", []
+    if not isinstance(last, fx.Node):
+        return None, f"the output is a {type(last).__name__}, not relu(...) of a tensor"
+    if node_kind(last, module) != "relu" or _only_tensor_arg(last) is None:
+        return None, f"the output comes from {describe(last, module)}, not from a ReLU"
     add = last.args[0]
-    if node_kind(add, module) != "add" or list(add.users) != [last]:
-        return None, "the output is not relu(a + b)", []
-    if not all(isinstance(a, fx.Node) for a in add.args):
-        return None, "the residual add has a non-tensor operand", []
+    if node_kind(add, module) != "add":
+        return None, f"the final ReLU's input comes from {describe(add, module)}, not from an add"
+    if list(add.users) != [last]:
+        other = next(u for u in add.users if u is not last)
+        return None, f"the sum before the final ReLU is also read by {describe(other, module)}"
+    constants = [a for a in add.args if not isinstance(a, fx.Node)]
+    if constants:
+        return None, f"the residual add has an operand that is not a tensor ({constants[0]!r})"
     if add.args[0] is add.args[1]:  # out + out: one branch computed once, not a main branch plus a shortcut
-        return None, "both operands of the add are the same value", []
+        return None, f"both operands of the add are the same value ({describe(add.args[0], module)})"
     changed = context_changes(graph)
     if changed:  # the fused block runs in its caller's grad mode / autocast state, not the one forward sets
         return None, f"forward changes grad mode or autocast (torch.no_grad, autocast, ...) around " \
-                     f"{', '.join(str(n.target) for n in changed[:4])}", []
-    inplace = (add.op, add.target) in _INPLACE_ADDS
-    reason, blocking = "neither operand of the add is a conv-BN chain from the input", []
+                     f"{', '.join(describe(n, module) for n in changed[:4])}"
+    # Each operand of the add is tried as the main branch; where neither fits, the reason is the one from the
+    # operand that came furthest (the one that really is the main branch).
+    best = (-1, "")
     for main_end, short_end in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
-        main_path = _linear_path(main_end, x)
-        if main_path is None or not main_path or list(main_path[-1].users) != [add]:
-            continue
-        if inplace and add.args[0] is not main_end:
-            # x += out writes into the block's input (or the shortcut's output, which may be it): the caller sees
-            # that change; the fused block writes into nothing
-            reason = "the in-place add writes into the shortcut's value, not into the main branch's"
-            continue
-        main, why = _units(_steps(main_path, module))
-        if main is None:
-            reason = f"main branch: {why}"
-            blocking = [s.name for s in _steps(main_path, module) if s.kind in ("module",) and s.name]
-            continue
-        if not main or main[-1].relu:
-            reason = "main branch does not end in conv(-BN) before the add"
-            continue
-        shortcut, short_path = _shortcut(short_end, x, add, module)
-        if shortcut == "fail":
-            reason = "the shortcut is not the input, a conv-BN chain or one module applied to the input"
-            continue
-        if set(main_path) & set(short_path):
-            reason = "the main branch and the shortcut share nodes"
-            continue
-        used = set(main_path) | set(short_path) | {add, last, x, output}
-        extra = [n for n in graph.nodes if n not in used]
-        if extra:
-            return None, f"forward also computes {', '.join(str(n.target) for n in extra[:4])}", \
-                [str(n.target) for n in extra if n.op == "call_module"]
-        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-        names = _modules_of(main) + (_modules_of(shortcut) if isinstance(shortcut, tuple) else [])
-        roots = {name.split(".")[0] for name in names}
-        if any(calls[r] > 1 for r in roots):
-            return None, "a conv or BatchNorm module is called more than once", []
-        ids = [id(module.get_submodule(name)) for name in names]
-        if isinstance(shortcut, ModuleShortcut):
-            ids += [id(m) for m in module.get_submodule(shortcut.name).modules()]
-        if len(set(ids)) != len(ids):  # the fused block would change the order of its calls (BN statistics)
-            return None, "a conv or BatchNorm module is used twice in the block", []
-        if isinstance(shortcut, ModuleShortcut):
-            shortcut, why = _ordered(shortcut, short_path[0], main_path, main, graph, module)
-            if shortcut is None:
-                return None, why, []
-        return ResidualPlan(main, shortcut, promote=not inplace), "", []
-    return None, reason, blocking
+        found = _as_main_branch(module, graph, x, add, {x, add, last, output}, main_end, short_end)
+        if isinstance(found, ResidualPlan):
+            return found, ""
+        best = max(best, found, key=lambda f: f[0])
+    return None, best[1]
+
+
+def _as_main_branch(module, graph, x, add, fixed, main_end, short_end):
+    """The plan with main_end as the main branch's output, or (how far the match came, why it failed there)."""
+    main_path = _linear_path(main_end, x)
+    if main_path is None:
+        return 0, f"main branch: {_path_break(main_end, x, module)}"
+    if not main_path:
+        return 0, "main branch: the add reads the input itself"
+    if list(main_path[-1].users) != [add]:
+        other = next(u for u in main_path[-1].users if u is not add)
+        return 1, f"main branch: its output ({describe(main_end, module)}) is also read by {describe(other, module)}"
+    inplace = (add.op, add.target) in _INPLACE_ADDS
+    if inplace and add.args[0] is not main_end:
+        # x += out writes into the block's input (or the shortcut's output, which may be it): the caller sees
+        # that change; the fused block writes into nothing
+        return 1, f"the in-place add writes into the shortcut's value ({describe(add.args[0], module)}), not " \
+                  f"into the main branch's"
+    steps = _steps(main_path, module)
+    main, why = _units(steps)
+    if main is None:
+        return 2, f"main branch: {why}"
+    if not main or main[-1].relu:
+        return 3, f"main branch: it ends in {describe(main_end, module)}, not in a conv or BatchNorm before the add"
+    shortcut, short_path = _shortcut(short_end, x, add, module)
+    if isinstance(shortcut, str):
+        return 4, f"shortcut: {shortcut}"
+    shared = [n for n in main_path if n in set(short_path)]
+    if shared:
+        return 5, f"the main branch and the shortcut share {describe(shared[0], module)}"
+    used = set(main_path) | set(short_path) | fixed
+    extra = [n for n in graph.nodes if n not in used]
+    if extra:
+        return 6, f"forward also computes {', '.join(describe(n, module) for n in extra[:4])}"
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    names = _modules_of(main) + (_modules_of(shortcut) if isinstance(shortcut, tuple) else [])
+    repeated = [r for r in dict.fromkeys(name.split(".")[0] for name in names) if calls[r] > 1]
+    if repeated:
+        return 6, f"a conv or BatchNorm module is called more than once ({repeated[0]})"
+    modules = [(name, module.get_submodule(name)) for name in names]
+    if isinstance(shortcut, ModuleShortcut):
+        modules += [(f"{shortcut.name}.{n}".rstrip("."), m) for n, m in
+                    module.get_submodule(shortcut.name).named_modules(remove_duplicate=False)]
+    seen = {}
+    for name, m in modules:  # the fused block would change the order of its calls (BN statistics)
+        if id(m) in seen:
+            return 6, f"a conv or BatchNorm module is used twice in the block ({seen[id(m)]} is {name})"
+        seen[id(m)] = name
+    if isinstance(shortcut, ModuleShortcut):
+        shortcut, why = _ordered(shortcut, short_path[0], main_path, main, graph, module)
+        if shortcut is None:
+            return 6, why
+    return ResidualPlan(main, shortcut, promote=not inplace)
+
+
+def _path_break(end: fx.Node, start: fx.Node, module: nn.Module) -> str:
+    """Why the values before `end` are no single chain back to `start`: the node where it breaks, named."""
+    node = end
+    while node is not start:
+        previous = _only_tensor_arg(node) if node.op != "placeholder" else None
+        if previous is None:
+            others = [describe(a, module) for a in node.args[1:] if isinstance(a, fx.Node)]
+            return f"{describe(node, module)} " + (f"also takes {', '.join(others)}" if others else
+                                                   "takes arguments besides the value before it")
+        if list(previous.users) != [node] and previous is not start:
+            other = next(u for u in previous.users if u is not node)
+            return f"{describe(previous, module)} is also read by {describe(other, module)}"
+        node = previous
+    return "it is no chain from the input"  # not reached: _linear_path found no break either
+
+
+_OPERATORS = {operator.add: "+", operator.iadd: "+=", operator.sub: "-", operator.mul: "*", operator.imul: "*=",
+              operator.truediv: "/", operator.matmul: "@", operator.getitem: "[]", operator.neg: "unary -"}
+
+
+def describe(node, module: nn.Module, prefix: str = "") -> str:
+    """A node as a reader of the forward would name it: `se (Sequential)`, `.mean()`, `torch.cat()`, `*`; modules
+    by their name in the model when `module` is the model's module `prefix`."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "call_module":
+        name = f"{prefix}.{node.target}" if prefix else node.target
+        return f"{name} ({type(module.get_submodule(node.target)).__name__})"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        if node.target in _OPERATORS:
+            return f"the operator {_OPERATORS[node.target]}"
+        owner = getattr(node.target, "__module__", None) or "torch"
+        owner = "torch" if owner.startswith("torch._") else owner
+        return f"{owner}.{getattr(node.target, '__name__', node.target)}()"
+    if node.op == "get_attr":
+        return f"the attribute {node.target}"
+    return "the forward's input" if node.op == "placeholder" else str(node.target)
 
 
 def _ordered(shortcut: ModuleShortcut, node: fx.Node, main_path, main, graph: fx.Graph, module: nn.Module):
@@ -334,26 +446,37 @@ def _ordered(shortcut: ModuleShortcut, node: fx.Node, main_path, main, graph: fx
     order = {n: i for i, n in enumerate(graph.nodes)}
     before = sum(step.kind == "conv" for n in main_path if order[n] < order[node] for step in _steps([n], module))
     if before >= len(main) == 1:
-        return None, "the shortcut module runs after the one-unit main branch read the input (it may modify " \
-                     "the input in place, and the unit's epilogue needs its output first)"
+        return None, f"the shortcut module {shortcut.name} runs after the one-unit main branch read the input (it " \
+                     f"may modify the input in place, and the unit's epilogue needs its output first)"
     return ModuleShortcut(shortcut.name, min(before, len(main) - 1)), ""
 
 
 def _shortcut(end: fx.Node, x: fx.Node, add: fx.Node, module: nn.Module):
+    """(None for the input itself | conv-BN units | ModuleShortcut, its nodes), or (why it is none of those, [])."""
     if end is x:
         return None, []
     path = _linear_path(end, x)
-    if path is None or list(path[-1].users) != [add]:
-        return "fail", []
+    if path is None:
+        return _path_break(end, x, module), []
+    if list(path[-1].users) != [add]:
+        other = next(u for u in path[-1].users if u is not add)
+        return f"its output ({describe(end, module)}) is also read by {describe(other, module)}", []
     steps = _steps(path, module)
     if all(s.kind == "identity" for s in steps):
         return None, path
-    units, _ = _units(steps)
+    units, why = _units(steps)
     if units:
         return units, path
     if len(path) == 1 and path[0].op == "call_module":
         return ModuleShortcut(path[0].target), path
-    return "fail", []
+    calls = [n for n in path if n.op == "call_module"]
+    if len(calls) == 1 and all(node_kind(n, module) == "identity" for n in path if n is not calls[0]):
+        # x.clone() before a module run as is: that module may write into what it gets, the fused block would
+        # hand it the input itself
+        copies = ", ".join(describe(n, module) for n in path if n is not calls[0])
+        return f"{describe(calls[0], module)} is a module run as is, and gets a copy of the input ({copies}) " \
+               f"that the fused block would not make", []
+    return f"it is not the input, a conv-BN chain or one module applied to the input: {why}", []
 
 
 # ------------------------------------------------------------------------------------------- chains
@@ -364,117 +487,106 @@ class Chain:
     conv: str
     bn: Optional[str]
     relu: Optional[str]  # the nn.ReLU child that becomes an AbsorbedReLU (None: no ReLU fused)
+    note: str = ""  # why a ReLU that follows stays apart
 
 
-def find_chains(module: nn.Module, graph: fx.Graph, usable) -> Tuple[List[Chain], dict]:
+def find_chains(module: nn.Module, graph: fx.Graph, blocker, prefix: str = "") -> Tuple[List[Chain], dict]:
     """conv -> BN (-> ReLU module) runs among `module`'s direct children, with each value read only by the next.
 
-    usable(name) says whether the direct child `name` may be swapped (not shared, not called from elsewhere).
-    Returns the chains and, for convs that could not be fused, the reason (by child name).
+    blocker(name) says why the direct child `name` may not be swapped (shared, called from elsewhere, hooked), or
+    None. Returns the chains and, for convs that could not be fused, the reason (by child name). Reasons name
+    modules by their name in the model: `prefix` is `module`'s.
     """
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    single = lambda n: n.op == "call_module" and "." not in n.target and calls[n.target] == 1 and usable(n.target)
+    describe_ = lambda n: describe(n, module, prefix)  # noqa: E731
+
+    def unswappable(n: fx.Node) -> Optional[str]:
+        if "." in n.target:
+            return f"{describe_(n)} is called through its parent module, which stays as it is"
+        if calls[n.target] > 1:
+            return f"{describe_(n)} is called {calls[n.target]} times in forward"
+        return blocker(n.target)
+
     chains, why = [], {}
     for node in graph.nodes:
-        if node.op != "call_module" or node_kind(node, module) != "conv":
+        conv = module.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or getattr(type(conv), "_fused_conv", False):
             continue
-        if type(module.get_submodule(node.target)) is not nn.Conv2d or not single(node):
-            why[node.target] = "shared, called more than once or a conv subclass"
+        unplain = plain_conv_reason(conv) or (None if type(conv) is nn.Conv2d else "a subclass of nn.Conv2d")
+        reason = unswappable(node) or (f"{describe_(node)}: {unplain}" if unplain else None)
+        if reason:
+            why[node.target] = reason
             continue
         # the fused conv runs the BN and ReLU in its own call's grad mode / autocast state: they must share it
         same_context = lambda n: n.meta.get("rf_context") == node.meta.get("rf_context")
-        users = list(node.users)
-        bn_node = users[0] if len(users) == 1 and users[0].op == "call_module" else None
-        if bn_node is not None and not (node_kind(bn_node, module) == "bn" and single(bn_node)
-                                        and _only_tensor_arg(bn_node) is node and same_context(bn_node)
-                                        and type(module.get_submodule(bn_node.target)) is nn.BatchNorm2d):
-            bn_node = None
+        bn_node, bn_reason = _following_bn(node, module, prefix, unswappable, same_context)
         tail = bn_node or node
-        relu = _following_relu(tail, module, lambda n: single(n) and same_context(n))
+        relu, note = _following_relu(tail, module, prefix, lambda n: unswappable(n) or (
+            None if same_context(n) else "runs under another grad mode or autocast state"))
         if bn_node is None and relu is None:
-            why[node.target] = "not followed by a BatchNorm2d or ReLU module that only it feeds"
+            why[node.target] = f"its output {bn_reason}" if bn_reason else \
+                f"its output goes to {describe_(next(iter(node.users)))}: {note}"
             continue
-        chains.append(Chain(node.target, bn_node.target if bn_node else None, relu))
+        chains.append(Chain(node.target, bn_node.target if bn_node else None, relu, note))
+    absorbed = {chain.bn for chain in chains}
+    for node in graph.nodes:
+        bn = module.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and node.target not in absorbed \
+                and not getattr(type(bn), "_absorbed_bn", False):
+            why[node.target] = _bn_left_reason(node, bn, why, unswappable, describe_)
     return chains, why
 
 
-def _following_relu(node: fx.Node, module: nn.Module, single) -> Optional[str]:
+def _bn_left_reason(node: fx.Node, bn: nn.Module, why: dict, unswappable, describe_) -> str:
+    """Why a BatchNorm stays as it is: what blocks it, or what comes before it instead of a conv it could fold into."""
+    unplain = plain_bn_reason(bn)
+    own = unswappable(node) or (f"{describe_(node)}: {unplain}" if unplain else None)
+    if own:
+        return own
+    previous = _only_tensor_arg(node)
+    if previous is None:
+        return f"{describe_(node)} is called with more than the value it normalizes"
+    if previous.op == "call_module" and previous.target in why:
+        return f"it follows {describe_(previous)}, which stays unfused: {why[previous.target]}"
+    return f"what it normalizes comes from {describe_(previous)}, not from a conv it could fold into"
+
+
+def _following_bn(conv: fx.Node, module: nn.Module, prefix: str, unswappable, same_context):
+    """(the BatchNorm2d node that alone reads the conv's output and can be absorbed, "") or (None, why not)."""
+    users = list(conv.users)
+    if len(users) != 1:
+        return None, f"is read by {len(users)} nodes" if users else "is not used"
+    user = users[0]
+    bn = module.get_submodule(user.target) if user.op == "call_module" else None
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) and node_kind(user, module) != "relu":
+        return None, f"goes to {describe(user, module, prefix)}, not to a BatchNorm2d or ReLU module"
+    if bn is None:
+        return None, ""  # a ReLU: _following_relu decides
+    reason = unswappable(user) or plain_bn_reason(bn) or (
+        None if type(bn) is nn.BatchNorm2d else "a subclass of nn.BatchNorm2d") or (
+        None if _only_tensor_arg(user) is conv else "it is called with other arguments") or (
+        None if same_context(user) else "it runs under another grad mode or autocast state")
+    if reason:
+        return None, f"goes to {describe(user, module, prefix)}, which cannot be absorbed: {reason}"
+    return user, ""
+
+
+def _following_relu(node: fx.Node, module: nn.Module, prefix: str, unswappable) -> Tuple[Optional[str], str]:
+    """(the ReLU module that alone reads the node's value, through identities, "") or (None, why a ReLU that does
+    stays apart: "" if none does)."""
     while len(node.users) == 1:
         previous, node = node, next(iter(node.users))
         if _only_tensor_arg(node) is not previous:
-            return None
-        kind = node_kind(node, module) if node.op == "call_module" else None
-        if kind == "identity":
+            return None, ""
+        kind = node_kind(node, module)
+        if kind == "identity" and node.op == "call_module":
             continue
-        if kind == "relu" and single(node):
-            return node.target
-        return None
-    return None
-
-
-# ------------------------------------------------------------------------------------------- untraceable forwards
-
-
-def reached_descendants(module: nn.Module) -> Set[int]:
-    """For a module fx cannot trace: ids of the descendants its code may use other than by calling a child.
-
-    Without a graph, the forward's bytecode says which children it reaches into (`self.ch.conv(x)`,
-    `self.body[0]`, `for m in self.body`, `getattr(self.ch, ...)`): their descendants must not be swapped.
-    `self.child(...)` is a plain call (the child's own forward, fused or not, computes the same). Anything the
-    scan cannot follow (self passed on, super(), closures, nn.Module's own methods) reaches every descendant.
-    """
-    reached: Set[str] = set()
-    if not _scan(module, type(module).forward, reached, set()):
-        return {id(m) for m in module.modules() if m is not module}
-    return {id(m) for name in reached for m in module._modules[name].modules() if m is not module._modules[name]}
-
-
-_SINGLE_LOADS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"}
-_PAIR_LOADS = {"LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"}
-_METHOD_LOADS = {"LOAD_METHOD"}  # 3.12+: LOAD_ATTR with the low bit of its argument set
-
-
-def _scan(module: nn.Module, function, reached: Set[str], seen: set) -> bool:
-    """Add to `reached` the children `function` reaches into; False if it does what the scan cannot follow."""
-    function = getattr(function, "__func__", function)  # bound method -> function
-    code = getattr(function, "__code__", None)
-    if code is None or not code.co_varnames or code.co_argcount == 0:
-        return False
-    if code in seen:
-        return True
-    seen.add(code)
-    me = code.co_varnames[0]
-    if me in code.co_cellvars or "__class__" in code.co_freevars:  # self in a closure, zero-argument super()
-        return False
-    instructions = list(dis.get_instructions(code))
-    for i, ins in enumerate(instructions):
-        names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
-        if ins.opcode not in dis.haslocal or me not in names:
-            continue
-        # 3.13+ pairs loads (LOAD_FAST_LOAD_FAST a, self): the next instruction still acts on self, the top one
-        on_top = ins.opname in _SINGLE_LOADS or (ins.opname in _PAIR_LOADS and names[1] == me != names[0])
-        if not on_top or i + 1 == len(instructions):
-            return False  # stored, deleted, under another local on the stack: not followed
-        following = instructions[i + 1]
-        if following.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
-            return False  # self passed to a function, returned, stored elsewhere
-        name = following.argval
-        if name in module._modules:
-            is_call = following.opname in _METHOD_LOADS or (following.opname == "LOAD_ATTR" and following.arg & 1
-                                                             and _LOAD_ATTR_METHOD_BIT)
-            if not is_call:
-                reached.add(name)
-            continue
-        attribute = inspect.getattr_static(type(module), name, None)
-        if isinstance(attribute, property):
-            attribute = attribute.fget
-        if inspect.isfunction(attribute) and getattr(nn.Module, name, None) is not attribute:
-            if not _scan(module, attribute, reached, seen):  # a helper method of the class: scan it too
-                return False
-        elif hasattr(nn.Module, name) and name != "training":
-            return False  # self.modules(), self._modules, self.get_submodule(...), self.__dict__, ...
-    return True
-
-
-# 3.12+ folded LOAD_METHOD into LOAD_ATTR (low bit of the argument); LOAD_METHOD stays in dis.opmap as a pseudo-op
-_LOAD_ATTR_METHOD_BIT = sys.version_info >= (3, 12)
+        if kind != "relu":
+            return None, ""
+        if node.op != "call_module":
+            return None, f"the ReLU after it, {describe(node, module)} in {type(module).__name__}.forward, runs on " \
+                         f"its own: fuse_model swaps modules, it does not rewrite forward (an nn.ReLU module there " \
+                         f"would be fused)"
+        reason = unswappable(node)
+        return (None, f"the ReLU after it stays apart: {reason}") if reason else (node.target, "")
+    return None, ""
