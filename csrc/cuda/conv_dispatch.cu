@@ -1,0 +1,64 @@
+// conv_bn_act's entry point: checks the sizes, asks conv_plan.h which kernel takes the call on the current device,
+// and launches it. A call the Hopper kernels turn down at launch (CUTLASS's own can_implement, a safety net behind
+// the plan's checks) runs on the portable kernel instead, so the result never depends on the path.
+#include <cstdint>
+
+#include "conv_plan.h"
+#include "device_utils.cuh"
+#include "kernels.h"
+#ifdef RESNET_FUSED_WITH_SM90
+#include "sm90/sm90_launchers.h"
+#endif
+
+namespace resnet_fused {
+namespace cuda_kernels {
+namespace {
+
+#ifdef RESNET_FUSED_WITH_SM90
+constexpr bool kSm90Built = true;
+
+cudaError_t launch_sm90(DType dtype, Sm90Tile tile, const ConvBnActArgs& a, cudaStream_t stream) {
+#define RF_SM90_CASE(DTYPE, TILE) \
+  if (dtype == DType::DTYPE && tile == Sm90Tile::TILE) return sm90::conv_bn_act<DType::DTYPE, Sm90Tile::TILE>(a, stream);
+  RF_SM90_CONV_KERNELS(RF_SM90_CASE)
+#undef RF_SM90_CASE
+  return cudaErrorNotSupported;
+}
+#else
+constexpr bool kSm90Built = false;
+
+cudaError_t launch_sm90(DType, Sm90Tile, const ConvBnActArgs&, cudaStream_t) { return cudaErrorNotSupported; }
+#endif
+
+bool valid_sizes(const ConvBnActArgs& a) {
+  return a.n >= 0 && a.h >= 0 && a.w >= 0 && a.c_in >= 0 && a.c_out >= 0 && a.kh >= 1 && a.kw >= 1 &&
+         a.stride >= 1 && a.padding >= 0 && a.h_out >= 0 && a.w_out >= 0 &&
+         static_cast<long long>(a.kh) * a.kw * a.c_in <= 0x7fffffffLL;
+}
+
+}  // namespace
+
+ConvPlan conv_plan_for_current_device(DType dtype, const ConvBnActArgs& a) {
+  const bool aligned = aligned16(a.x) && aligned16(a.weight) && aligned16(a.y) && aligned16(a.scale) &&
+                       aligned16(a.shift) && (a.residual == nullptr || aligned16(a.residual));
+  const ConvCall call{dtype, a.n, a.h, a.w, a.c_in, a.c_out, a.kh, a.kw, a.stride, a.padding, a.h_out, a.w_out,
+                      aligned};
+  const GpuInfo gpu{current_compute_capability_major(), current_compute_capability_minor(), current_sm_count(),
+                    kSm90Built};
+  return plan_conv(call, gpu);
+}
+
+cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& a, cudaStream_t stream) {
+  if (!valid_sizes(a)) return cudaErrorInvalidValue;
+  if (a.n == 0 || a.h_out == 0 || a.w_out == 0 || a.c_out == 0) return cudaSuccess;  // empty output
+  if (current_compute_capability_major() < 8) return cudaErrorInvalidDeviceFunction;
+  const ConvPlan plan = conv_plan_for_current_device(dtype, a);
+  if (plan.kind == ConvKernelKind::Sm90) {
+    const cudaError_t err = launch_sm90(dtype, plan.tile, a, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
+  return conv_bn_act_wmma(dtype, a, stream);
+}
+
+}  // namespace cuda_kernels
+}  // namespace resnet_fused
