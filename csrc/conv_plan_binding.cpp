@@ -12,9 +12,9 @@ namespace ck = cuda_kernels;
 
 namespace {
 
-// (kernel, tile, reason) for a square-kernel conv of x [n, c_in, h, w] to c_out channels on a GPU of compute
-// capability cc = (major, minor) with sm_count SMs.
-std::tuple<std::string, std::string, std::string> plan(at::ScalarType dtype, int64_t n, int64_t h, int64_t w,
+// (kernel, tile, splits, reason) for a square-kernel conv of x [n, c_in, h, w] to c_out channels on a GPU of
+// compute capability cc = (major, minor) with sm_count SMs.
+std::tuple<std::string, std::string, int, std::string> plan(at::ScalarType dtype, int64_t n, int64_t h, int64_t w,
                                                        int64_t c_in, int64_t c_out, int64_t kernel_size,
                                                        int64_t stride, int64_t padding,
                                                        std::tuple<int, int> cc, int sm_count, bool sm90_built,
@@ -29,8 +29,14 @@ std::tuple<std::string, std::string, std::string> plan(at::ScalarType dtype, int
                           h_out, w_out, aligned};
   const ck::GpuInfo gpu{std::get<0>(cc), std::get<1>(cc), sm_count, sm90_built};
   const ck::ConvPlan p = ck::plan_conv(call, gpu);
-  const bool sm90 = p.kind == ck::ConvKernelKind::Sm90;
-  return {sm90 ? "sm90" : "wmma", sm90 ? ck::sm90_tile_name(p.tile) : "", p.reason};
+  switch (p.kind) {
+    case ck::ConvKernelKind::Sm90: return {"sm90", ck::sm90_tile_name(p.tile), 1, p.reason};
+    case ck::ConvKernelKind::Sm90SplitK:
+      return {"sm90_split_k", std::to_string(ck::kSplitKTile.m) + "x" + std::to_string(ck::kSplitKTile.n), p.splits,
+              p.reason};
+    case ck::ConvKernelKind::Wmma: break;
+  }
+  return {"wmma", "", 1, p.reason};
 }
 
 }  // namespace
@@ -43,7 +49,7 @@ void register_conv_plan(pybind11::module& m) {
 #endif
   m.def("cuda_conv_plan", &plan,
         "The kernel the CUDA conv_bn_act runs for a call on a GPU, computed without one (csrc/cuda/conv_plan.h): "
-        "(kernel 'sm90' or 'wmma', sm90 tile, reason).",
+        "(kernel 'sm90', 'sm90_split_k' or 'wmma', tile, K splits, reason).",
         pybind11::arg("dtype"), pybind11::arg("n"), pybind11::arg("h"), pybind11::arg("w"), pybind11::arg("c_in"),
         pybind11::arg("c_out"), pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("cc"), pybind11::arg("sm_count"), pybind11::arg("sm90_built"), pybind11::arg("aligned") = true);

@@ -127,7 +127,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   args.h_out = static_cast<int>(h_out);
   args.w_out = static_cast<int>(w_out);
   args.relu = relu;
-  check_launch(ck::conv_bn_act(dtype, args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+  // The split-K path's partial sums come from the caching allocator, on the stream the kernels run on.
+  const size_t workspace_bytes = ck::conv_bn_act_workspace_bytes(dtype, args);
+  const at::Tensor workspace = workspace_bytes > 0
+                                   ? at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte))
+                                   : at::Tensor();
+  check_launch(ck::conv_bn_act(dtype, args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, workspace_bytes,
+                               c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                "conv_bn_act");
   return y;
 }

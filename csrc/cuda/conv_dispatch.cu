@@ -24,10 +24,28 @@ cudaError_t launch_sm90(DType dtype, Sm90Tile tile, const ConvBnActArgs& a, cuda
 #undef RF_SM90_CASE
   return cudaErrorNotSupported;
 }
+
+size_t split_k_workspace_bytes(DType dtype, const ConvBnActArgs& a, int splits) {
+#define RF_SM90_CASE(DTYPE) \
+  if (dtype == DType::DTYPE) return sm90::split_k_workspace_bytes<DType::DTYPE>(a, splits);
+  RF_SM90_SPLIT_K_KERNELS(RF_SM90_CASE)
+#undef RF_SM90_CASE
+  return 0;
+}
+
+cudaError_t launch_split_k(DType dtype, const ConvBnActArgs& a, int splits, void* workspace, cudaStream_t stream) {
+#define RF_SM90_CASE(DTYPE) \
+  if (dtype == DType::DTYPE) return sm90::conv_bn_act_split_k<DType::DTYPE>(a, splits, workspace, stream);
+  RF_SM90_SPLIT_K_KERNELS(RF_SM90_CASE)
+#undef RF_SM90_CASE
+  return cudaErrorNotSupported;
+}
 #else
 constexpr bool kSm90Built = false;
 
 cudaError_t launch_sm90(DType, Sm90Tile, const ConvBnActArgs&, cudaStream_t) { return cudaErrorNotSupported; }
+size_t split_k_workspace_bytes(DType, const ConvBnActArgs&, int) { return 0; }
+cudaError_t launch_split_k(DType, const ConvBnActArgs&, int, void*, cudaStream_t) { return cudaErrorNotSupported; }
 #endif
 
 bool valid_sizes(const ConvBnActArgs& a) {
@@ -35,6 +53,8 @@ bool valid_sizes(const ConvBnActArgs& a) {
          a.stride >= 1 && a.padding >= 0 && a.h_out >= 0 && a.w_out >= 0 &&
          static_cast<long long>(a.kh) * a.kw * a.c_in <= 0x7fffffffLL;
 }
+
+bool empty_output(const ConvBnActArgs& a) { return a.n == 0 || a.h_out == 0 || a.w_out == 0 || a.c_out == 0; }
 
 }  // namespace
 
@@ -48,12 +68,25 @@ ConvPlan conv_plan_for_current_device(DType dtype, const ConvBnActArgs& a) {
   return plan_conv(call, gpu);
 }
 
-cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& a, cudaStream_t stream) {
+size_t conv_bn_act_workspace_bytes(DType dtype, const ConvBnActArgs& a) {
+  if (!valid_sizes(a) || empty_output(a) || current_compute_capability_major() < 8) return 0;
+  const ConvPlan plan = conv_plan_for_current_device(dtype, a);
+  return plan.kind == ConvKernelKind::Sm90SplitK ? split_k_workspace_bytes(dtype, a, plan.splits) : 0;
+}
+
+cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& a, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream) {
   if (!valid_sizes(a)) return cudaErrorInvalidValue;
-  if (a.n == 0 || a.h_out == 0 || a.w_out == 0 || a.c_out == 0) return cudaSuccess;  // empty output
+  if (empty_output(a)) return cudaSuccess;
   if (current_compute_capability_major() < 8) return cudaErrorInvalidDeviceFunction;
   const ConvPlan plan = conv_plan_for_current_device(dtype, a);
-  if (plan.kind == ConvKernelKind::Sm90) {
+  // Each Hopper path answers cudaErrorNotSupported for a call it turns down; the next one down takes it.
+  if (plan.kind == ConvKernelKind::Sm90SplitK && workspace != nullptr &&
+      workspace_bytes >= split_k_workspace_bytes(dtype, a, plan.splits)) {
+    const cudaError_t err = launch_split_k(dtype, a, plan.splits, workspace, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
+  if (plan.kind != ConvKernelKind::Wmma) {
     const cudaError_t err = launch_sm90(dtype, plan.tile, a, stream);
     if (err != cudaErrorNotSupported) return err;
   }

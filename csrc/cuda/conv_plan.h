@@ -10,6 +10,10 @@
 //         fp16/bf16, of 4 for fp32), M = N*Ho*Wo < 2^31, and the im2col box limits (padding, kernel, stride).
 //   Wmma  the portable tensor-core kernel (conv_bn_act.cu, sm_80+): everything else, e.g. the 7x7 stem (Cin=3).
 //
+//   Sm90SplitK  for small M (batch 1, late stages) in fp16/bf16: the same conditions, and too few output tiles to
+//         fill the SMs while K is long: a CUTLASS GEMM whose CTAs split K (choose_splits), over x itself for a 1x1
+//         stride-1 conv, else over an im2col copy.
+//
 // Sm90 tile: among the tiles below, the one with the least estimated time, where a tile's time is its area
 // divided by its relative throughput and the kernel's time is that times the number of waves it launches
 // (one CTA per SM: ceil(tiles / SMs)). Big tiles reuse more operands from shared memory (fastest per element),
@@ -28,7 +32,7 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 inline constexpr int dtype_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
 
-enum class ConvKernelKind : int { Wmma = 0, Sm90 = 1 };
+enum class ConvKernelKind : int { Wmma = 0, Sm90 = 1, Sm90SplitK = 2 };
 
 // Tiles of the Sm90 kernel (M x N x K elements; K spans 128 bytes of channels).
 enum class Sm90Tile : int { Large = 0, Narrow = 1, Small = 2 };
@@ -82,8 +86,9 @@ struct GpuInfo {
 
 struct ConvPlan {
   ConvKernelKind kind;
-  Sm90Tile tile;       // meaningful for Sm90
-  const char* reason;  // why this kind: what the Sm90 path lacked, or "sm90"
+  Sm90Tile tile;       // Sm90: the conv kernel's tile
+  int splits;          // Sm90SplitK: CTAs per output tile, each over 1/splits of K
+  const char* reason;  // why this kind: what the Sm90 path lacked, or "sm90" / "sm90 split-K"
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -123,9 +128,37 @@ inline const char* sm90_unsupported_reason(const ConvCall& c, const GpuInfo& gpu
   return nullptr;
 }
 
+// Split-K GEMM (sm90/gemm_sm90.cuh, fp16/bf16): 128x64 output tiles, each reduced by `splits` CTAs.
+constexpr Sm90TileShape kSplitKTile{128, 64, 64};
+constexpr int kSplitKMaxSplits = 16;
+constexpr int64_t kSplitKMaxIm2colBytes = int64_t(64) << 20;  // the im2col copy of A a non-1x1 conv needs
+
+// How many ways to split K, or 1 for none. Split where even the conv kernel's smallest tile leaves more than half
+// of the SMs idle and K holds at least 8 blocks of 64: then enough splits to fill the SMs once, each keeping at
+// least 4 K blocks (fewer would be mostly prologue and reduction), at most 16.
+inline int choose_splits(const ConvCall& c, int sm_count) {
+  if (c.dtype == DType::Float32) return 1;
+  const int64_t m = c.n * c.h_out * c.w_out, k = c.kh * c.kw * c.c_in;
+  const Sm90TileShape small = sm90_tile_shape(Sm90Tile::Small, c.dtype);
+  const int64_t k_blocks = ceil_div(k, kSplitKTile.k);
+  if (2 * ceil_div(m, small.m) * ceil_div(c.c_out, small.n) > sm_count || k_blocks < 8) return 1;
+  const bool im2col = !(c.kh == 1 && c.kw == 1 && c.stride == 1 && c.padding == 0);
+  if (im2col && m * k * dtype_bytes(c.dtype) > kSplitKMaxIm2colBytes) return 1;
+  const int64_t tiles = ceil_div(m, kSplitKTile.m) * ceil_div(c.c_out, kSplitKTile.n);
+  int64_t splits = sm_count / tiles;
+  if (splits > k_blocks / 4) splits = k_blocks / 4;
+  if (splits > kSplitKMaxSplits) splits = kSplitKMaxSplits;
+  return splits >= 2 ? static_cast<int>(splits) : 1;
+}
+
 inline ConvPlan plan_conv(const ConvCall& c, const GpuInfo& gpu) {
-  if (const char* reason = sm90_unsupported_reason(c, gpu)) return {ConvKernelKind::Wmma, Sm90Tile::Large, reason};
-  return {ConvKernelKind::Sm90, choose_sm90_tile(c.n * c.h_out * c.w_out, c.c_out, gpu.sm_count, c.dtype), "sm90"};
+  if (const char* reason = sm90_unsupported_reason(c, gpu)) {
+    return {ConvKernelKind::Wmma, Sm90Tile::Large, 1, reason};
+  }
+  const Sm90Tile tile = choose_sm90_tile(c.n * c.h_out * c.w_out, c.c_out, gpu.sm_count, c.dtype);
+  const int splits = choose_splits(c, gpu.sm_count);
+  if (splits > 1) return {ConvKernelKind::Sm90SplitK, tile, splits, "sm90 split-K"};
+  return {ConvKernelKind::Sm90, tile, 1, "sm90"};
 }
 
 }  // namespace cuda_kernels

@@ -32,8 +32,14 @@ struct ConvBnActArgs {
 
 // Needs compute capability 8.0+ (tensor-core mma for fp16/bf16/tf32, cp.async); returns
 // cudaErrorInvalidDeviceFunction on older devices. Runs the kernel conv_plan.h picks for the current device: the
-// Hopper kernels (sm90/) where they can take the call, else the portable one.
-cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& args, cudaStream_t stream);
+// Hopper kernels (sm90/) where they can take the call, else the portable one. `workspace` is device memory of
+// conv_bn_act_workspace_bytes(dtype, args) bytes (nullptr when that is 0), used on `stream` only.
+cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& args, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+
+// Device workspace conv_bn_act needs for these arguments on the current device: 0 but on the split-K path (its
+// fp32 partial sums, flags and im2col copy).
+size_t conv_bn_act_workspace_bytes(DType dtype, const ConvBnActArgs& args);
 
 // The portable kernel alone (conv_bn_act.cu, WMMA + cp.async); conv_bn_act's fallback. Arguments as checked there.
 cudaError_t conv_bn_act_wmma(DType dtype, const ConvBnActArgs& args, cudaStream_t stream);
