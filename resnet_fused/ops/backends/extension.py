@@ -8,7 +8,9 @@
 is the folded weight w * scale[c] (channels_last) and the folded shift as the conv bias, both in the convolution's
 dtype (x's, or fp32 for bf16/fp16 on a CPU without native kernels for them), run by the internal op conv_bias_act:
 nothing is re-laid-out per call.
-"cuda" (csrc/cuda): its pack is (weight in channels_last, fp32 scale, fp32 shift) for resnet_fused::conv_bn_act.
+"cuda" (csrc/cuda): its pack is (weight in channels_last, fp32 scale, fp32 shift) for resnet_fused::conv_bn_act,
+which runs CUTLASS's TMA + wgmma kernels on compute capability 9.0 where built with them, else the WMMA kernel
+(CudaBackend.kernel_path says which).
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ def _capability_reason(index: Optional[int]) -> Optional[str]:
     if major < 8:
         return f"the cuda kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
     return None
+
+
+def conv_kernel_path(capability: tuple[int, int], sm90_built: bool) -> str:
+    """Which kernels the "cuda" backend's conv runs on a GPU of `capability`: "sm90: ..." (CUTLASS, TMA + wgmma,
+    csrc/cuda/sm90) or "sm80: ..." (the portable WMMA kernel), with why. On sm90 the calls TMA cannot address
+    (C_in or C_out not a multiple of 16 bytes, such as the 7x7 stem's C_in=3; misaligned tensors) still run on the
+    WMMA kernel: resnet_fused._C.cuda_conv_plan says so per call."""
+    if sm90_built and tuple(capability) == (9, 0):
+        return "sm90: CUTLASS implicit GEMM (TMA + wgmma, fused epilogue); WMMA where TMA cannot address the call"
+    if not sm90_built:
+        return "sm80: WMMA implicit GEMM (the extension was built without the sm_90a CUTLASS kernels)"
+    return f"sm80: WMMA implicit GEMM (the CUTLASS kernels need compute capability 9.0, this GPU has " \
+           f"{capability[0]}.{capability[1]})"
 
 
 class CpuConvPack(NamedTuple):
@@ -167,6 +182,16 @@ class CudaBackend(_ExtensionBackend):
         if reason is None and not torch.cuda.is_available():
             return "no CUDA device is available"
         return reason or _capability_reason(torch.device(device).index)
+
+    def kernel_path(self, device) -> str:
+        """Which conv kernels run on `device` (see conv_kernel_path); the reason instead where none can."""
+        reason = self.unavailable_reason(device)
+        if reason is not None:
+            return f"unavailable: {reason}"
+        from ... import _C
+
+        return conv_kernel_path(torch.cuda.get_device_capability(torch.device(device)),
+                                getattr(_C, "cuda_sm90_built", False))
 
     @torch.no_grad()
     def pack_conv(self, weight, scale, shift):
