@@ -123,23 +123,20 @@ cudaError_t launch_gemm(const ConvBnActArgs& a, int splits, void* workspace, cud
   using Gemm = SplitKGemm<kDType>;
   using Kernel = typename Gemm::Kernel;
   using Element = typename Gemm::Element;
-  const void* operand_a = a.x;
-  char* cutlass_workspace = static_cast<char*>(workspace);
-  if (Gemm::needs_im2col(a)) {
-    const long long vectors = static_cast<long long>(a.n) * a.h_out * a.w_out * a.kh * a.kw * a.c_in /
-                              (16 / static_cast<int>(sizeof(Element)));
+  const bool im2col = Gemm::needs_im2col(a);
+  char* cutlass_workspace = static_cast<char*>(workspace) + Gemm::im2col_bytes(a);
+  const typename Kernel::Arguments args = Gemm::arguments(a, im2col ? workspace : a.x, splits);
+  if (!Kernel::can_implement(args)) return cudaErrorNotSupported;
+  if (im2col) {
+    constexpr int kVec = 16 / sizeof(Element);
+    const long long vectors = static_cast<long long>(a.n) * a.h_out * a.w_out * a.kh * a.kw * a.c_in / kVec;
     const int threads = 256;
-    const long long blocks = (vectors + threads - 1) / threads;
-    const unsigned grid = static_cast<unsigned>(blocks < 8LL * current_sm_count() ? blocks : 8LL * current_sm_count());
-    im2col_kernel<Element><<<grid, threads, 0, stream>>>(static_cast<const Element*>(a.x),
-                                                         static_cast<Element*>(workspace), a, vectors);
+    const long long blocks = (vectors + threads - 1) / threads, max_blocks = 8LL * current_sm_count();
+    im2col_kernel<Element><<<static_cast<unsigned>(blocks < max_blocks ? blocks : max_blocks), threads, 0, stream>>>(
+        static_cast<const Element*>(a.x), static_cast<Element*>(workspace), a, vectors);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    operand_a = workspace;
-    cutlass_workspace += Gemm::im2col_bytes(a);
   }
-  const typename Kernel::Arguments args = Gemm::arguments(a, operand_a, splits);
-  if (!Kernel::can_implement(args)) return cudaErrorNotSupported;
   if (Kernel::initialize_workspace(args, cutlass_workspace, stream) != cutlass::Status::kSuccess) {
     const cudaError_t err = cudaGetLastError();
     return err != cudaSuccess ? err : cudaErrorUnknown;
