@@ -10,6 +10,12 @@ namespace resnet_fused {
 
 namespace ck = cuda_kernels;
 
+#ifdef RESNET_FUSED_WITH_CUDA
+namespace cuda_kernels {
+void set_sm90_enabled(bool enabled);  // csrc/cuda/conv_dispatch.cu (kernels.h, which needs CUDA's headers)
+}  // namespace cuda_kernels
+#endif
+
 namespace {
 
 // (kernel, tile, splits, reason) for a square-kernel conv of x [n, c_in, h, w] to c_out channels on a GPU of
@@ -53,6 +59,12 @@ void register_conv_plan(pybind11::module& m) {
         pybind11::arg("dtype"), pybind11::arg("n"), pybind11::arg("h"), pybind11::arg("w"), pybind11::arg("c_in"),
         pybind11::arg("c_out"), pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("cc"), pybind11::arg("sm_count"), pybind11::arg("sm90_built"), pybind11::arg("aligned") = true);
+#ifdef RESNET_FUSED_WITH_CUDA
+  m.def("cuda_set_sm90_enabled", &ck::set_sm90_enabled,
+        "Let the CUDA conv_bn_act use the Hopper kernels (default) or not: False runs the portable WMMA kernel on "
+        "every GPU, process-wide (to test or compare it on a Hopper GPU).",
+        pybind11::arg("enabled"));
+#endif
 }
 
 }  // namespace resnet_fused

@@ -1,6 +1,7 @@
 // conv_bn_act's entry point: checks the sizes, asks conv_plan.h which kernel takes the call on the current device,
 // and launches it. A call the Hopper kernels turn down at launch (CUTLASS's own can_implement, a safety net behind
 // the plan's checks) runs on the portable kernel instead, so the result never depends on the path.
+#include <atomic>
 #include <cstdint>
 
 #include "conv_plan.h"
@@ -56,7 +57,11 @@ bool valid_sizes(const ConvBnActArgs& a) {
 
 bool empty_output(const ConvBnActArgs& a) { return a.n == 0 || a.h_out == 0 || a.w_out == 0 || a.c_out == 0; }
 
+std::atomic<bool> sm90_enabled{true};
+
 }  // namespace
+
+void set_sm90_enabled(bool enabled) { sm90_enabled.store(enabled, std::memory_order_relaxed); }
 
 ConvPlan conv_plan_for_current_device(DType dtype, const ConvBnActArgs& a) {
   const bool aligned = aligned16(a.x) && aligned16(a.weight) && aligned16(a.y) && aligned16(a.scale) &&
@@ -64,7 +69,7 @@ ConvPlan conv_plan_for_current_device(DType dtype, const ConvBnActArgs& a) {
   const ConvCall call{dtype, a.n, a.h, a.w, a.c_in, a.c_out, a.kh, a.kw, a.stride, a.padding, a.h_out, a.w_out,
                       aligned};
   const GpuInfo gpu{current_compute_capability_major(), current_compute_capability_minor(), current_sm_count(),
-                    kSm90Built};
+                    kSm90Built && sm90_enabled.load(std::memory_order_relaxed)};
   return plan_conv(call, gpu);
 }
 

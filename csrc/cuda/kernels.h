@@ -44,6 +44,10 @@ size_t conv_bn_act_workspace_bytes(DType dtype, const ConvBnActArgs& args);
 // The portable kernel alone (conv_bn_act.cu, WMMA + cp.async); conv_bn_act's fallback. Arguments as checked there.
 cudaError_t conv_bn_act_wmma(DType dtype, const ConvBnActArgs& args, cudaStream_t stream);
 
+// Whether conv_bn_act may use the Hopper kernels (default true); false runs the portable kernel everywhere (to test
+// or compare it on a Hopper GPU). Process-wide.
+void set_sm90_enabled(bool enabled);
+
 // The plan conv_bn_act follows for these arguments on the current device (conv_plan.h).
 ConvPlan conv_plan_for_current_device(DType dtype, const ConvBnActArgs& args);
 

@@ -1,11 +1,11 @@
 """The "cuda" backend's Hopper path (csrc/cuda/sm90: CUTLASS, TMA + wgmma, fused epilogue) on an sm_90 GPU.
 
 Every distinct ResNet-50 conv (read off the model) in bf16, fp16 and fp32 (TF32) at batch 1 and 3, each with its
-role in the network (ReLU, residual), plus every residual/ReLU combination on a few shapes, odd sizes, partial
-tiles, the split-K GEMM for small M (with and without its im2col copy), tensors past 2^31 elements, and misaligned
-tensors (which the WMMA kernel takes): all against the fp32
-oracle, through the public ops (rf.conv_bn_act and the packed path). The profiler shows which kernel ran, so the
-tests also prove that the calls the plan (resnet_fused._C.cuda_conv_plan) gives to sm90 reach the CUTLASS kernel.
+role in the network (ReLU, residual); every residual/ReLU combination on a few shapes, through the op and the
+packed path; odd sizes and partial tiles; the split-K GEMM for small M, with and without its im2col copy; tensors
+past 2^31 elements; misaligned tensors (which the WMMA kernel takes); and the WMMA kernel on every shape with the
+Hopper kernels switched off (_C.cuda_set_sm90_enabled). All against the fp32 oracle; the profiler shows which
+kernel ran, so the tests also prove that each call reaches the kernel the plan (_C.cuda_conv_plan) names.
 
 Skipped (with the reason) without a compute capability 9.0 GPU or without an extension built with the sm_90a
 kernels; tests/test_ops_cuda.py covers the backend on every GPU.
@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 import resnet_fused as rf
 from resnet_fused.cli.layers import conv_layers
-from resnet_fused.ops.backends.extension import CudaBackend
-from tests.oracle import assert_matches, ref_conv_bn_act
+from tests.oracle import GPU_CONV_CASES, GPU_CONV_IDS, assert_matches, ref_conv_bn_act
 
 DEVICE = "cuda"
 CL = torch.channels_last
@@ -224,5 +223,28 @@ def test_output_past_2_to_the_31_elements():
     _check_rows(y, x, weight, scale, shift, rows=4)
 
 
+@pytest.fixture
+def sm90_off():
+    from resnet_fused import _C
+
+    _C.cuda_set_sm90_enabled(False)
+    try:
+        yield
+    finally:
+        _C.cuda_set_sm90_enabled(True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", GPU_CONV_CASES, ids=GPU_CONV_IDS)
+def test_wmma_kernel_still_serves_every_shape_with_sm90_off(sm90_off, case, dtype):
+    """The portable kernel (sm_80-sm_89 GPUs, and what TMA cannot take here) keeps its GPU coverage on Hopper."""
+    _, n, cin, h, w, cout, k, stride, padding = case
+    x, weight, scale, shift, res = conv_inputs(n, cin, h, w, cout, k, stride, padding, dtype, residual=True)
+    y, kernels = cuda_kernels_run(lambda: rf.conv_bn_act(x, weight, scale, shift, res, stride=stride,
+                                                         padding=padding, backend="cuda"))
+    assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, res, stride, padding, True), tol(dtype))
+    assert any(WMMA_KERNEL in k for k in kernels) and not any(CUTLASS_KERNEL in k for k in kernels), kernels
+
+
 def test_backend_reports_the_sm90_path():
-    assert CudaBackend().kernel_path(DEVICE).startswith("sm90:")
+    assert rf.ops.registry._BACKENDS["cuda"].kernel_path(DEVICE).startswith("sm90:")
