@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 # machines a CUDA 13 build, from local disk, that runs on the CPU as well; it brings the triton it pins).
 TEST_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TEST_EXTRAS ?= timm
+# CUTLASS's headers for the Hopper CUDA kernels (csrc/cuda/sm90; build.py's CUTLASS_VERSION): headers only, so none
+# of the package's Python dependencies.
+CUTLASS_SPEC ?= nvidia-cutlass==4.2.0.0
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MAX_JOBS ?= 2
@@ -26,6 +29,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "setuptools>=64" wheel
 	$(PY) -m pip install "$(TORCH_SPEC)" ninja pybind11 pytest pytest-benchmark numpy matplotlib
+	$(PY) -m pip install --no-deps "$(CUTLASS_SPEC)"
 	$(PY) -m pip install triton || echo "triton is not installable here: the 'triton' backend stays unavailable"
 	touch $@
 

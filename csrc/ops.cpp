@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/conv_dtype.h"
+#include "conv_plan_binding.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
   m.def("conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
@@ -20,11 +21,12 @@ TORCH_LIBRARY(resnet_fused, m) {
         "int stride, int padding, bool relu) -> Tensor");
 }
 
-// Importing resnet_fused._C runs the registrations above and in the kernel files; the module itself only answers
-// the "cpu" backend's question of which dtype to fold a pack into.
+// Importing resnet_fused._C runs the registrations above and in the kernel files; the module itself answers the
+// "cpu" backend's question of which dtype to fold a pack into, and which kernel the CUDA conv runs (conv_plan.h).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_conv_dtype", [](at::ScalarType dtype) { return resnet_fused::cpu::conv_dtype(dtype, dtype); },
       "The dtype the CPU convolution runs for inputs of `dtype`: its own, or float32 where this CPU has no "
       "hardware convolution for it (bf16 without AVX512-BF16/AMX, fp16 without AVX512-FP16/AMX-FP16).");
+  resnet_fused::register_conv_plan(m);  // the CUDA kernels' plan, for tests and reports (CPU build too)
 }

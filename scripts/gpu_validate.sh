@@ -4,6 +4,9 @@
 # Logs and results go to $OUT (default ./gpu_out). A failing step is reported and the next ones still run; the
 # exit code is the number of failed steps. Runs that a budget stops (SIGINT) keep the JSON of what ran.
 #   build      pip install -e . (the CUDA extension for TORCH_CUDA_ARCH_LIST, default 9.0)      build.log
+#              The Hopper kernels need CUTLASS's headers and the machine has no network: carry the wheel as
+#              .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl (or set RESNET_FUSED_CUTLASS_DIR); the step prints
+#              which conv kernels the GPU gets (sm90 CUTLASS or sm80 WMMA, and why)
 #   test       pytest tests, every backend and dtype on the GPU                                  tests.log
 #   sanitize   compute-sanitizer memcheck over the Triton and CUDA op tests                      sanitize.log
 #   headline   the goals, resnet50 bf16: batch 256 first (eager, torch.compile, triton, cuda;
@@ -24,6 +27,10 @@ mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 steps=("$@")
+if [ -z "${RESNET_FUSED_CUTLASS_DIR:-}" ] && compgen -G ".whl/nvidia_cutlass-*.whl" > /dev/null; then
+  RESNET_FUSED_CUTLASS_DIR=$(ls .whl/nvidia_cutlass-*.whl | tail -n 1)
+  export RESNET_FUSED_CUTLASS_DIR="$PWD/$RESNET_FUSED_CUTLASS_DIR"
+fi
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize headline autotune bench profile)
 failed=0
 
@@ -51,7 +58,8 @@ report_headline() {  # the headline JSONs this call wrote, as one report
 
 for step in "${steps[@]}"; do
   case $step in
-    build) run_step build python3 -m pip install --no-build-isolation --no-deps -e . ;;
+    build) run_step build python3 -m pip install --no-build-isolation --no-deps -e .
+           python3 -c "import resnet_fused as rf; print('   conv kernels:', rf.ops.registry._BACKENDS['cuda'].kernel_path('cuda'))" ;;
     test) run_step tests python3 -m pytest tests -q -ra --durations=15 ;;
     sanitize) run_step sanitize compute-sanitizer --tool memcheck --error-exitcode 1 \
                 python3 -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py -q -m "gpu and not slow" ;;

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../kernel_dtype.h"
 #include "kernels.h"
 
 namespace {
@@ -20,17 +21,6 @@ namespace {
 namespace ck = resnet_fused::cuda_kernels;
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
-
-ck::DType kernel_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return ck::DType::Float32;
-    case at::kHalf: return ck::DType::Float16;
-    case at::kBFloat16: return ck::DType::BFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  return ck::DType::Float32;  // unreachable
-}
 
 void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
@@ -82,7 +72,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                             int64_t stride, int64_t padding, bool relu) {
   check_activation(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());  // allocations and the launch happen on x's device
-  const ck::DType dtype = kernel_dtype(x_in);
+  const ck::DType dtype = resnet_fused::kernel_dtype(x_in.scalar_type(), "x");
   TORCH_CHECK(weight_in.dim() == 4, "weight must be a 4-D (C_out, C_in, KH, KW) tensor, got ", weight_in.dim(),
               "-D with shape ", weight_in.sizes());
   check_same_device(weight_in, "weight", x_in);
@@ -137,7 +127,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   args.h_out = static_cast<int>(h_out);
   args.w_out = static_cast<int>(w_out);
   args.relu = relu;
-  check_launch(ck::conv_bn_act(dtype, args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+  // The split-K path's partial sums come from the caching allocator, on the stream the kernels run on.
+  const size_t workspace_bytes = ck::conv_bn_act_workspace_bytes(dtype, args);
+  const at::Tensor workspace = workspace_bytes > 0
+                                   ? at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte))
+                                   : at::Tensor();
+  check_launch(ck::conv_bn_act(dtype, args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, workspace_bytes,
+                               c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                "conv_bn_act");
   return y;
 }
@@ -146,7 +142,7 @@ at::Tensor bn_act_cuda(const at::Tensor& x_in, const at::Tensor& scale_in, const
                        const std::optional<at::Tensor>& residual_in, bool relu) {
   check_activation(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());  // allocations and the launch happen on x's device
-  const ck::DType dtype = kernel_dtype(x_in);
+  const ck::DType dtype = resnet_fused::kernel_dtype(x_in.scalar_type(), "x");
   const int64_t channels = x_in.size(1);
   const at::Tensor scale = channel_vector(scale_in, "scale", channels, x_in);
   const at::Tensor shift = channel_vector(shift_in, "shift", channels, x_in);
@@ -166,7 +162,7 @@ at::Tensor bn_act_cuda(const at::Tensor& x_in, const at::Tensor& scale_in, const
 at::Tensor add_relu_cuda(const at::Tensor& x_in, const at::Tensor& residual_in) {
   check_activation(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());  // allocations and the launch happen on x's device
-  const ck::DType dtype = kernel_dtype(x_in);
+  const ck::DType dtype = resnet_fused::kernel_dtype(x_in.scalar_type(), "x");
   TORCH_CHECK(residual_in.defined(), "residual must be a defined tensor");
   const std::optional<at::Tensor> residual = residual_operand(residual_in, x_in.sizes(), x_in);
 

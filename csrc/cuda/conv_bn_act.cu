@@ -292,17 +292,9 @@ template <typename T, typename Cfg, bool kVecLoads>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
   constexpr size_t smem = smem_bytes<T, Cfg>();
   auto kernel = conv_bn_act_kernel<T, Cfg, kVecLoads>;
-  if constexpr (smem > 48 * 1024) {
-    // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device (the attribute lives in the
-    // device's context); not on every launch: cudaFuncSetAttribute can wait for pending host-device copies.
-    static std::atomic<bool> opted_in[kMaxCachedDevices] = {};
-    const int device = current_device();
-    if (!cacheable_device(device) || !opted_in[device].load(std::memory_order_relaxed)) {
-      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      if (err != cudaSuccess) return err;
-      if (cacheable_device(device)) opted_in[device].store(true, std::memory_order_relaxed);
-    }
-  }
+  static std::atomic<bool> opted_in[kMaxCachedDevices] = {};
+  const cudaError_t err = opt_in_dynamic_smem(kernel, smem, opted_in);
+  if (err != cudaSuccess) return err;
   const long long grid_m = (p.M + Cfg::BM - 1) / Cfg::BM;
   const int grid_n = (p.Cout + Cfg::BN - 1) / Cfg::BN;
   if (grid_m > 0x7fffffffLL || grid_n > 65535) return cudaErrorInvalidConfiguration;
@@ -358,14 +350,7 @@ RF_INSTANTIATE(__nv_bfloat16)
 
 }  // namespace
 
-cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& a, cudaStream_t stream) {
-  if (a.n < 0 || a.h < 0 || a.w < 0 || a.c_in < 0 || a.c_out < 0 || a.kh < 1 || a.kw < 1 || a.stride < 1 ||
-      a.padding < 0 || a.h_out < 0 || a.w_out < 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (static_cast<long long>(a.kh) * a.kw * a.c_in > 0x7fffffffLL) return cudaErrorInvalidValue;
-  if (a.n == 0 || a.h_out == 0 || a.w_out == 0 || a.c_out == 0) return cudaSuccess;  // empty output
-  if (current_compute_capability_major() < 8) return cudaErrorInvalidDeviceFunction;
+cudaError_t conv_bn_act_wmma(DType dtype, const ConvBnActArgs& a, cudaStream_t stream) {
   switch (dtype) {
     case DType::Float32: return launch_for_shape<float>(a, stream);
     case DType::Float16: return launch_for_shape<__half>(a, stream);

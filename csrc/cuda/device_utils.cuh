@@ -125,19 +125,19 @@ inline int current_device() {
 inline bool cacheable_device(int device) { return device >= 0 && device < kMaxCachedDevices; }
 
 // An attribute of the current device, read once per device: launches consult these on every call.
-// 0 if it cannot be read (every attribute read here is >= 1 on a real device).
+// -1 if it cannot be read. The cache holds value + 1, so that 0 means "not read yet" (a minor version may be 0).
 template <cudaDeviceAttr kAttr>
 inline int current_device_attribute() {
   static std::atomic<int> cache[kMaxCachedDevices] = {};
   const int device = current_device();
-  if (device < 0) return 0;
+  if (device < 0) return -1;
   if (cacheable_device(device)) {
     const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
+    if (cached > 0) return cached - 1;
   }
   int value = 0;
-  if (cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) return 0;
-  if (cacheable_device(device) && value > 0) cache[device].store(value, std::memory_order_relaxed);
+  if (cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) return -1;
+  if (cacheable_device(device) && value >= 0) cache[device].store(value + 1, std::memory_order_relaxed);
   return value;
 }
 
@@ -149,6 +149,24 @@ inline int current_sm_count() {
 
 inline int current_compute_capability_major() {
   return current_device_attribute<cudaDevAttrComputeCapabilityMajor>();
+}
+
+inline int current_compute_capability_minor() {
+  return current_device_attribute<cudaDevAttrComputeCapabilityMinor>();
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device. Above 48 KiB a kernel must opt in,
+// once per device (the attribute lives in the device's context); not on every launch: cudaFuncSetAttribute can
+// wait for pending host-device copies. `opted_in` is the caller's per-kernel record of devices already done.
+template <typename Kernel>
+inline cudaError_t opt_in_dynamic_smem(Kernel kernel, size_t bytes, std::atomic<bool> (&opted_in)[kMaxCachedDevices]) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  const int device = current_device();
+  if (cacheable_device(device) && opted_in[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return err;
+  if (cacheable_device(device)) opted_in[device].store(true, std::memory_order_relaxed);
+  return cudaSuccess;
 }
 
 }  // namespace cuda_kernels

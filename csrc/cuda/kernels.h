@@ -14,10 +14,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "conv_plan.h"  // DType
+
 namespace resnet_fused {
 namespace cuda_kernels {
-
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 struct ConvBnActArgs {
   const void* x;         // [n, h, w, c_in]
@@ -31,8 +31,25 @@ struct ConvBnActArgs {
 };
 
 // Needs compute capability 8.0+ (tensor-core mma for fp16/bf16/tf32, cp.async); returns
-// cudaErrorInvalidDeviceFunction on older devices.
-cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& args, cudaStream_t stream);
+// cudaErrorInvalidDeviceFunction on older devices. Runs the kernel conv_plan.h picks for the current device: the
+// Hopper kernels (sm90/) where they can take the call, else the portable one. `workspace` is device memory of
+// conv_bn_act_workspace_bytes(dtype, args) bytes (nullptr when that is 0), used on `stream` only.
+cudaError_t conv_bn_act(DType dtype, const ConvBnActArgs& args, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+
+// Device workspace conv_bn_act needs for these arguments on the current device: 0 but on the split-K path (its
+// fp32 partial sums, flags and im2col copy).
+size_t conv_bn_act_workspace_bytes(DType dtype, const ConvBnActArgs& args);
+
+// The portable kernel alone (conv_bn_act.cu, WMMA + cp.async); conv_bn_act's fallback. Arguments as checked there.
+cudaError_t conv_bn_act_wmma(DType dtype, const ConvBnActArgs& args, cudaStream_t stream);
+
+// Whether conv_bn_act may use the Hopper kernels (default true); false runs the portable kernel everywhere (to test
+// or compare it on a Hopper GPU). Process-wide.
+void set_sm90_enabled(bool enabled);
+
+// The plan conv_bn_act follows for these arguments on the current device (conv_plan.h).
+ConvPlan conv_plan_for_current_device(DType dtype, const ConvBnActArgs& args);
 
 cudaError_t bn_act(DType dtype, const void* x, const float* scale, const float* shift, const void* residual,
                    void* y, int64_t rows, int64_t channels, bool relu, cudaStream_t stream);

@@ -1,0 +1,3 @@
+// conv_bn_act on sm_90a, bf16, 64x64 tile (see conv_sm90.cuh).
+#include "conv_sm90.cuh"
+RF_SM90_INSTANTIATE(BFloat16, Small)

@@ -1,0 +1,3 @@
+// conv_bn_act on sm_90a for small M, bf16: split-K GEMM (see gemm_sm90.cuh).
+#include "gemm_sm90.cuh"
+RF_SM90_GEMM_INSTANTIATE(BFloat16)
