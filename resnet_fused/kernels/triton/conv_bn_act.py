@@ -335,11 +335,13 @@ def choose_split_k(key, candidate: int, launch) -> int:
 
 def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 residual, kernel_h: int, kernel_w: int, stride: int, padding: int, relu: bool,
-                index_64=None, split_k=None) -> torch.Tensor:
+                index_64=None, split_k=None, config=None) -> torch.Tensor:
     """Launch the kernel. x: logical NCHW (any layout; made channels_last once), weight_packed from pack_weight.
 
     Returns a channels_last tensor of x's dtype. index_64=None picks 64-bit offsets only where needed;
-    split_k=None splits K where that measured faster on this GPU (choose_split_k), an int forces a split.
+    split_k=None splits K where that measured faster on this GPU (choose_split_k), an int forces a split;
+    config=None autotunes, a triton.Config launches that tile instead (to check every candidate, not only the
+    autotuner's winner).
     """
     # The kernel trusts every length and shape: check before it reads.
     stride, padding = check_conv_prepacked(x, weight_packed, scale, shift, residual, (kernel_h, kernel_w), stride,
@@ -367,12 +369,14 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
     def launch(split: int) -> None:
         workspace = scale if split == 1 else torch.empty((split, m, c_out), dtype=torch.float32, device=x.device)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), split)  # noqa
-        _conv_bn_act_kernel[grid](
+        kernel = _conv_bn_act_kernel if config is None else _conv_bn_act_kernel.fn  # .fn: the un-autotuned kernel
+        kernel[grid](
             x, weight_packed, scale, shift, res, y, workspace,
             m, h, w, c_in, h_out, w_out, c_out, k_rows // (kernel_h * kernel_w), split,
             KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
             HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, FLAT_K=uses_flat_k(c_in),
             DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+            **({} if config is None else config.all_kwargs()),
         )
         if split > 1:
             block_m, block_n = 32, 64
