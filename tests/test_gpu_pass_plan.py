@@ -150,9 +150,11 @@ def test_forced_config_reaches_the_kernel():
 
 
 def test_compile_only_mode_compiles_instead_of_launching(tmp_path):
-    # in a process without the interpreter: a JIT kernel's launch becomes its warmup (compile, no launch)
+    # in a process without the interpreter: a JIT kernel's launch becomes its warmup (compile, no launch), and
+    # the binary is loaded (which builds its launcher stub)
     script = tmp_path / "compile_only.py"  # triton.jit needs its kernel's source in a file
     script.write_text(textwrap.dedent("""
+        import json
         import triton, triton.language as tl
         from triton.runtime.jit import KernelInterface
         from scripts.gpu_pass.warmup import compile_only
@@ -162,16 +164,21 @@ def test_compile_only_mode_compiles_instead_of_launching(tmp_path):
             pass
 
         seen = []
-        kernel.run = lambda *args, **kwargs: seen.append(kwargs["warmup"])
+
+        class Binary:
+            def _init_handles(self):
+                seen.append("loaded")
+
+        kernel.run = lambda *args, **kwargs: seen.append(kwargs["warmup"]) or Binary()
         with compile_only():
             kernel[(1,)](0, BLOCK=16)
         kernel[(1,)](0, BLOCK=16)
-        print(seen, KernelInterface.__getitem__.__name__)
+        print(json.dumps([seen, KernelInterface.__getitem__.__name__]))
     """))
     run = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["[True,", "False]", "__getitem__"]
+    assert json.loads(run.stdout) == [[True, "loaded", False], "__getitem__"]
 
 
 def _fake_job(job):

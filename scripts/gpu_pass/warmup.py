@@ -5,9 +5,10 @@
 A Triton compile takes 1-3 s of one core and the pass needs hundreds (`--plan` counts them). The jobs are the
 distinct compiles of the later steps' launches (compiles.distinct_compiles over workload.py's calls), each a
 launch with its config and split forced; a pool of one process per core makes them with every Triton launch
-switched to compile-only (KernelInterface.warmup: the binary goes to Triton's on-disk cache, nothing runs on the
-GPU). The later steps then find every binary in the cache, and their autotuning only times. Tensors are real
-(uninitialized) allocations of the launch's shapes, so the launch specializes exactly as it will in the run.
+switched to compile-only (KernelInterface.warmup: the binary and its launcher stub go to Triton's on-disk cache,
+nothing runs on the GPU). The later steps then find every binary in the cache, and their autotuning only times.
+Tensors are real (uninitialized) allocations of the launch's shapes, so the launch specializes exactly as it
+will in the run.
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ from typing import Callable, List
 
 def _compile_instead_of_launch(kernel, grid):
     """KernelInterface.__getitem__ in compile-only mode: `kernel[grid](...)` compiles (or finds the binary in
-    the cache) and returns without launching; an autotuner's warmup compiles each of its candidate configs."""
-    return lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **kwargs)
+    the cache) and returns without launching; an autotuner's warmup compiles each of its candidate configs.
+    Each binary is also loaded, which builds its launcher stub (a C compile, cached on disk like the kernel)
+    and checks that its shared memory fits the GPU."""
+    def compile_(*args, **kwargs):
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        for binary in compiled if isinstance(compiled, list) else [compiled]:
+            if hasattr(binary, "_init_handles"):
+                binary._init_handles()
+        return compiled
+    return compile_
 
 
 @contextlib.contextmanager

@@ -203,9 +203,10 @@ def sanitizer_calls(backend: str, tool: str) -> list:
         convs = sorted(chosen.values(), key=lambda c: (c.dtype, c.config, c.split_k or 0, c.precision))
     else:
         convs = [call for call in small_calls("cuda") if call.dtype in ("bf16", "fp32") and call.residual]
-    if tool == "racecheck":
-        per_tap = next(c for c in convs if c.dtype == "bf16" and c.shape.kernel == 3 and c.shape.cin >= 16
-                       and not c.split_k)
-        flat = next(c for c in convs if c.dtype == "bf16" and c.shape.cin < 16 and not c.split_k)
-        return [per_tap, flat]
+    if tool == "racecheck":  # racecheck slows kernels the most: the least work that still pipelines several K
+        # steps through shared memory, a 3x3 per-tap conv and the stem's flat K, in bf16
+        bf16 = [c for c in convs if c.dtype == "bf16" and not c.split_k]
+        work = lambda c: c.shape.m * c.shape.cout * c.shape.cin * c.shape.kernel ** 2  # noqa: E731
+        per_tap = min((c for c in bf16 if c.shape.kernel == 3 and c.shape.cin >= 16), key=work)
+        return [per_tap, min((c for c in bf16 if c.shape.kernel == 7), key=work)]
     return convs + [call for call in elementwise_calls("cuda") if call.dtype == "bf16"]
