@@ -31,7 +31,7 @@ from resnet_fused import PackedConvBN
 from resnet_fused.cli.common import DTYPE_NAMES, environment, randomize_bn
 from resnet_fused.cli.fusing import fuse_for_benchmark, fused_block
 from resnet_fused.cli.layers import ConvLayer, conv_layers, count_macs, model_bytes
-from resnet_fused.cli.units import EagerConvBNAct, layer_inputs, random_conv_bn
+from resnet_fused.cli.units import CudnnConvBNAct, EagerConvBNAct, layer_inputs, random_conv_bn
 
 ON_GPU = torch.cuda.is_available()
 NO_GPU = "needs a CUDA GPU; none is present on this machine"
@@ -163,13 +163,8 @@ def cudnn_conv_fn(conv: nn.Conv2d, bn: nn.BatchNorm2d, layer: ConvLayer, x, resi
     """cuDNN's own fused conv + bias (+ add) + ReLU on the BN-folded weight; None where it does not apply."""
     if not layer.relu:
         return None
-    scale, shift = rf.fold_bn(conv, bn)
-    weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(x.dtype).contiguous(memory_format=torch.channels_last)
-    bias = shift.to(x.dtype)
-    args = ([layer.stride] * 2, [layer.padding] * 2, [1, 1], layer.groups)
-    if residual is not None:
-        return lambda: torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, *args)
-    return lambda: torch.cudnn_convolution_relu(x, weight, bias, *args)
+    unit = CudnnConvBNAct(conv, bn, relu=True)
+    return lambda: unit(x, residual)
 
 
 REL_TOL = {F32: 1e-3, F16: 2e-2, BF16: 6e-2}

@@ -1,92 +1,152 @@
 #!/usr/bin/env bash
-# The GPU validation pass in one command, for a machine with torch+CUDA and triton installed and no network:
-#   scripts/gpu_validate.sh [build] [test] [sanitize] [headline] [autotune] [bench] [profile]  (default: all)
-# Logs and results go to $OUT (default ./gpu_out). A failing step is reported and the next ones still run; the
-# exit code is the number of failed steps. Runs that a budget stops (SIGINT) keep the JSON of what ran.
-#   build      pip install -e . (the CUDA extension for TORCH_CUDA_ARCH_LIST, default 9.0)      build.log
-#              The Hopper kernels need CUTLASS's headers and the machine has no network: carry the wheel as
-#              .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl (or set RESNET_FUSED_CUTLASS_DIR); the step prints
-#              which conv kernels the GPU gets (sm90 CUTLASS or sm80 WMMA, and why)
-#   test       pytest tests, every backend and dtype on the GPU                                  tests.log
-#   sanitize   compute-sanitizer memcheck over the Triton and CUDA op tests                      sanitize.log
-#   headline   the issue's goals, resnet50 bf16: batch 256 first (eager, torch.compile, triton, cuda;
-#              HEADLINE_BUDGET_S, default 200), then batch 1 (eager, triton, cuda, each also through CUDA graphs;
-#              HEADLINE_B1_BUDGET_S, default 120)          headline_b256.json, headline_b1.json, headline.png
-#   autotune   torch.compile(mode="max-autotune") beside eager at batch 256 bf16 (compiles for minutes;
-#              AUTOTUNE_BUDGET_S, default 480)                                  headline_autotune.json
-#   bench      every suite (models first; BENCH_BUDGET_S, default 540)         bench.json, bench.png, report.log
-#   profile    python -m resnet_fused profile, resnet50 batch 64 bf16          profile.log, profile/
-# headline and autotune each end with a report of the headline JSONs present in $OUT; JSONs of several calls merge
-# afterwards with `python -m resnet_fused report A.json B.json ... --markdown`.
-# With the device tool's 10-minute calls (a warm machine keeps the build between calls), in order of priority:
-#   1: build test sanitize   2: build headline profile   3: build autotune   4: build bench
+# The GPU validation pass, sized for one 15-minute window on a lent H100/H200 (no network, 16 cores): one main
+# command of at most 540 s, then one follow-up of at most 240 s while the machine is still warm (it is released
+# 30 s after a command). Steps run in priority order, each under its own timeout, so a run cut short still
+# returns what matters most; the output files are refreshed after every step.
+#
+#   bash scripts/gpu_validate.sh --plan     no GPU needed: steps, budgets, Triton compiles per step, output files
+#   bash scripts/gpu_validate.sh            main: env, build || warmup, correctness, memcheck, racecheck,
+#                                           headline, convs, finalize
+#   bash scripts/gpu_validate.sh followup   env, torch.compile max-autotune (then default) beside eager at bf16
+#                                           batch 256, finalize
+#
+# With the device tool, from the session's checkout (carry the nvidia-cutlass wheel for the CUDA backend's
+# Hopper path: benchmarks/results/README.md gives the `pip download` into .whl/; without it the pass says so
+# and builds without that path):
+#   run(command="bash scripts/gpu_validate.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash scripts/gpu_validate.sh followup", carry=[".whl"], timeout_s=250)   # at once after
+# Both return at most 5 files from $OUT: summary.md, bench.json, bench.png, results.json, logs.tar.gz. The
+# follow-up's files include the main command's results when the machine was still warm. With less device time
+# left than a command's limit, prefix GPU_PASS_LIMIT_S=<seconds> (the last steps shrink first) and give the call
+# a timeout_s 20 s above it.
+# Environment: GPU_PASS_LIMIT_S (default 540 / 240), OUT (default ./gpu_out), GPU_PASS_STATE (default
+# /tmp/gpu_pass: logs and step results, kept between the two commands), PYTHON (default python3), MAX_JOBS
+# (default: the core count), TORCH_CUDA_ARCH_LIST (default 9.0a: H100/H200 only, wgmma and TMA allowed).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
-export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
-steps=("$@")
-if [ -z "${RESNET_FUSED_CUTLASS_DIR:-}" ] && compgen -G ".whl/nvidia_cutlass-*.whl" > /dev/null; then
-  RESNET_FUSED_CUTLASS_DIR=$(ls .whl/nvidia_cutlass-*.whl | tail -n 1)
-  export RESNET_FUSED_CUTLASS_DIR="$PWD/$RESNET_FUSED_CUTLASS_DIR"
+cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python3}
+MODE=${1:-main}
+
+if [ "$MODE" = --plan ]; then
+  # The plan counts compiles for the GPU's config lists: Triton must not be in interpreter mode.
+  exec env -u TRITON_INTERPRET "$PY" -m scripts.gpu_pass.plan
 fi
-[ ${#steps[@]} -eq 0 ] && steps=(build test sanitize headline autotune bench profile)
-failed=0
+case $MODE in
+  main | followup) ;;
+  *) echo "usage: $0 [--plan | main | followup]" >&2; exit 2 ;;
+esac
 
-run_step() {  # name, command...
-  local name=$1; shift
-  local start=$SECONDS
-  echo "== $name: $*"
-  if "$@" > "$OUT/$name.log" 2>&1; then
-    echo "   ok ($((SECONDS - start)) s)"
-  else
-    echo "   FAILED ($((SECONDS - start)) s); last lines:"; tail -n 25 "$OUT/$name.log"
-    failed=$((failed + 1))
-  fi
-}
-
-report_headline() {  # the headline JSONs this call wrote, as one report
-  local files=() f
-  for f in "$OUT"/headline_b256.json "$OUT"/headline_b1.json "$OUT"/headline_autotune.json; do
-    [ -s "$f" ] && files+=("$f")
-  done
-  [ ${#files[@]} -gt 0 ] && run_step headline_report python3 -m resnet_fused report "${files[@]}" \
-    --out "$OUT/headline.png" --markdown
-  return 0
-}
-
-for step in "${steps[@]}"; do
-  case $step in
-    build) run_step build python3 -m pip install --no-build-isolation --no-deps -e .
-           python3 -c "import resnet_fused as rf; print('   conv kernels:', rf.ops.registry._BACKENDS['cuda'].kernel_path('cuda'))" ;;
-    test) run_step tests python3 -m pytest tests -q -ra --durations=15 ;;
-    sanitize) run_step sanitize compute-sanitizer --tool memcheck --error-exitcode 1 \
-                python3 -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py -q -m "gpu and not slow" ;;
-    # SIGINT (not KILL) at a budget lets pytest-benchmark write the JSON of what ran.
-    headline) run_step headline_b256 timeout -s INT "${HEADLINE_BUDGET_S:-200}" python3 -m pytest -q \
-                benchmarks/test_bench_models.py -k "resnet50 and bf16-b256 and not max-autotune" \
-                --benchmark-group-by=group --benchmark-json "$OUT/headline_b256.json"
-              run_step headline_b1 timeout -s INT "${HEADLINE_B1_BUDGET_S:-120}" python3 -m pytest -q \
-                benchmarks/test_bench_models.py -k "resnet50 and bf16-b1-" \
-                --benchmark-group-by=group --benchmark-json "$OUT/headline_b1.json"
-              report_headline ;;
-    autotune) run_step autotune env RESNET_FUSED_BENCH_AUTOTUNE=1 timeout -s INT "${AUTOTUNE_BUDGET_S:-480}" \
-                python3 -m pytest -q benchmarks/test_bench_models.py \
-                -k "resnet50 and bf16-b256 and (max-autotune or eager) and not eager-nchw" \
-                --benchmark-group-by=group --benchmark-json "$OUT/headline_autotune.json"
-              report_headline ;;
-    # Models first, so a run cut short still has the whole-model numbers.
-    bench) run_step bench timeout -s INT "${BENCH_BUDGET_S:-540}" python3 -m pytest -q \
-             benchmarks/test_bench_models.py benchmarks/test_bench_blocks.py benchmarks/test_bench_convs.py \
-             --benchmark-group-by=group --benchmark-json "$OUT/bench.json" --durations=15
-           [ -s "$OUT/bench.json" ] && run_step report python3 -m resnet_fused report "$OUT/bench.json" \
-             --out "$OUT/bench.png" --markdown ;;
-    profile) run_step profile python3 -m resnet_fused profile --model resnet50 --batch 64 --dtype bf16 \
-               --out "$OUT/profile" ;;
-    *) echo "unknown step: $step (expected build, test, sanitize, headline, autotune, bench, profile)"
-       failed=$((failed + 1)) ;;
-  esac
+OUT=${OUT:-gpu_out}
+STATE=${GPU_PASS_STATE:-/tmp/gpu_pass}
+LOGS=$STATE/logs
+BEGIN=$SECONDS
+SHELL_VARS=$("$PY" -m scripts.gpu_pass.steps --shell "$MODE") || exit 2
+eval "$SHELL_VARS"   # LIMIT, MAX_FILES, STEPS, BUDGET_<step>, AFTER_<step>, ELASTIC_<step>
+LIMIT=${GPU_PASS_LIMIT_S:-$LIMIT}
+if [ "$MODE" = main ]; then rm -rf "$STATE"; fi
+mkdir -p "$OUT" "$LOGS"
+NPROC=$(nproc)
+export MAX_JOBS=${MAX_JOBS:-$NPROC} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} RESNET_FUSED_CUDA=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1   # autotune choices shared by every step through the disk
+unset TRITON_INTERPRET
+SANITIZER=$(command -v compute-sanitizer)
+for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+  if [ -z "$SANITIZER" ] && [ -x "$candidate" ]; then SANITIZER=$candidate; fi
 done
-python3 -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
-exit $failed
+
+step_timeout() {  # name: the step's budget, cut to what is left of the command's limit less finalize's budget
+  # (so with a lower GPU_PASS_LIMIT_S the last steps shrink first); an elastic step may also take what the later
+  # steps' budgets leave
+  local name=$1 budget_var=BUDGET_$1 after_var=AFTER_$1 elastic_var=ELASTIC_$1 final_var=BUDGET_finalize
+  local left=$((LIMIT - (SECONDS - BEGIN))) t=${!budget_var}
+  if [ "$name" != finalize ]; then left=$((left - ${!final_var})); fi
+  if ((left < t)); then t=$left; fi
+  if [ "${!elastic_var}" = 1 ] && ((LIMIT - (SECONDS - BEGIN) - ${!after_var} > t)); then
+    t=$((LIMIT - (SECONDS - BEGIN) - ${!after_var}))
+  fi
+  echo "$t"
+}
+
+record() {  # name status seconds rc timeout
+  printf '{"command": "%s", "step": "%s", "status": "%s", "seconds": %d, "rc": %d, "timeout": %d}\n' \
+    "$MODE" "$1" "$2" "$3" "$4" "$5" >> "$STATE/steps.jsonl"
+}
+
+run_step() {  # name command...: run under the step's timeout (SIGINT first, so drivers write what they have)
+  local name=$1; shift
+  local t begin rc status
+  t=$(step_timeout "$name")
+  if ((t < 5)); then
+    echo "== $name: skipped, no time left"; record "$name" skipped 0 0 0; return 0
+  fi
+  echo "== $name (timeout ${t} s)"
+  begin=$SECONDS
+  GPU_PASS_DEADLINE=$(($(date +%s) + t)) timeout -s INT -k 15 "$t" "$@" > "$LOGS/$name.log" 2>&1
+  rc=$?
+  status=ok
+  if ((rc == 124 || rc == 137)); then status=timeout; elif ((rc != 0)); then status=failed; fi
+  record "$name" "$status" $((SECONDS - begin)) "$rc" "$t"
+  echo "   $status after $((SECONDS - begin)) s (rc $rc); $(tail -n 1 "$LOGS/$name.log")"
+}
+
+refresh() {  # the output files, from whatever the steps have recorded so far
+  "$PY" -m scripts.gpu_pass.summary --state "$STATE" --out "$OUT" --command "$MODE" >> "$LOGS/summary.log" 2>&1
+}
+
+install_wheels() {  # carried wheels (.whl/*.whl, e.g. nvidia-cutlass): the machine has no network
+  local wheels=(.whl/*.whl)
+  [ -e "${wheels[0]}" ] || return 0
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STATE/site" \
+    "${wheels[@]}" > "$LOGS/wheels.log" 2>&1 || {
+    echo "   wheel install failed: $(tail -n 1 "$LOGS/wheels.log")"; return 0; }
+  export PYTHONPATH="$STATE/site${PYTHONPATH:+:$PYTHONPATH}"
+  if [ -d "$STATE/site/cutlass_library/source" ]; then
+    export RESNET_FUSED_CUTLASS_DIR="$STATE/site/cutlass_library/source"
+  fi
+  WHEELS=("${wheels[@]##*/}")
+}
+
+# compute-sanitizer over the correctness driver's subset for a tool, the oracle on the CPU (cuDNN left unchecked)
+if [ -n "$SANITIZER" ]; then
+  SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --report-api-errors no --print-limit 50 --tool)
+else
+  SANITIZE=(sh -c 'echo "compute-sanitizer not found (PATH, /usr/local/cuda)"; exit 3' no-sanitizer)
+fi
+SANITIZED=("$PY" -m scripts.gpu_pass.correctness --device cuda --backends "triton,cuda" --reference cpu)
+
+WHEELS=()
+install_wheels
+run_step env "$PY" -m scripts.gpu_pass.env --out "$STATE/env.json" --sanitizer "$SANITIZER" \
+  --wheels-installed ${WHEELS[@]+"${WHEELS[@]}"}
+refresh
+if [ "$MODE" = main ]; then
+  # The build and the Triton warm-up share the cores: neither needs the other. The warm-up yields to the build.
+  run_step build "$PY" setup.py build_ext --inplace &
+  run_step warmup nice -n 5 "$PY" -m scripts.gpu_pass.warmup --out "$STATE/warmup.json" --workers "$NPROC" &
+  wait
+  "$PY" -c "import resnet_fused as rf; print('conv kernels:', rf.ops.registry._BACKENDS['cuda'].kernel_path('cuda'))" \
+    >> "$LOGS/build.log" 2>&1
+  refresh
+  run_step correctness "$PY" -m scripts.gpu_pass.correctness --device cuda --backends triton,cuda \
+    --out "$STATE/correctness.json"
+  refresh
+  run_step memcheck "${SANITIZE[@]}" memcheck "${SANITIZED[@]}" --set memcheck --out "$STATE/memcheck.json"
+  refresh
+  run_step racecheck "${SANITIZE[@]}" racecheck "${SANITIZED[@]}" --set racecheck --out "$STATE/racecheck.json"
+  refresh
+  run_step headline "$PY" -m scripts.gpu_pass.headline --mode main --out "$STATE/headline.json" \
+    --bench-out "$STATE/headline.bench.json"
+  refresh
+  run_step convs "$PY" -m scripts.gpu_pass.convs --out "$STATE/convs.json" --bench-out "$STATE/convs.bench.json"
+else
+  with_fused=()
+  if [ -s "$STATE/warmup.json" ]; then with_fused=(--with-fused); fi   # still warm: build and caches are here
+  run_step compile "$PY" -m scripts.gpu_pass.headline --mode followup ${with_fused[@]+"${with_fused[@]}"} \
+    --out "$STATE/compile.json" --bench-out "$STATE/compile.bench.json"
+fi
+run_step finalize "$PY" -m scripts.gpu_pass.summary --state "$STATE" --out "$OUT" --command "$MODE" --png
+refresh   # once more, with finalize's own status
+files=$(find "$OUT" -type f | wc -l)
+echo "== $MODE done in $((SECONDS - BEGIN)) s; $files files in $OUT (at most $MAX_FILES come back)"
+head -n 60 "$OUT/summary.md" 2>/dev/null
+((files <= MAX_FILES))

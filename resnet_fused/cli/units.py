@@ -1,6 +1,7 @@
-"""One conv layer, two ways: eager modules (conv -> BN -> [+ residual] -> [ReLU]) and the fused op.
+"""One conv layer, three ways: eager modules (conv -> BN -> [+ residual] -> [ReLU]), cuDNN's own fused ops on
+the folded weight, and the fused op.
 
-Used by `profile` (per-layer speedups) and by the benchmarks (per-conv suites).
+Used by `profile` (per-layer speedups), the benchmarks (per-conv suites) and the GPU pass.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .. import ops
 from ..packed_conv import PackedConvBN
 from .layers import ConvLayer
 
@@ -26,6 +28,29 @@ class EagerConvBNAct(nn.Module):
         if residual is not None:
             y += residual
         return torch.relu_(y) if self.relu else y
+
+
+class CudnnConvBNAct(nn.Module):
+    """The same layer as cuDNN's fused inference ops on the BN-folded weight (GPU): conv + bias + ReLU
+    (torch.cudnn_convolution_relu), conv + bias + residual + ReLU (torch.cudnn_convolution_add_relu). cuDNN has
+    no such op without the ReLU: there F.conv2d with the folded bias (a downsample's conv + BN)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool):
+        super().__init__()
+        scale, shift = ops.fold_bn(conv, bn)
+        weight = conv.weight.detach().float() * scale.view(-1, 1, 1, 1)
+        self.register_buffer("weight", weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", shift.to(conv.weight.dtype))
+        self.relu = relu
+        self.conv_args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+
+    def forward(self, x, residual: Optional[torch.Tensor] = None):
+        if not self.relu:
+            y = nn.functional.conv2d(x, self.weight, self.bias, *self.conv_args)
+            return y if residual is None else y + residual
+        if residual is not None:
+            return torch.cudnn_convolution_add_relu(x, self.weight, residual, 1.0, self.bias, *self.conv_args)
+        return torch.cudnn_convolution_relu(x, self.weight, self.bias, *self.conv_args)
 
 
 def conv_and_bn(model: nn.Module, layer: ConvLayer) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:

@@ -211,13 +211,14 @@ def _split_k_epilogue_kernel(ws_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, M, Co
 
 def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 residual, out: torch.Tensor, kernel_h: int, kernel_w: int, stride: int, padding: int, relu: bool,
-                index_64=None, split_k=None) -> torch.Tensor:
+                index_64=None, split_k=None, config=None) -> torch.Tensor:
     """Launch the kernel into `out` and return it. x: logical NCHW (any layout; made channels_last once),
     weight_packed from pack_weight, out: the (N, Cout, Ho, Wo) channels_last output of x's dtype, scale and shift
     fp32 vectors; every shape already checked by the caller.
 
     index_64=None picks 64-bit offsets only where needed; split_k=None splits K where that measured faster on this
-    GPU (tuning.choose_split_k), an int forces a split.
+    GPU (tuning.choose_split_k), an int forces a split; config=None autotunes, a triton.Config launches that tile
+    instead (to check every candidate, not only the autotuner's winner).
     """
     n, c_in, h, w = x.shape
     k_rows, c_out = weight_packed.shape
@@ -236,12 +237,14 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
     def launch(split: int) -> None:
         workspace = scale if split == 1 else torch.empty((split, m, c_out), dtype=torch.float32, device=x.device)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), split)  # noqa
-        _conv_bn_act_kernel[grid](
+        kernel = _conv_bn_act_kernel if config is None else _conv_bn_act_kernel.fn  # .fn: the un-autotuned kernel
+        kernel[grid](
             x, weight_packed, scale, shift, res, out, workspace,
             m, h, w, c_in, h_out, w_out, c_out, k_rows // (kernel_h * kernel_w), split,
             KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
             HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, FLAT_K=uses_flat_k(c_in),
             DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+            **({} if config is None else config.all_kwargs()),
         )
         if split > 1:
             block_m, block_n = 32, 64
