@@ -92,6 +92,17 @@ class CpuConvPack(NamedTuple):
     onednn_weights: dict
 
 
+class CpuUnfoldedPack(NamedTuple):
+    """The pack of a fold that is not finite (an infinite or NaN scale, or w * scale overflowing the convolution's
+    dtype): folded, an infinite scale would put inf into the weight and give NaN across its channel where eager
+    gives +-inf. It runs as the public conv_bn_act, which convolves the unfolded weight and applies scale, shift,
+    residual and ReLU after it, as eager does."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
 _ONEDNN_SHAPES_PER_PACK = 4  # distinct input shapes kept per pack (bounds memory when shapes vary)
 
 
@@ -147,9 +158,14 @@ class CpuBackend(_ExtensionBackend):
     def pack_conv(self, weight, scale, shift):
         dtype = _CONV_DTYPE[weight.dtype]  # fp32 for bf16/fp16 where this CPU has no native kernel
         folded = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(dtype)
+        if not torch.isfinite(folded).all():
+            return CpuUnfoldedPack(weight.contiguous(memory_format=CL), scale.float().contiguous(),
+                                   shift.float().contiguous())
         return CpuConvPack(folded.contiguous(memory_format=CL), shift.detach().to(dtype).contiguous(), {})
 
     def conv_bn_act_packed(self, x, pack, residual, stride, padding, relu):
+        if isinstance(pack, CpuUnfoldedPack):
+            return torch.ops.resnet_fused.conv_bn_act.default(x, *pack, residual, stride, padding, relu)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
             weight = pack.weight
         else:
