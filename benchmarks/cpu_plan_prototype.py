@@ -65,6 +65,14 @@ def record_units(fused, x):
 
 def plan_runner(fused, units, x):
     backend = extension.CpuBackend()
+    # Each output is dropped after its last reader, as the model's forward drops it (else every activation stays
+    # alive and the allocator hands out fresh, page-faulting memory for each).
+    last_reader = {}
+    for k, (inp, _, res, *_rest) in enumerate(units):
+        for src in (inp, res):
+            if src is not None and src[0] == "unit":
+                last_reader[src[1]] = k
+    dead_after = {k: [i for i, last in last_reader.items() if last == k] for k in range(len(units))}
 
     def run():
         values, pooled = [], None
@@ -78,6 +86,8 @@ def plan_runner(fused, units, x):
                 pooled = fused.maxpool(values[-1])
             values.append(backend.conv_bn_act_packed(get(inp), pack, None if res is None else get(res), stride,
                                                      padding, relu))
+            for dead in dead_after[i]:
+                values[dead] = None
         return fused.fc(torch.flatten(fused.avgpool(values[-1]), 1))
     return run
 
