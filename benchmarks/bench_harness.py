@@ -8,6 +8,8 @@ Providers, side by side in one `benchmark.group` per case:
     eager+cudagraph, triton+cudagraph, cuda+cudagraph
                                whole models replayed through rf.cuda_graphed (GPU, batch <= 32, where launch
                                overhead matters): graphs for eager too, so the graphs' own gain shows apart
+    onnxruntime, openvino      the CPU inference engines, on the same model exported to ONNX (whole models on the
+                               CPU; optional: `pip install .[peers]`, else skipped with the reason; see peers.py)
 
 Timing: warm-ups (compilation, autotuning, first-call caches) run before the timed region; on a GPU each timed
 call ends with torch.cuda.synchronize(); rounds and iterations are fixed per case from one untimed measurement.
@@ -20,7 +22,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import pytest
 import torch
@@ -32,6 +34,8 @@ from resnet_fused.cli.common import DTYPE_NAMES, environment, randomize_bn
 from resnet_fused.cli.fusing import fuse_for_benchmark, fused_block
 from resnet_fused.cli.layers import ConvLayer, conv_layers, count_macs, model_bytes
 from resnet_fused.cli.units import CudnnConvBNAct, EagerConvBNAct, layer_inputs, random_conv_bn
+
+from peers import PEERS, peer_runner, peer_skip_reason  # benchmarks/ is on sys.path (rootdir-relative import)
 
 ON_GPU = torch.cuda.is_available()
 NO_GPU = "needs a CUDA GPU; none is present on this machine"
@@ -47,7 +51,7 @@ def split_graphed(provider: str):
     return (provider[:-len(GRAPHED)] if graphed else provider), graphed
 
 PROVIDERS = ("eager", "eager-nchw", "torch.compile", "torch.compile-max-autotune", "cudnn") + FUSED_BACKENDS \
-    + GRAPH_PROVIDERS
+    + GRAPH_PROVIDERS + PEERS
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -67,8 +71,21 @@ class Setting:
 GPU_SETTINGS = [Setting("cuda", d, b) for d in (F32, F16, BF16) for b in (1, 32, 256)]
 # fp16 too: on CPUs without AVX512-FP16 eager falls back to a slow path and the "cpu" backend convolves in fp32.
 CPU_SMALL = [Setting("cpu", F32, 2), Setting("cpu", BF16, 2), Setting("cpu", F16, 2)]
-# The issue's CPU model case: fused resnet50 eval fp32 batch 8 at 224x224 vs eager and vs torch.compile.
-CPU_MODEL = [Setting("cpu", F32, 8)]
+
+
+def cpu_convolves_bf16() -> bool:
+    """Whether the "cpu" backend runs bf16 convolutions in hardware here (AVX512-BF16 or AMX-BF16)."""
+    if rf.available_backends("cpu")["cpu"] is not None:
+        return False
+    from resnet_fused import _C
+
+    return _C.cpu_conv_dtype(BF16) == BF16
+
+
+# Whole models on the CPU (eval, 224x224) vs eager, torch.compile and the peer engines: fp32 at batch 1 and 8, and
+# bf16 where this CPU convolves it in hardware (elsewhere both eager and the "cpu" backend widen it to fp32).
+CPU_MODEL = [Setting("cpu", F32, 1), Setting("cpu", F32, 8)] + \
+    ([Setting("cpu", BF16, 1), Setting("cpu", BF16, 8)] if cpu_convolves_bf16() else [])
 
 # ResNet-50's distinct convs and ResNet-50/18's distinct blocks, read off the models (meta-device shape pass).
 RESNET50_CONVS = conv_layers(rf.resnet50(), image_size=224)
@@ -122,6 +139,8 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
             return f"CUDA graph replay is benchmarked at batch <= {GRAPH_MAX_BATCH}, where launch overhead matters"
     if quick and setting.batch > 8:
         return "--benchmark-disable smoke run: batch > 8 is skipped"
+    if quick and kind == "model" and setting.device == "cpu" and setting.batch > 1:
+        return "--benchmark-disable smoke run: CPU models run at batch 1 only (the same code paths)"
     if provider == "eager-nchw" and kind != "model":
         return "eager with NCHW tensors is benchmarked for whole models only"
     if provider.startswith("torch.compile"):
@@ -144,6 +163,10 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
             return "torch.cudnn_convolution_*_relu is a GPU op"
         if kind != "conv":
             return "cuDNN fused conv ops are benchmarked per conv layer only"
+    if provider in PEERS:
+        if kind != "model":
+            return "the peer engines are benchmarked for whole models only"
+        return peer_skip_reason(provider, setting.dtype, setting.device)
     if provider == "triton" and setting.device == "cpu":
         return "triton on the CPU is the interpreter, not a speed path"
     if provider in FUSED_BACKENDS:
@@ -165,6 +188,27 @@ def cudnn_conv_fn(conv: nn.Conv2d, bn: nn.BatchNorm2d, layer: ConvLayer, x, resi
         return None
     unit = CudnnConvBNAct(conv, bn, relu=True)
     return lambda: unit(x, residual)
+
+
+def model_runner(provider: str, model: nn.Module, x: torch.Tensor) -> Tuple[Callable[[], torch.Tensor], dict]:
+    """(a function running the whole model on x as `provider` runs it, extra_info about how it was built).
+    model and x are channels_last on the setting's device and dtype; the model is left untouched."""
+    base, graphed = split_graphed(provider)
+    extra = {}
+    if base == "eager":
+        module = model
+    elif provider == "eager-nchw":  # what `model(x)` runs for a user who never asked for channels_last
+        module = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        x = x.contiguous()
+    elif provider.startswith("torch.compile"):
+        module = compiled(model, provider)
+    elif provider in PEERS:
+        return peer_runner(provider, model, x), {"threads": torch.get_num_threads()}
+    else:
+        module, extra["fused_with"] = fuse_for_benchmark(model, base)
+    if graphed:  # captured during run_case's warm-ups
+        module, extra["cuda_graphs"] = rf.cuda_graphed(module), True
+    return (lambda: module(x)), extra
 
 
 REL_TOL = {F32: 1e-3, F16: 2e-2, BF16: 6e-2}
@@ -225,5 +269,5 @@ def reference_model(name: str, setting: Setting, submodule: str = "") -> nn.Modu
 
 __all__ = ["BLOCK_CASES", "CPU_MODEL", "CPU_SMALL", "GPU_SETTINGS", "PROVIDERS", "RESNET50_CONVS", "Setting",
            "check_close", "compiled", "count_macs", "cudnn_conv_fn", "EagerConvBNAct", "fuse_for_benchmark",
-           "fused_block", "layer_inputs", "model_bytes", "PackedConvBN", "random_conv_bn", "reference_model",
+           "fused_block", "model_runner", "layer_inputs", "model_bytes", "PackedConvBN", "random_conv_bn", "reference_model",
            "run_case", "skip_reason", "split_graphed", "pytest"]

@@ -19,6 +19,10 @@ TORCH_LIBRARY(resnet_fused, m) {
   // relu, with the BN fold already in weight (x's dtype, channels_last) and bias (the folded shift).
   m.def("conv_bias_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
         "int stride, int padding, bool relu) -> Tensor");
+  // Internal (CPU only): the "cpu" backend's Winograd F(4x4, 3x3) path for fp32 3x3 convs with stride 1 and padding
+  // 1, y = conv2d(x, w, 1, 1) + bias[c] (+ residual), ReLU if relu, where u = winograd_weight(w) (csrc/cpu/winograd.cpp).
+  m.def("winograd_weight(Tensor weight) -> Tensor");
+  m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor bias, Tensor? residual, bool relu) -> Tensor");
 }
 
 // Importing resnet_fused._C runs the registrations above and in the kernel files; the module itself answers the

@@ -141,6 +141,30 @@ at::Tensor fused_conv(const at::Tensor& x, const at::Tensor& weight, const at::T
   return dtype == x.scalar_type() ? y : y.to(x.scalar_type());  // to() keeps y's (canonical) strides
 }
 
+// conv_bn_act without the fold, for a fold that is not finite (an infinite or NaN scale, or w * scale overflowing the
+// convolution's dtype): folded, an infinite scale puts inf into every tap of its channel, and the taps that meet a
+// zero (or opposite-signed) input give NaN across the channel, where eager's conv(x, w) * inf is +-inf. So the
+// convolution runs on the unfolded weight and the epilogue (scale, shift, residual, ReLU) in fp32 after it, as eager
+// does; its ReLU keeps NaN (oneDNN's ReLU post-op would map a NaN scale's channel to 0).
+at::Tensor unfolded_conv_bn_act(at::ScalarType dtype, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& scale, const at::Tensor& shift,
+                                const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
+  const at::Tensor y = fused_conv_in(dtype, x, weight, at::zeros({weight.size(0)}, weight.options().dtype(dtype)),
+                                     std::nullopt, stride, padding, /*relu=*/false);
+  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
+  const at::Tensor shift32 = shift.to(at::kFloat).contiguous();
+  const at::Tensor rc = residual.has_value() ? residual->to(dtype).contiguous(kCL) : at::Tensor();
+  // y is channels_last (canonical strides): rows of C contiguous channels, as the epilogue reads them.
+  at::Tensor out = at::empty(y.sizes(), y.options().memory_format(kCL));
+  const int64_t channels = y.size(1);
+  RESNET_FUSED_DISPATCH(dtype, "conv_bn_act_unfolded_cpu", [&] {
+    epilogue_rows<scalar_t>(y.const_data_ptr<scalar_t>(), scale32.const_data_ptr<float>(),
+                            shift32.const_data_ptr<float>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                            out.mutable_data_ptr<scalar_t>(), y.numel() / channels, channels, relu);
+  });
+  return dtype == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
 at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                              const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, bool relu) {
   const auto out_shape = check_conv("conv_bias_act", x, weight, stride, padding);
@@ -160,10 +184,11 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (out_shape[0] == 0) return at::empty(out_shape, x.options().memory_format(kCL));
   // The BN fold (per call here; the "cpu" backend's pack does it once and calls conv_bias_act), in fp32, rounded
   // once to the convolution's dtype.
-  const at::Tensor folded = (weight.to(at::kFloat) * scale.to(at::kFloat).view({-1, 1, 1, 1}))
-                                .to(conv_dtype(x.scalar_type(), weight.scalar_type()))
-                                .contiguous(kCL);
-  return fused_conv(x, folded, shift, residual, stride, padding, relu);
+  const at::ScalarType dtype = conv_dtype(x.scalar_type(), weight.scalar_type());
+  const at::Tensor folded =
+      (weight.to(at::kFloat) * scale.to(at::kFloat).view({-1, 1, 1, 1})).to(dtype).contiguous(kCL);
+  if (at::isfinite(folded).all().item<bool>()) return fused_conv(x, folded, shift, residual, stride, padding, relu);
+  return unfolded_conv_bn_act(dtype, x, weight, scale, shift, residual, stride, padding, relu);
 }
 
 }  // namespace

@@ -5,7 +5,9 @@ weight and the epilogue as oneDNN post-ops.
 
 Its pack is the folded weight w * scale[c] (channels_last) and the folded shift as the conv bias, both in the
 convolution's dtype (x's, or fp32 for bf16/fp16 on a CPU without native kernels for them), run by the internal op
-conv_bias_act: nothing is re-laid-out per call.
+conv_bias_act: nothing is re-laid-out per call. fp32 3x3 stride-1 convs over enough output tiles run as Winograd
+F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd). A fold that is not finite runs
+unfolded, as the public conv_bn_act (CpuUnfoldedPack).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class CpuConvPack(NamedTuple):
     """The BN fold applied once: weight * scale[c] (x's dtype, channels_last) and bias = shift (x's dtype).
 
     `onednn_weights` holds the same weight reordered into oneDNN's blocked layout (opaque mkldnn tensors), one
-    per input shape, made on first use: without it oneDNN reorders the weight on every call, which dominates
-    small-spatial layers (batch 1, late stages). The layout depends on the input shape: one chosen without it was
-    measured 10-20x slower on some 1x1 convs at 14x14. Autograd and torch.compile take `weight` instead.
+    per input shape, made on first use (or, for convs that run as Winograd, its transform): without it oneDNN
+    reorders the weight on every call, which dominates small-spatial layers (batch 1, late stages). The layout
+    depends on the input shape: one chosen without it was measured 10-20x slower on some 1x1 convs at 14x14.
+    Autograd and torch.compile take `weight` instead.
     """
 
     weight: torch.Tensor
@@ -54,19 +57,48 @@ class CpuConvPack(NamedTuple):
     onednn_weights: dict
 
 
+class CpuUnfoldedPack(NamedTuple):
+    """The pack of a fold that is not finite (an infinite or NaN scale, or w * scale overflowing the convolution's
+    dtype): folded, an infinite scale would put inf into the weight and give NaN across its channel where eager
+    gives +-inf. It runs as the public conv_bn_act, which convolves the unfolded weight and applies scale, shift,
+    residual and ReLU after it, as eager does."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
 _ONEDNN_SHAPES_PER_PACK = 4  # distinct input shapes kept per pack (bounds memory when shapes vary)
+# fp32 3x3 convs with stride 1 and padding 1 run as Winograd F(4x4, 3x3) (csrc/cpu/winograd.cpp) from this many
+# output tiles up: measured on 2 EPYC cores (1 thread, resnet50's shapes, fp32), 1.7-2.3x faster than oneDNN's
+# direct convolution at 56x56 and 28x28, 1.6x at 14x14 (batch 1 and 8), 2.4x slower at 7x7 (its four tiles per
+# image leave the GEMMs too short).
+_WINOGRAD_MIN_TILES = 48
+
+
+def _runs_winograd(pack, input_shape) -> bool:
+    n, _, h, w = input_shape
+    return (pack.stride == 1 and pack.padding == 1 and pack.dtype == torch.float32 and pack.kernel_size == (3, 3)
+            and pack.payload.weight.dtype == torch.float32 and n * -(-h // 4) * -(-w // 4) >= _WINOGRAD_MIN_TILES)
 
 
 def _onednn_weight(pack, input_shape) -> torch.Tensor:
-    """The pack's weight in oneDNN's layout for inputs of `input_shape`, reordered once per shape."""
+    """The pack's weight prepared for inputs of `input_shape`: oneDNN's blocked layout (an mkldnn tensor), reordered
+    once per shape, or for a Winograd conv the transformed weight (a dense (36, C_in, C_out) tensor, one per pack,
+    shared by its input shapes)."""
     payload = pack.payload
     key = tuple(input_shape)
     weight = payload.onednn_weights.get(key)
     if weight is None:
+        if _runs_winograd(pack, input_shape):
+            weight = next((w for w in payload.onednn_weights.values() if not w.is_mkldnn), None)
+            if weight is None:
+                weight = torch.ops.resnet_fused.winograd_weight.default(payload.weight)
+        else:
+            weight = torch.ops.mkldnn._reorder_convolution_weight(payload.weight.contiguous(), [pack.padding] * 2,
+                                                                  [pack.stride] * 2, [1, 1], 1, list(key))
         if len(payload.onednn_weights) >= _ONEDNN_SHAPES_PER_PACK:
             payload.onednn_weights.clear()
-        weight = torch.ops.mkldnn._reorder_convolution_weight(payload.weight.contiguous(), [pack.padding] * 2,
-                                                              [pack.stride] * 2, [1, 1], 1, list(key))
         payload.onednn_weights[key] = weight
     return weight
 
@@ -84,21 +116,32 @@ class CpuBackend(ExtensionBackend):
     def pack_conv(self, weight, scale, shift, stride, padding):
         dtype = _CONV_DTYPE[weight.dtype]  # fp32 for bf16/fp16 where this CPU has no native kernel
         folded = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(dtype)
+        if not torch.isfinite(folded).all():
+            return CpuUnfoldedPack(weight.contiguous(memory_format=torch.channels_last), scale.float().contiguous(),
+                                   shift.float().contiguous())
         return CpuConvPack(folded.contiguous(memory_format=torch.channels_last), shift.detach().to(dtype).contiguous(),
                            {})
 
     def conv_bn_act_packed(self, x, pack, residual, relu):
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
-            weight = pack.payload.weight
-        else:
-            weight = _onednn_weight(pack, x.shape)
-        return torch.ops.resnet_fused.conv_bias_act.default(x, weight, pack.payload.bias, residual, pack.stride,
-                                                            pack.padding, relu)
+        payload = pack.payload
+        if isinstance(payload, CpuUnfoldedPack):
+            return torch.ops.resnet_fused.conv_bn_act.default(x, *payload, residual, pack.stride, pack.padding, relu)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or (residual is not None and residual.requires_grad))):
+            return torch.ops.resnet_fused.conv_bias_act.default(x, payload.weight, payload.bias, residual, pack.stride,
+                                                                pack.padding, relu)
+        return self.bind_conv(pack, tuple(x.shape), relu)(x, residual)
 
     def bind_conv(self, pack, input_shape, relu):
-        op, weight, bias = torch.ops.resnet_fused.conv_bias_act.default, _onednn_weight(pack, input_shape), \
-            pack.payload.bias
-        stride, padding = pack.stride, pack.padding
+        payload, stride, padding = pack.payload, pack.stride, pack.padding
+        if isinstance(payload, CpuUnfoldedPack):
+            op, (weight, scale, shift) = torch.ops.resnet_fused.conv_bn_act.default, payload
+            return lambda x, residual: op(x, weight, scale, shift, residual, stride, padding, relu)
+        weight, bias = _onednn_weight(pack, input_shape), payload.bias
+        if not weight.is_mkldnn:
+            winograd = torch.ops.resnet_fused.conv3x3_winograd.default
+            return lambda x, residual: winograd(x, weight, bias, residual, relu)
+        op = torch.ops.resnet_fused.conv_bias_act.default
         return lambda x, residual: op(x, weight, bias, residual, stride, padding, relu)
 
 

@@ -1,0 +1,146 @@
+"""Whole models on the CPU, every provider timed side by side with the providers interleaved round by round.
+
+    python benchmarks/side_by_side.py [--models resnet50 resnet18] [--batches 1 8] [--dtypes fp32 bf16]
+        [--providers eager-nchw eager cpu onnxruntime openvino] [--rounds 6] [--runs 2] [--json FILE]
+
+pytest-benchmark times one provider after another; on a shared machine the load moves between them, and so do the
+ratios. Here each round runs every provider `runs` times in turn, and each provider's figure is the median over all
+its runs (its minimum, the least disturbed run, is kept too). Each provider's output is checked against eager
+before timing. The load average is recorded before and after each case.
+
+--json writes the pytest-benchmark layout (one entry per case and provider, extra_info["provider"], stats in
+seconds), so that `python -m resnet_fused report FILE --markdown` prints the speedup tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_harness import (BF16, F32, Setting, check_close, count_macs, cpu_convolves_bf16,  # noqa: E402
+                           model_runner, reference_model, skip_reason)
+from resnet_fused.cli.common import DTYPE_NAMES, environment  # noqa: E402
+
+IMAGE_SIZE = 224
+DTYPES = {"fp32": F32, "bf16": BF16}
+DEFAULT_PROVIDERS = ("eager-nchw", "eager", "cpu", "onnxruntime", "openvino")
+_TIMED_CONFIG = types.SimpleNamespace(getoption=lambda name, default=None: default)  # as a timed pytest run
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet50", "resnet18"], choices=["resnet50", "resnet18"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES))
+    p.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS),
+                   help="any CPU provider of benchmarks/ (torch.compile too: it compiles for a minute or more)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--runs", type=int, default=2, help="runs of each provider per round")
+    p.add_argument("--json", type=Path, default=None, help="write the timings here (pytest-benchmark layout)")
+    args = p.parse_args(argv)
+    if min(args.batches) < 1 or args.rounds < 1 or args.runs < 1:
+        p.error("--batches, --rounds and --runs must be at least 1")
+    if "bf16" in args.dtypes and not cpu_convolves_bf16():
+        p.error("--dtypes bf16: this CPU has no hardware bf16 convolution (AVX512-BF16/AMX), where it is compared")
+    return args
+
+
+def time_case(model_name: str, setting: Setting, providers, rounds: int, runs: int):
+    """{provider: [seconds, ...]} for the runnable providers, {provider: reason} for the others, and the loads."""
+    model = reference_model(model_name, setting)
+    x = torch.randn(setting.batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    x = x.to(dtype=setting.dtype).contiguous(memory_format=torch.channels_last)
+    runners, skipped, extras = {}, {}, {}
+    with torch.inference_mode():
+        expected = model(x)
+    for provider in providers:
+        reason = skip_reason(provider, setting, _TIMED_CONFIG, kind="model")
+        if reason:
+            skipped[provider] = reason
+            continue
+        runners[provider], extras[provider] = model_runner(provider, model, x)
+    load_before = os.getloadavg()[0]
+    times = {provider: [] for provider in runners}
+    with torch.inference_mode():
+        for provider, run in runners.items():  # warm-up (compilation, first-call caches) and the output check
+            run()
+            check_close(run(), expected, setting.dtype, "cpu", scale=2.0)
+        for _ in range(rounds):
+            for provider, run in runners.items():
+                for _ in range(runs):
+                    begin = time.perf_counter()
+                    run()
+                    times[provider].append(time.perf_counter() - begin)
+    return times, skipped, extras, (load_before, os.getloadavg()[0])
+
+
+def entry(model_name, setting, provider, samples, extra, loads, env):
+    group = f"model {model_name} {IMAGE_SIZE}x{IMAGE_SIZE} | {DTYPE_NAMES[setting.dtype]} b{setting.batch} cpu"
+    return {
+        "group": group, "name": f"side_by_side[{model_name}-{setting.id}-{provider}]",
+        "extra_info": {"provider": provider, "kind": "model", "case": f"{model_name} {IMAGE_SIZE}x{IMAGE_SIZE}",
+                       "dtype": DTYPE_NAMES[setting.dtype], "batch": setting.batch,
+                       "flops": 2 * count_macs(reference_model(model_name, setting), setting.batch, IMAGE_SIZE),
+                       "device_name": cpu_model(), "machine": env["device"], "torch": env["torch"], "threads": torch.get_num_threads(),
+                       "interleaved": True, "load_before": loads[0], "load_after": loads[1], **extra},
+        "stats": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+                  "mean": statistics.fmean(samples), "rounds": len(samples), "data": samples},
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment("cpu")
+    print(f"{cpu_model()}, torch {env['torch']}, {torch.get_num_threads()} threads for every provider")
+    entries = []
+    for model_name in args.models:
+        for dtype_name in args.dtypes:
+            for batch in args.batches:
+                setting = Setting("cpu", DTYPES[dtype_name], batch)
+                times, skipped, extras, loads = time_case(model_name, setting, args.providers, args.rounds,
+                                                          args.runs)
+                print(f"\n{model_name} {dtype_name} batch {batch}: load {loads[0]:.2f} -> {loads[1]:.2f}")
+                base = statistics.median(times["eager"]) if "eager" in times else None
+                for provider, samples in times.items():
+                    median = statistics.median(samples)
+                    ratio = f"  {base / median:5.2f}x eager" if base else ""
+                    print(f"  {provider:14s} median {median * 1e3:8.1f} ms  min {min(samples) * 1e3:8.1f} ms{ratio}")
+                    entries.append(entry(model_name, setting, provider, samples, extras[provider], loads, env))
+                for provider, reason in skipped.items():
+                    print(f"  {provider:14s} skipped: {reason}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine_info": {"node": platform.node(), "processor": platform.processor(),
+                             "machine": platform.machine(), "cpu": {"brand_raw": cpu_model()},
+                             "python_version": platform.python_version()},
+            "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "version": "side_by_side", "benchmarks": entries}, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The "cpu" backend's Winograd F(4x4, 3x3) path (csrc/cpu/winograd.cpp) against the fp32 oracle.
+
+The op itself over partial tiles (H, W not multiples of 4), channel counts off the 16-lane block, batch > 1, NCHW
+and channels_last inputs, residual and ReLU on and off; the packed path choosing it for fp32 3x3 stride-1 convs with
+enough tiles (and not for the others), with one transformed weight per pack; where a NaN input goes; argument
+errors.
+"""
+
+import math
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from resnet_fused.ops.backends import cpu as cpu_backend
+from tests.oracle import assert_matches, ref_conv_bn_act
+
+pytestmark = pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None,
+                                reason=f"the 'cpu' backend is unavailable: {rf.available_backends('cpu')['cpu']}")
+
+CL = torch.channels_last
+WINOGRAD = torch.ops.resnet_fused.conv3x3_winograd.default
+TRANSFORM = torch.ops.resnet_fused.winograd_weight.default
+# (N, C_in, H, W, C_out): whole and partial 4x4 tiles, 1-pixel images, channels on and off the 16-lane block.
+SHAPES = [(2, 16, 8, 8, 32), (1, 5, 7, 9, 7), (3, 33, 6, 5, 17), (1, 64, 1, 1, 16), (2, 24, 13, 4, 40),
+          (1, 64, 14, 14, 64)]
+
+
+def conv_inputs(shape, residual, channels_last):
+    n, cin, h, w, cout = shape
+    x = torch.randn(n, cin, h, w)
+    x = x.contiguous(memory_format=CL) if channels_last else x
+    weight = torch.randn(cout, cin, 3, 3) / (9 * cin) ** 0.5
+    bias = torch.randn(cout)
+    res = torch.randn(n, cout, h, w) if residual else None
+    return x, weight, bias, res
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_winograd_op_matches_oracle(shape, residual, relu, channels_last):
+    x, weight, bias, res = conv_inputs(shape, residual, channels_last)
+    y = WINOGRAD(x, TRANSFORM(weight), bias, res, relu)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, relu)
+    assert_matches(y, expected, torch.float32)
+
+
+def test_winograd_nan_fills_the_tiles_that_read_it():
+    # Every transformed value mixes the whole 6x6 input tile, so a NaN input makes NaN of every output of the 4x4
+    # tiles whose input tile holds it (eager: its 3x3 neighbourhood), and the ReLU keeps it. x[2, 2] lies only in
+    # tile (0, 0)'s input rows and columns -1 .. 4.
+    x, weight, bias, _ = conv_inputs((1, 16, 8, 8, 16), False, True)
+    x[0, 3, 2, 2] = float("nan")
+    y = WINOGRAD(x, TRANSFORM(weight), bias, None, True)
+    tile = torch.zeros_like(y, dtype=torch.bool)
+    tile[:, :, :4, :4] = True
+    assert torch.equal(torch.isnan(y), tile)
+    eager = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
+    assert torch.isnan(eager).any() and not (torch.isnan(eager) & ~tile).any()
+
+
+def _prepared(pack):
+    return list(pack.payload.onednn_weights.values())
+
+
+@pytest.mark.parametrize("batch,size", [(1, 28), (3, 16), (1, 14)])
+def test_packed_path_takes_winograd_where_it_pays(batch, size):
+    # 28x28 at batch 1 and 16x16 at batch 3 have >= 48 tiles of 4x4; 14x14 at batch 1 has 16.
+    weight = torch.randn(32, 16, 3, 3) / 12
+    scale, shift = torch.rand(32) + 0.5, torch.randn(32)
+    pack = rf.ops.pack_conv_bn(weight, scale, shift, padding=1, backend="cpu")
+    x = torch.randn(batch, 16, size, size).contiguous(memory_format=CL)
+    res = torch.randn(batch, 32, size, size).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        y = rf.ops.conv_bn_act_packed(x, pack, res, relu=True)
+    expected_winograd = batch * math.ceil(size / 4) ** 2 >= cpu_backend._WINOGRAD_MIN_TILES
+    assert [not w.is_mkldnn for w in _prepared(pack)] == [expected_winograd]
+    assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, res, 1, 1, True), torch.float32)
+
+
+def test_one_transformed_weight_per_pack():
+    weight = torch.randn(16, 16, 3, 3) / 12
+    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), padding=1, backend="cpu")
+    with torch.inference_mode():
+        for batch in (3, 4, 5):
+            rf.ops.conv_bn_act_packed(torch.randn(batch, 16, 16, 16), pack)
+    prepared = _prepared(pack)
+    assert len(prepared) == 3 and all(w is prepared[0] for w in prepared)
+
+
+@pytest.mark.parametrize("dtype,stride,padding", [(torch.bfloat16, 1, 1), (torch.float32, 2, 1),
+                                                  (torch.float32, 1, 0)], ids=["bf16", "stride2", "padding0"])
+def test_other_convs_stay_on_onednn(dtype, stride, padding):
+    weight = (torch.randn(16, 16, 3, 3) / 12).to(dtype)
+    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), stride=stride, padding=padding,
+                              backend="cpu")
+    with torch.inference_mode():
+        rf.ops.conv_bn_act_packed(torch.randn(4, 16, 32, 32).to(dtype), pack)
+    assert all(w.is_mkldnn for w in _prepared(pack))
+
+
+def test_winograd_argument_errors():
+    x, weight, bias, _ = conv_inputs((1, 16, 8, 8, 16), False, True)
+    u = TRANSFORM(weight)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        WINOGRAD(x.bfloat16(), u, bias, None, True)
+    with pytest.raises(RuntimeError, match="u must be a float32 CPU tensor of shape"):
+        WINOGRAD(x, u[:, :8], bias, None, True)
+    with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of length 16"):
+        WINOGRAD(x, u, bias[:8], None, True)
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        WINOGRAD(x, u, bias, torch.randn(1, 16, 4, 4), True)
+    with pytest.raises(RuntimeError, match=r"weight must be a \(C_out, C_in, 3, 3\) tensor"):
+        TRANSFORM(torch.randn(16, 16, 1, 1))
