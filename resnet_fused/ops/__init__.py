@@ -6,6 +6,12 @@
     pack_conv_bn(weight, scale, shift, *, stride=1, padding=0, backend=None) -> ConvBNPack
     conv_bn_act_packed(x, pack, residual=None, *, relu=True)
 
+Training BatchNorm's passes, for the fused modules' training (batch_norm_reference.py has their math):
+    batch_norm_stats(y, *, backend=None) -> (mean, var)
+    batch_norm_apply(y, mean, invstd, weight, bias, residual=None, *, relu=True, backend=None) -> out
+    batch_norm_backward(grad_out, y, mean, invstd, weight, bias, residual=None, *, relu=True, backend=None)
+        -> (grad_y, grad_weight, grad_bias, grad_residual)
+
 Inputs are logical NCHW (contiguous or channels_last); outputs are channels_last with the input's dtype.
 backend=None means the current default (`set_backend` / `use_backend`, "auto" unless changed).
 These functions are the one place arguments are checked (validation.py); the backends trust them.
@@ -24,13 +30,15 @@ from .geometry import conv_output_shape
 from .pack import ConvBNPack
 from .registry import (_BACKENDS, AUTO_ORDER, Backend, available_backends, backend_names, get_backend,
                        register_backend, resolve, resolve_name, set_backend, use_backend)
-from .validation import (SUPPORTED_DTYPES, check_add_relu, check_bn_act, check_conv_bn_act, check_conv_packed,
-                         check_flag, check_pack)
+from .validation import (SUPPORTED_DTYPES, check_add_relu, check_batch_norm_apply, check_batch_norm_backward,
+                         check_batch_norm_stats, check_bn_act, check_conv_bn_act, check_conv_packed, check_flag,
+                         check_pack)
 
 __all__ = [
     "conv_bn_act", "bn_act", "add_relu", "ConvBNPack", "pack_conv_bn", "conv_bn_act_packed", "fold_bn",
     "available_backends", "backend_names", "set_backend", "get_backend", "use_backend", "register_backend",
-    "Backend", "AUTO_ORDER", "SUPPORTED_DTYPES", "resolve_name", "conv_output_shape",
+    "Backend", "AUTO_ORDER", "SUPPORTED_DTYPES", "resolve_name", "conv_output_shape", "batch_norm_stats",
+    "batch_norm_apply", "batch_norm_backward",
 ]
 
 
@@ -90,3 +98,24 @@ def add_relu(x, residual, *, backend=None):
     """y = max(x + residual, 0)."""
     check_add_relu(x, residual)
     return resolve(backend, x).add_relu(x, residual)
+
+
+def batch_norm_stats(y, *, backend=None):
+    """(mean, var) of y per channel over (N, H, W), fp32, var biased (training BatchNorm's batch statistics)."""
+    check_batch_norm_stats(y)
+    return resolve(backend, y).batch_norm_stats(y)
+
+
+def batch_norm_apply(y, mean, invstd, weight, bias, residual=None, *, relu=True, backend=None):
+    """act((y - mean[c]) * invstd[c] * weight[c] + bias[c] (+ residual)), in y's dtype and layout."""
+    check_batch_norm_apply(y, mean, invstd, weight, bias, residual)
+    return resolve(backend, y).batch_norm_apply(y, mean, invstd, weight, bias, residual, check_flag("relu", relu))
+
+
+def batch_norm_backward(grad_out, y, mean, invstd, weight, bias, residual=None, *, relu=True, backend=None):
+    """(grad_y, grad_weight, grad_bias, grad_residual) of batch_norm_apply at fixed mean and invstd: with g the
+    gradient that passes the ReLU, grad_y = weight * invstd * (g - (sum g + xhat * sum g*xhat) / M)."""
+    check_batch_norm_backward(grad_out, y, mean, invstd, weight, bias, residual)
+    return resolve(backend, y).batch_norm_backward(grad_out, y, mean, invstd, weight, bias, residual,
+                                                   check_flag("relu", relu))
+

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import batch_norm_reference
 from .pack import ConvBNPack
 
 # "auto" tries these in order for a tensor's device type, skipping the unavailable ones; "torch" is last everywhere
@@ -62,6 +63,16 @@ class Backend:
 
     def bn_act(self, x, scale, shift, residual, relu: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    # Training BatchNorm's passes (batch_norm_reference.py has their math): plain torch unless a backend has kernels.
+    def batch_norm_stats(self, y) -> tuple:
+        return batch_norm_reference.stats(y)
+
+    def batch_norm_apply(self, y, mean, invstd, weight, bias, residual, relu: bool) -> torch.Tensor:
+        return batch_norm_reference.apply(y, mean, invstd, weight, bias, residual, relu)
+
+    def batch_norm_backward(self, grad_out, y, mean, invstd, weight, bias, residual, relu: bool) -> tuple:
+        return batch_norm_reference.backward(grad_out, y, mean, invstd, weight, bias, residual, relu)
 
     def add_relu(self, x, residual) -> torch.Tensor:
         raise NotImplementedError

@@ -166,6 +166,36 @@ def check_bn_act(x, scale, shift, residual) -> None:
     _residual(residual, tuple(x.shape), x)
 
 
+def check_batch_norm_stats(y) -> None:
+    _activation("y", y)
+
+
+def check_batch_norm_apply(y, mean, invstd, weight, bias, residual) -> None:
+    y = _activation("y", y)
+    for name, value in (("mean", mean), ("invstd", invstd)):
+        _channel_vector(name, value, y.shape[1], y, "y")
+        if value.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 (batch statistics are fp32), got {value.dtype}")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None:
+            _channel_vector(name, value, y.shape[1], y, "y")
+    if residual is not None:
+        r = _activation("residual", residual)
+        if tuple(r.shape) != tuple(y.shape):
+            raise ValueError(f"residual must have y's shape {tuple(y.shape)}, got {tuple(r.shape)}")
+        if r.dtype != y.dtype:
+            raise TypeError(f"residual must have y's dtype {y.dtype}, got {r.dtype}")
+        check_same_device("residual", r, y, "y")
+
+
+def check_batch_norm_backward(grad_out, y, mean, invstd, weight, bias, residual) -> None:
+    check_batch_norm_apply(y, mean, invstd, weight, bias, residual)
+    g = _activation("grad_out", grad_out)
+    if tuple(g.shape) != tuple(y.shape):
+        raise ValueError(f"grad_out must have y's shape {tuple(y.shape)}, got {tuple(g.shape)}")
+    check_same_device("grad_out", g, y, "y")
+
+
 def check_add_relu(x, residual) -> None:
     x = _activation("x", x)
     if residual is None:
