@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .fusion import changes
-from .fusion.binding import Bindings, compose, eager_units, execute, fused_units, signature
+from .fusion.binding import Bindings, compose, eager_units, execute, fused_units, signature, train_forward
 from .fusion.eligibility import (call_override_reason, global_module_hooks, has_hooks, plain_bn_reason,
                                  plain_conv_reason)
 from .fusion.plan import ModuleShortcut, ResidualPlan, Unit
@@ -159,8 +159,14 @@ class _FusedResidual(_Bound):
         if global_module_hooks():  # hooks for all modules must see the original modules' calls
             return self.eager_forward(x)
         bindings = self._current_bindings()
+        key = signature(x, self.backend)
+        train = train_forward(self, plan, x, self.backend)
+        if train is not None:
+            if bindings is not None:
+                bindings.runs[key] = train
+            return train(x)
         choose = fused_units(self.backend, {} if bindings is None else bindings.packs)
-        key, record = signature(x, self.backend), []
+        record = []
         out = execute(self, plan, x, choose, record)
         if bindings is not None and all(replayable for _, replayable in record):
             bindings.runs[key] = compose(self, plan, [step for step, _ in record], choose)

@@ -22,8 +22,11 @@ from torch.utils.hooks import RemovableHandle
 
 from ..ops.registry import get_backend
 from . import changes
-from .eligibility import _autocast_available, batch_stats
+from ..ops.registry import resolve
+from .eligibility import (_autocast_available, autocast_state, batch_stats, bn_takes, compute_dtype, conv_output,
+                          epilogue_takes, plain_bn_reason, plain_conv_reason)
 from .plan import ModuleShortcut, ResidualPlan
+from .training import program_unit, run_program, trainable_conv_reason, unit_params
 from .unit import decide, unit_eager
 
 _CONV_ATTRS = attrgetter("stride", "padding", "dilation", "groups", "padding_mode")
@@ -162,3 +165,44 @@ def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: Dec
             y = step(y, None)
         return last(y, identity)
     return forward
+
+
+def train_forward(block: torch.nn.Module, plan: ResidualPlan, x: torch.Tensor, backend: Optional[str]):
+    """The whole block as one training program (training.py: only the conv outputs kept for backward), where
+    every unit normalizes with batch statistics in one compute dtype and the residual adds as the epilogue adds
+    it; else None (the units are then decided one by one)."""
+    if isinstance(plan.shortcut, ModuleShortcut) or x.dim() != 4 or x.numel() == 0:
+        return None
+    shortcut = plan.shortcut or ()
+    units = [(block.get_submodule(u.conv), block.get_submodule(u.bn) if u.bn else None) for u in shortcut + plan.main]
+    if any(plain_conv_reason(conv) or bn is None or plain_bn_reason(bn) or not batch_stats(bn)
+           or trainable_conv_reason(conv) or x.device != conv.weight.device for conv, bn in units):
+        return None
+    autocast = autocast_state(x.device.type)
+    dtype = compute_dtype(x.dtype, units[0][0], autocast)
+    # every conv computes in that dtype (without autocast: all weights of x's dtype), every BN accepts it
+    if dtype is None or any(compute_dtype(dtype, conv, autocast) != dtype or not bn_takes(bn, dtype)
+                            for conv, bn in units):
+        return None
+    shape, shapes = tuple(x.shape), []
+    for conv, _ in units:  # each shortcut and main chain starts from x
+        shapes.append(conv_output(conv, shapes[-1] if shapes and len(shapes) != len(shortcut) else shape))
+    identity_shape, identity_dtype = (shapes[len(shortcut) - 1], dtype) if shortcut else (shape, x.dtype)
+    if not epilogue_takes(identity_shape, identity_dtype, shapes[-1], dtype, plan.promote):
+        return None
+    program, bns = [], [bn for _, bn in units]
+    for index, unit in enumerate(shortcut):
+        program.append(program_unit(units[index][0], units[index][1], index, None, unit.relu))
+    identity = len(shortcut)
+    for index, unit in enumerate(plan.main):
+        conv, bn = units[len(shortcut) + index]
+        source = 0 if index == 0 else len(program)
+        last = index == len(plan.main) - 1
+        program.append(program_unit(conv, bn, source, identity if last else None, unit.relu or last))
+    passes = resolve(backend, x)
+
+    def forward(x):
+        params = [t for conv, bn in units for t in unit_params(conv, bn, dtype)]
+        return run_program(program, passes, bns, [x.to(dtype)], params)
+    return forward
+

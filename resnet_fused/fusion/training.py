@@ -1,62 +1,200 @@
-"""A unit in training: BatchNorm with batch statistics, and its running statistics updated as eager does.
+"""Units in training: conv -> BatchNorm with batch statistics (-> + residual) (-> ReLU), run by one autograd
+Function per fused block (or per unit) that keeps only the conv outputs for backward.
 
-    c = conv2d(x, W) + bias;  mean, var = batch mean / biased variance of c per channel (fp32)
-    y = relu?((c - mean) * gamma / sqrt(var + eps) + beta (+ residual))      (autograd through every term;
-        centering first keeps the backward as exact as BatchNorm's)
-    running_mean/var (unbiased var) and num_batches_tracked updated as nn.BatchNorm2d does
+A program is a list of units over a list of values: value 0 is the input (and 1 a residual given from outside,
+for a lone unit); unit i appends value i + n_inputs:
+
+    y_i = conv(values[source_i], W_i) (+ conv bias)
+    mean_i, var_i = batch statistics of y_i (fp32, biased var);  invstd_i = 1 / sqrt(var_i + eps)
+    values += [act((y_i - mean_i) * invstd_i * gamma_i + beta_i (+ values[residual_i]))]
+
+and running_mean/var (unbiased var) and num_batches_tracked are updated as nn.BatchNorm2d does. Forward saves the
+inputs and each y_i; backward recomputes the values the convs and residuals read (elementwise, from y_i: no
+convolution is recomputed) and runs, unit by unit in reverse, the BatchNorm backward (ops.batch_norm_backward:
+reductions over centered values in fp32) and the conv backward. Per Bottleneck eager keeps y1, r1, y2, r2, y3 and
+its output (12C of a width-C block); this keeps y1, y2, y3 and the output (10C).
+
+Double backward (gradient penalties): a backward that must itself be differentiable recomputes the program with
+plain autograd ops and differentiates that.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
 import torch
+import torch.nn.functional as F
 
-from .. import ops
-from .eligibility import CONV_IMPL
+from ..ops.batch_norm_reference import output_format
 
 
-def train_unit(conv, bn, x, residual, relu: bool, dtype: torch.dtype, backend: str, eager) -> torch.Tensor:
-    """relu?(bn(conv(x)) + residual?) with batch statistics; `eager` runs the unit as eager does where eager
-    raises (one value per channel)."""
-    x = x.to(dtype)
-    residual = None if residual is None else residual.to(dtype)
-    weight = conv.weight.to(dtype)
-    bias = None if conv.bias is None else conv.bias.to(dtype)
-    y = CONV_IMPL(conv, x, weight, bias)  # the bias stays in: it shifts the batch mean, hence running_mean
-    per_channel = y.numel() // max(y.shape[1], 1)
-    if per_channel <= 1:  # batch statistics of one value: eager raises (in eval too without running stats)
-        return eager(x, residual)
-    y32 = y.float()
-    var, mean = torch.var_mean(y32, dim=(0, 2, 3), correction=0)
-    # Normalize the centered values: autograd then reduces sum(g * (y - mean)), as BatchNorm's backward does,
-    # instead of sum(g * y) - mean * sum(g), which cancels catastrophically when |mean| >> std.
-    centered = y32 - mean.view(1, -1, 1, 1)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = bn.weight.float() * scale
-    shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
-    if bn.training and bn.track_running_stats:
-        _update_running_stats(bn, mean.detach(), var.detach(), per_channel)
-    residual = None if residual is None else residual.float()
-    if not relu:
-        # Without a ReLU the next module may modify this output in place (an inplace ReLU that could not be
-        # absorbed), as eager BatchNorm's output allows; a fused op's autograd may save its output, so use plain
-        # autograd here, which saves only its inputs.
-        out = centered * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        return (out if residual is None else out + residual).to(y.dtype)
-    return ops.bn_act(centered, scale, shift, residual, relu=relu, backend=backend).to(y.dtype)
+@dataclass(frozen=True)
+class TrainUnit:
+    """One conv -> batch-statistics BN (-> + residual) (-> ReLU), reading values by index."""
+
+    source: int
+    residual: Optional[int]
+    relu: bool
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    eps: float
+
+
+def _conv(x, weight, bias, unit: TrainUnit):
+    return torch.ops.aten.convolution(x, weight, bias, unit.stride, unit.padding, unit.dilation, False, [0, 0],
+                                      unit.groups)
+
+
+def _count(y) -> int:
+    count = y.numel() // max(y.shape[1], 1)
+    if count <= 1:  # eager's message, raised where eager raises
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y.shape)}")
+    return count
 
 
 @torch.no_grad()
-def _update_running_stats(bn, mean, var, count: int) -> None:
+def update_running_stats(bn, mean, var, count: int) -> None:
     """As _BatchNorm.forward + F.batch_norm do: count the batch, then blend in mean and unbiased var."""
+    if not (bn.training and bn.track_running_stats):
+        return
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-    if bn.momentum is None:  # cumulative moving average
-        factor = 1.0 / float(bn.num_batches_tracked)
-    else:
-        factor = bn.momentum
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum  # None: cumulative
     if bn.running_mean is None or bn.running_var is None:
         return
     unbiased = var * (count / (count - 1))
     bn.running_mean.copy_(factor * mean + (1.0 - factor) * bn.running_mean.float())
     bn.running_var.copy_(factor * unbiased + (1.0 - factor) * bn.running_var.float())
+
+
+def _params(flat, index):
+    """(weight, conv bias, gamma, beta) of unit `index` in the flat parameter list."""
+    return flat[4 * index: 4 * index + 4]
+
+
+class _Program(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, program: tuple, backend, bns: tuple, n_inputs: int, *tensors):
+        inputs, flat = list(tensors[:n_inputs]), tensors[n_inputs:]
+        values, ys, stats = list(inputs), [], []
+        for index, (unit, bn) in enumerate(zip(program, bns)):
+            weight, conv_bias, gamma, beta = _params(flat, index)
+            y = _conv(values[unit.source], weight, conv_bias, unit)
+            mean, var = backend.batch_norm_stats(y)
+            update_running_stats(bn, mean, var, _count(y))
+            invstd = torch.rsqrt(var + unit.eps)
+            residual = None if unit.residual is None else values[unit.residual]
+            values.append(backend.batch_norm_apply(y, mean, invstd, gamma, beta, residual, unit.relu))
+            ys.append(y)
+            stats += [mean, invstd]
+        ctx.program, ctx.backend, ctx.n_inputs = program, backend, n_inputs
+        ctx.save_for_backward(*inputs, *ys, *stats, *flat)
+        return values[-1]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        program, backend, n_inputs = ctx.program, ctx.backend, ctx.n_inputs
+        saved = ctx.saved_tensors
+        units = len(program)
+        inputs, ys = saved[:n_inputs], saved[n_inputs:n_inputs + units]
+        stats, flat = saved[n_inputs + units:n_inputs + 3 * units], saved[n_inputs + 3 * units:]
+        if torch.is_grad_enabled():  # create_graph: the backward must be differentiable
+            return (None, None, None, None) + _differentiable_backward(program, inputs, flat, grad_out,
+                                                                       ctx.needs_input_grad[4:])
+        values = _recompute(program, backend, list(inputs), ys, stats, flat)
+        grads = [None] * len(values)
+        grads[-1] = grad_out
+        param_grads = [None] * len(flat)
+        needs = ctx.needs_input_grad[4:]
+        for index in reversed(range(units)):
+            unit = program[index]
+            weight, conv_bias, gamma, beta = _params(flat, index)
+            residual = None if unit.residual is None else values[unit.residual]
+            mean, invstd = stats[2 * index], stats[2 * index + 1]
+            grad_y, grad_gamma, grad_beta, grad_residual = backend.batch_norm_backward(
+                grads[n_inputs + index], ys[index], mean, invstd, gamma, beta, residual, unit.relu)
+            if residual is not None:
+                grads[unit.residual] = _add(grads[unit.residual], grad_residual)
+            source_needs = unit.source >= n_inputs or needs[unit.source]
+            grad_x, grad_w, grad_cb = torch.ops.aten.convolution_backward(
+                grad_y, values[unit.source], weight, None if conv_bias is None else [conv_bias.shape[0]],
+                unit.stride, unit.padding, unit.dilation, False, [0, 0], unit.groups,
+                [source_needs, needs[n_inputs + 4 * index], conv_bias is not None and needs[n_inputs + 4 * index + 1]])
+            if source_needs:
+                grads[unit.source] = _add(grads[unit.source], grad_x)
+            param_grads[4 * index: 4 * index + 4] = [
+                grad_w, grad_cb, None if gamma is None else grad_gamma.to(gamma.dtype),
+                None if beta is None else grad_beta.to(beta.dtype)]
+        return (None, None, None, None, *grads[:n_inputs], *param_grads)
+
+
+def _add(total, grad):
+    return grad if total is None else total + grad
+
+
+def _recompute(program, backend, values, ys, stats, flat) -> list:
+    """The values of the forward (the last one never read: left None), from the saved conv outputs."""
+    read = {u.source for u in program} | {u.residual for u in program if u.residual is not None}
+    n_inputs = len(values)
+    for index, unit in enumerate(program):
+        value = None
+        if n_inputs + index in read:
+            _, _, gamma, beta = _params(flat, index)
+            residual = None if unit.residual is None else values[unit.residual]
+            value = backend.batch_norm_apply(ys[index], stats[2 * index], stats[2 * index + 1], gamma, beta,
+                                             residual, unit.relu)
+        values.append(value)
+    return values
+
+
+def plain_forward(program, values: list, flat) -> torch.Tensor:
+    """The program in plain differentiable torch ops (batch statistics, no running-statistics update)."""
+    values = list(values)
+    for index, unit in enumerate(program):
+        weight, conv_bias, gamma, beta = _params(flat, index)
+        y = _conv(values[unit.source], weight, conv_bias, unit)
+        var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+        z = (y.float() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + unit.eps).view(1, -1, 1, 1)
+        if gamma is not None:
+            z = z * gamma.float().view(1, -1, 1, 1)
+        if beta is not None:
+            z = z + beta.float().view(1, -1, 1, 1)
+        if unit.residual is not None:
+            z = z + values[unit.residual].float()
+        values.append((torch.relu(z) if unit.relu else z).to(y.dtype).contiguous(memory_format=output_format(y)))
+    return values[-1]
+
+
+def _differentiable_backward(program, inputs, flat, grad_out, needs) -> tuple:
+    wanted = [t for t, need in zip((*inputs, *flat), needs) if need and t is not None]
+    with torch.enable_grad():
+        out = plain_forward(program, list(inputs), flat)
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need and t is not None else None for t, need in zip((*inputs, *flat), needs))
+
+
+def run_program(program: Sequence[TrainUnit], backend, bns, inputs, params) -> torch.Tensor:
+    """The program's last value, differentiable in the inputs and params (flat: weight, conv bias, gamma, beta
+    per unit, None where absent)."""
+    return _Program.apply(tuple(program), backend, tuple(bns), len(inputs), *inputs, *params)
+
+
+def unit_params(conv, bn, dtype) -> list:
+    """A unit's (weight, conv bias, gamma, beta) for the program: the conv's in the compute dtype (as eager's
+    conv under autocast), the BN's as they are (the passes read them in fp32)."""
+    return [conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype), bn.weight, bn.bias]
+
+
+def trainable_conv_reason(conv) -> Optional[str]:
+    """None if a program can run this conv (it calls aten.convolution with explicit zero padding)."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return f"padding {conv.padding!r} with padding_mode {conv.padding_mode!r}"
+    return None
+
+
+def program_unit(conv, bn, source: int, residual: Optional[int], relu: bool) -> TrainUnit:
+    return TrainUnit(source, residual, relu, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                     conv.groups, float(bn.eps))

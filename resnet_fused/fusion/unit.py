@@ -25,7 +25,7 @@ from ..ops.registry import _BACKENDS, get_backend, resolve
 from .eligibility import (BN_FORWARD, CONV_IMPL, autocast_state, batch_stats, bn_takes, compute_dtype, conv_output,
                           epilogue_takes, is_absorbed_bn, is_fused_conv, kernel_unsupported_reason,
                           plain_bn_reason, plain_conv_reason)
-from .training import train_unit
+from .training import program_unit, run_program, trainable_conv_reason, unit_params
 
 Step = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -80,11 +80,23 @@ def decide(conv, bn, x: torch.Tensor, residual: Optional[torch.Tensor], relu: bo
         return (lambda x, residual: add_act(inner(x, None), residual, relu, promote)), replayable
     backend = get_backend() if backend in (None, "auto") else backend
     if batch_stats(bn):
-        return (lambda x, residual: train_unit(conv, bn, x, residual, relu, dtype, backend, eager)), True
+        if trainable_conv_reason(conv) is not None:
+            return eager, True
+        return _train_step(conv, bn, x, residual, relu, dtype, resolve(backend, x)), True
     step = _eval_step(conv, bn, x, relu, dtype, backend, packs, name, _needs_grad(x, residual, conv, bn))
     if dtype == x.dtype and (residual is None or residual.dtype == dtype):
         return step, True
     return (lambda x, residual: step(x.to(dtype), None if residual is None else residual.to(dtype))), True
+
+
+def _train_step(conv, bn, x, residual, relu, dtype, backend) -> Step:
+    """The unit as a one-unit training program (training.py), x (and the residual) in the compute dtype."""
+    program = [program_unit(conv, bn, 0, None if residual is None else 1, relu)]
+
+    def train(x, residual):
+        inputs = [x.to(dtype)] if residual is None else [x.to(dtype), residual.to(dtype)]
+        return run_program(program, backend, (bn,), inputs, unit_params(conv, bn, dtype))
+    return train
 
 
 def _eval_step(conv, bn, x, relu, dtype, backend, packs, name, needs_grad) -> Step:
