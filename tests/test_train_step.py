@@ -122,3 +122,70 @@ def test_one_training_step_matches_float64(family):
     truth = one_sgd_step(copy.deepcopy(model).double(), x, target)
     eager = one_sgd_step(copy.deepcopy(model), x, target)
     assert_step_matches(one_sgd_step(fused, x, target), eager, truth)
+
+
+# ------------------------------------------------------------------------------ frozen BatchNorm (eval + autograd)
+
+
+def _draw_frozen(family, frozen_affine=False):
+    build, shape = FAMILIES[family]
+
+    def make(seed):
+        model = _randomize_bn(build()).eval()
+        if frozen_affine:  # a detection backbone's FrozenBatchNorm: only the convs (and the head) train
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False), m.bias.requires_grad_(False)
+        return model, torch.randn(shape), torch.randint(0, 10, (shape[0],))
+
+    return draw_without_ties(make)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_frozen_bn_step_matches_float64(family, backend):
+    """Eval mode with autograd on runs the packed kernels forward and frozen.py's backward: one SGD step (every
+    gradient, BN affine parameters included, and the state after it) as accurate as eager fp32's."""
+    if backend not in rf.available_backends():
+        pytest.skip(f"backend {backend!r} not built here")
+    model, x, target = _draw_frozen(family)
+    fused, report = rf.fuse_model(model, backend=backend)
+    assert report.blocks, report
+    truth = one_sgd_step(copy.deepcopy(model).double(), x, target)
+    eager = one_sgd_step(copy.deepcopy(model), x, target)
+    assert_step_matches(one_sgd_step(fused, x, target), eager, truth)
+
+
+def test_frozen_bn_with_frozen_affine_and_input_gradient():
+    """Only the convs train (BN weight and bias without requires_grad), and the input's gradient is wanted."""
+    model, x, target = _draw_frozen("bottleneck", frozen_affine=True)
+    fused, _ = rf.fuse_model(model)
+    grads = []
+    for m, dtype in ((fused, torch.float32), (copy.deepcopy(model), torch.float32), (copy.deepcopy(model).double(),
+                                                                                     torch.float64)):
+        xi = x.detach().to(dtype).requires_grad_()
+        F.cross_entropy(m(xi), target).backward()
+        grads.append([xi.grad] + [p.grad for p in m.parameters() if p.requires_grad])
+        assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
+    for fused_grad, eager_grad, truth in zip(*grads):
+        eager_err = (eager_grad.double() - truth).abs().max().item()
+        assert (fused_grad.double() - truth).abs().max().item() <= max(1e-6, 10 * eager_err)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_double_backward_through_several_blocks_matches_eager(mode):
+    """A gradient penalty differentiates the backward (create_graph): fused programs and frozen units recompute
+    themselves in plain ops for it, each alone (its input has a history through earlier fused blocks that the
+    outer backward follows once)."""
+    model, x, _ = _draw_frozen("basic")
+    model.train(mode == "train")
+    fused, _ = rf.fuse_model(model)
+    penalties = []
+    for m in (fused, model):
+        xi = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(m(xi).square().sum(), xi, create_graph=True)
+        penalty = grad.square().sum()
+        penalty.backward()
+        penalties.append((penalty.detach(), m.conv1.weight.grad.clone(), m.layers[1][0].conv2.weight.grad.clone()))
+    for fused_value, eager_value in zip(*penalties):
+        torch.testing.assert_close(fused_value, eager_value, rtol=1e-4, atol=1e-5 * eager_value.abs().max().item())

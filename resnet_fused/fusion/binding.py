@@ -203,6 +203,7 @@ def train_forward(block: torch.nn.Module, plan: ResidualPlan, x: torch.Tensor, b
 
     def forward(x):
         params = [t for conv, bn in units for t in unit_params(conv, bn, dtype)]
-        return run_program(program, passes, bns, [x.to(dtype)], params)
+        # an input that an earlier fused block made is recomputed from that block's saved tensors, not saved
+        return run_program(program, passes, bns, [x.to(dtype)], params, anchor=False)
     return forward
 

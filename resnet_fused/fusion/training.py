@@ -8,18 +8,24 @@ for a lone unit); unit i appends value i + n_inputs:
     mean_i, var_i = batch statistics of y_i (fp32, biased var);  invstd_i = 1 / sqrt(var_i + eps)
     values += [act((y_i - mean_i) * invstd_i * gamma_i + beta_i (+ values[residual_i]))]
 
-and running_mean/var (unbiased var) and num_batches_tracked are updated as nn.BatchNorm2d does. Forward saves the
-inputs and each y_i; backward recomputes the values the convs and residuals read (elementwise, from y_i: no
+and running_mean/var (unbiased var) and num_batches_tracked are updated as nn.BatchNorm2d does. Forward saves
+each y_i and the input; backward recomputes the values the convs and residuals read (elementwise, from y_i: no
 convolution is recomputed) and runs, unit by unit in reverse, the BatchNorm backward (ops.batch_norm_backward:
-reductions over centered values in fp32) and the conv backward. Per Bottleneck eager keeps y1, r1, y2, r2, y3 and
-its output (12C of a width-C block); this keeps y1, y2, y3 and the output (10C).
+reductions over centered values in fp32) and the conv backward.
 
-Double backward (gradient penalties): a backward that must itself be differentiable recomputes the program with
-plain autograd ops and differentiates that.
+A block's input that the previous fused block made (unmodified since) is not saved either: it is that block's
+output, recomputed from that block's saved tensors (Produced), so a run of fused blocks keeps its first input and
+its conv outputs only. Per Bottleneck of width C eager keeps y1, r1, y2, r2, y3 and its output (12C); this keeps
+y1, y2, y3 (6C): 0.6x of eager's activations over ResNet-50.
+
+Double backward (gradient penalties): a backward that must itself be differentiable recomputes the program (and a
+recomputed input's chain back to a saved one, convolutions included) with plain autograd ops and differentiates
+that.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.batch_norm_reference import output_format
+from .vjp import differentiable_vjp
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,48 @@ def _params(flat, index):
     return flat[4 * index: 4 * index + 4]
 
 
+_PRODUCED = "_resnet_fused_produced"  # attribute of a program's output: how to recompute it
+MAX_CHAIN = 16  # programs recomputed from one saved input at most (a stage of ResNet-152 has 36 blocks)
+
+
+class Produced:
+    """How a single-input program's output is recomputed elementwise: from its input (a saved tensor, or another
+    Produced) and its saved conv outputs and statistics. The next program keeps this instead of the tensor, so a
+    run of fused blocks keeps only its first input and each unit's conv output (no convolution is recomputed)."""
+
+    __slots__ = ("program", "backend", "source", "ys", "stats", "flat", "version", "depth", "value", "__weakref__")
+
+    def __init__(self, program, backend, source, ys, stats, flat, version: int):
+        self.program, self.backend, self.source = program, backend, source
+        self.ys, self.stats, self.flat, self.version = ys, stats, flat, version
+        self.depth = source.depth + 1 if isinstance(source, Produced) else 1
+        self.value = None  # the recomputed output, kept while later programs' backwards may read it
+
+    def recompute(self) -> torch.Tensor:
+        if self.value is None:
+            x = self.source.recompute() if isinstance(self.source, Produced) else self.source
+            values = _recompute(self.program, self.backend, [x], self.ys, self.stats, self.flat, keep_last=True)
+            self.value = values[-1]
+        return self.value
+
+    def differentiable(self) -> torch.Tensor:
+        """The output recomputed in plain differentiable ops (convolutions too): for double backward only."""
+        x = self.source.differentiable() if isinstance(self.source, Produced) else self.source
+        return plain_forward(self.program, [x], self.flat)
+
+
+def _producer(x: torch.Tensor) -> Optional[Produced]:
+    """x's Produced where x is a program's output, unmodified since, whose chain may grow by one."""
+    ref = getattr(x, _PRODUCED, None)
+    produced = ref() if ref is not None else None
+    if produced is None or produced.version != x._version or produced.depth >= MAX_CHAIN:
+        return None
+    return produced
+
+
 class _Program(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, program: tuple, backend, bns: tuple, n_inputs: int, *tensors):
+    def forward(ctx, program: tuple, backend, bns: tuple, anchor: bool, n_inputs: int, *tensors):
         inputs, flat = list(tensors[:n_inputs]), tensors[n_inputs:]
         values, ys, stats = list(inputs), [], []
         for index, (unit, bn) in enumerate(zip(program, bns)):
@@ -91,24 +137,39 @@ class _Program(torch.autograd.Function):
             ys.append(y)
             stats += [mean, invstd]
         ctx.program, ctx.backend, ctx.n_inputs = program, backend, n_inputs
-        ctx.save_for_backward(*inputs, *ys, *stats, *flat)
-        return values[-1]
+        source = _producer(inputs[0]) if n_inputs == 1 and not anchor else None
+        ctx.source = source  # None: the inputs are saved
+        ctx.save_for_backward(*(inputs if source is None else ()), *ys, *stats, *flat)
+        out = values[-1]
+        if n_inputs == 1 and any(ctx.needs_input_grad):
+            produced = Produced(program, backend, source or inputs[0], ys, stats, flat, out._version)
+            ctx.produced = produced  # alive until this program's backward; the next program holds it too
+            setattr(out, _PRODUCED, weakref.ref(produced))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        program, backend, n_inputs = ctx.program, ctx.backend, ctx.n_inputs
+        program, backend, n_inputs, source = ctx.program, ctx.backend, ctx.n_inputs, ctx.source
         saved = ctx.saved_tensors
         units = len(program)
-        inputs, ys = saved[:n_inputs], saved[n_inputs:n_inputs + units]
+        if source is not None:
+            saved = (None,) + saved
+        ys = saved[n_inputs:n_inputs + units]
         stats, flat = saved[n_inputs + units:n_inputs + 3 * units], saved[n_inputs + 3 * units:]
+        needs = ctx.needs_input_grad[5:]
         if torch.is_grad_enabled():  # create_graph: the backward must be differentiable
-            return (None, None, None, None) + _differentiable_backward(program, inputs, flat, grad_out,
-                                                                       ctx.needs_input_grad[4:])
+            inputs = saved[:n_inputs] if source is None else (source.differentiable(),)
+
+            def whole(*tensors):
+                return plain_forward(program, list(tensors[:n_inputs]), tensors[n_inputs:])
+            return (None,) * 5 + differentiable_vjp(whole, (*inputs, *flat), grad_out, needs)
+        inputs = saved[:n_inputs] if source is None else (source.recompute(),)
         values = _recompute(program, backend, list(inputs), ys, stats, flat)
+        if source is not None:
+            source.value = None  # no later backward reads this program's input
         grads = [None] * len(values)
         grads[-1] = grad_out
         param_grads = [None] * len(flat)
-        needs = ctx.needs_input_grad[4:]
         for index in reversed(range(units)):
             unit = program[index]
             weight, conv_bias, gamma, beta = _params(flat, index)
@@ -128,16 +189,19 @@ class _Program(torch.autograd.Function):
             param_grads[4 * index: 4 * index + 4] = [
                 grad_w, grad_cb, None if gamma is None else grad_gamma.to(gamma.dtype),
                 None if beta is None else grad_beta.to(beta.dtype)]
-        return (None, None, None, None, *grads[:n_inputs], *param_grads)
+        return (None,) * 5 + (*grads[:n_inputs], *param_grads)
 
 
 def _add(total, grad):
     return grad if total is None else total + grad
 
 
-def _recompute(program, backend, values, ys, stats, flat) -> list:
-    """The values of the forward (the last one never read: left None), from the saved conv outputs."""
+def _recompute(program, backend, values, ys, stats, flat, keep_last: bool = False) -> list:
+    """The values of the forward from the saved conv outputs (the last one only if keep_last: none of the
+    program's units reads it)."""
     read = {u.source for u in program} | {u.residual for u in program if u.residual is not None}
+    if keep_last:
+        read.add(len(values) + len(program) - 1)
     n_inputs = len(values)
     for index, unit in enumerate(program):
         value = None
@@ -168,18 +232,11 @@ def plain_forward(program, values: list, flat) -> torch.Tensor:
     return values[-1]
 
 
-def _differentiable_backward(program, inputs, flat, grad_out, needs) -> tuple:
-    wanted = [t for t, need in zip((*inputs, *flat), needs) if need and t is not None]
-    with torch.enable_grad():
-        out = plain_forward(program, list(inputs), flat)
-        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(found) if need and t is not None else None for t, need in zip((*inputs, *flat), needs))
-
-
-def run_program(program: Sequence[TrainUnit], backend, bns, inputs, params) -> torch.Tensor:
+def run_program(program: Sequence[TrainUnit], backend, bns, inputs, params, anchor: bool = True) -> torch.Tensor:
     """The program's last value, differentiable in the inputs and params (flat: weight, conv bias, gamma, beta
-    per unit, None where absent)."""
-    return _Program.apply(tuple(program), backend, tuple(bns), len(inputs), *inputs, *params)
+    per unit, None where absent). anchor=False: a single input that an earlier program made may be recomputed
+    from that program's saved tensors instead of being saved (fused blocks after the first of a stage)."""
+    return _Program.apply(tuple(program), backend, tuple(bns), anchor, len(inputs), *inputs, *params)
 
 
 def unit_params(conv, bn, dtype) -> list:

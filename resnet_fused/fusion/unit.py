@@ -3,7 +3,9 @@
     packed   eval, no autograd: BN folded into scale/shift (ops.folding), the weight packed once per change of
              the modules' tensors, the backend's call bound to the input's shape (Backend.bind_conv)
     folded   eval, no autograd, a conv the kernels do not run (grouped, dilated): F.conv2d + the bn_act epilogue
-    live     eval with autograd (fine-tuning with frozen BN), or under torch.compile: the fold differentiated or
+    frozen   eval with autograd (fine-tuning with frozen BN): the packed call forward, a backward of its own
+             (frozen.py)
+    live     under torch.compile, or a conv the kernels do not run with autograd on: the fold differentiated or
              traced on every call
     train    batch statistics (training.py)
     eager    the modules called as the block calls them, wherever a fused path would not be exact (eligibility.py)
@@ -25,6 +27,7 @@ from ..ops.registry import _BACKENDS, get_backend, resolve
 from .eligibility import (BN_FORWARD, CONV_IMPL, autocast_state, batch_stats, bn_takes, compute_dtype, conv_output,
                           epilogue_takes, is_absorbed_bn, is_fused_conv, kernel_unsupported_reason,
                           plain_bn_reason, plain_conv_reason)
+from .frozen import frozen_step
 from .training import program_unit, run_program, trainable_conv_reason, unit_params
 
 Step = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -103,7 +106,7 @@ def _eval_step(conv, bn, x, relu, dtype, backend, packs, name, needs_grad) -> St
     stride = conv.stride[0]
     padding = 0 if isinstance(conv.padding, str) else conv.padding[0]
     fused_conv = kernel_unsupported_reason(conv) is None
-    if packs is None or needs_grad:  # traced, or autograd wanted: fold on every call, differentiably
+    if packs is None or (needs_grad and not fused_conv):  # traced, or autograd on a conv the kernels do not run
         def live(x, residual):
             scale, shift = folded_scale_shift(conv, bn)
             weight = conv.weight.to(dtype)
@@ -121,7 +124,8 @@ def _eval_step(conv, bn, x, relu, dtype, backend, packs, name, needs_grad) -> St
         entry = packs[key] = (ops.pack_conv_bn(weight, scale, shift, stride=stride, padding=padding, backend=backend,
                                                copy=False) if fused_conv else (weight, scale, shift))
     if fused_conv:
-        return _BACKENDS[entry.backend].bind_conv(entry, tuple(x.shape), relu)
+        kernel = _BACKENDS[entry.backend].bind_conv(entry, tuple(x.shape), relu)
+        return frozen_step(conv, bn, kernel, relu, dtype) if needs_grad else kernel
     weight, scale, shift = entry
     epilogue = resolve(backend, x)
 
