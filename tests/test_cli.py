@@ -77,7 +77,7 @@ def test_roofline_on_known_numbers():
 
 
 def test_resnet50_h100_bound_matches_the_reference_point():
-    # KERNELS.md: bf16 on H100 (790 TFLOP/s, 3.35 TB/s), batch 256, every epilogue fused: ~55 MB per image and
+    # bf16 on H100 (790 TFLOP/s, 3.35 TB/s), batch 256, every epilogue fused: ~55 MB per image and
     # a sum over layers of max(compute, memory) of ~4.9 ms.
     layers = conv_layers(rf.resnet50())
     assert model_bytes(layers, 256, 2, fused=True) / 256 == pytest.approx(55e6, rel=0.03)
