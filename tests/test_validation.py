@@ -166,14 +166,6 @@ def test_empty_batch_gives_an_empty_channels_last_output(backend):
         assert y.shape == (0, 8, 8, 8) and y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_fold_bn_bad_arguments():
-    bn = torch.nn.BatchNorm2d(8)
-    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
-        ops.fold_bn(torch.nn.Linear(3, 8), bn)
-    with pytest.raises(ValueError, match="bn is on cpu but conv is on meta"):
-        ops.fold_bn(torch.nn.Conv2d(3, 8, 3).to("meta"), bn)
-
-
 def test_non_builtin_types_are_named_with_their_module():
     # numpy's bool scalar is called "bool" too: "relu must be a bool, got bool" would say nothing
     np = pytest.importorskip("numpy")
