@@ -2,8 +2,8 @@
 
 Every op, in every dtype (on every CPU: bf16/fp16 convolutions run natively where the CPU has hardware for them,
 else in fp32, and both ways are tested here whatever this CPU has), over CONV_CASES, with residual and ReLU on and off, NCHW and
-channels_last inputs; the packed path against the unpacked one; argument errors from the C++ checks; bn_act and
-add_relu (and conv_bn_act) gradients against autograd through the oracle.
+channels_last inputs; the packed path against the unpacked one; argument errors from the C++ checks; bn_act
+(and conv_bn_act) gradients against autograd through the oracle. add_relu is in tests/ops/test_add_relu.py.
 """
 
 import platform
@@ -182,17 +182,6 @@ def test_bn_act(dtype, shape, residual, relu, channels_last):
     assert_matches(y, ref_bn_act(x, scale, shift, res, relu), dtype)
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", EW_SHAPES, ids=EW_IDS)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_add_relu(dtype, shape, channels_last):
-    x = make_activation(shape, dtype, channels_last)
-    res = make_activation(shape, dtype, channels_last)
-    y = rf.add_relu(x, res, backend="cpu")
-    assert_output_layout(y, dtype)
-    assert_matches(y, ref_add_relu(x, res), dtype)
-
-
 def test_bn_act_accepts_non_fp32_scale():
     x = torch.randn(2, 8, 4, 4)
     scale, shift = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float16)
@@ -294,12 +283,6 @@ def test_bn_act_grad(residual, relu):
     ours, theirs = _leaves(x, scale, shift, res), _leaves(x, scale, shift, res)
     _assert_same_grads(ours, theirs, rf.bn_act(*ours, relu=relu, backend="cpu"),
                        ref_bn_act(*theirs, relu))
-
-
-def test_add_relu_grad():
-    x, res = torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3)
-    ours, theirs = _leaves(x, res), _leaves(x, res)
-    _assert_same_grads(ours, theirs, rf.add_relu(*ours, backend="cpu"), ref_add_relu(*theirs))
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3], CONV_CASES[6]], ids=[CONV_IDS[1], CONV_IDS[3],

@@ -167,16 +167,6 @@ def test_bn_act_matches_oracle(dtype, shape, residual, relu):
     assert_matches(y.cpu(), ref_bn_act(*_cpu(x, scale, shift, res), relu), dtype)
 
 
-@pytest.mark.parametrize("shape", EW_SHAPES, ids=EW_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_add_relu_matches_oracle(dtype, shape):
-    x = torch.randn(shape, device=DEVICE).to(dtype)
-    res = torch.randn(shape, device=DEVICE).to(dtype)
-    y = rf.add_relu(x, res, backend="cuda")
-    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
-    assert_matches(y.cpu(), ref_add_relu(*_cpu(x, res)), dtype)
-
-
 @pytest.mark.parametrize("shape", [(2, 16, 5, 7), (3, 5, 7, 5)], ids=["c16", "c5_odd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_elementwise_misaligned(dtype, shape):
@@ -199,12 +189,6 @@ def test_elementwise_nchw_and_tail(dtype):
     scale, shift = torch.randn(7, device=DEVICE), torch.randn(7, device=DEVICE)
     assert_matches(OPS.bn_act(x, scale, shift, res, False).cpu(),
                    ref_bn_act(*_cpu(x, scale, shift, res), False), dtype)
-
-
-def test_relu_keeps_nan():
-    x = torch.tensor([float("nan"), -1.0, 2.0, 0.0], device=DEVICE).view(1, 4, 1, 1)
-    y = OPS.add_relu(x, torch.zeros_like(x)).flatten().cpu()
-    assert torch.isnan(y[0]) and y[1:].tolist() == [0.0, 2.0, 0.0]
 
 
 # --- argument checks in the binding (reached when the op is called directly) ---------------------------------
@@ -256,7 +240,6 @@ def test_opcheck_elementwise(dtype):
     scale, shift = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
     torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, res, True))
     torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, None, False))
-    torch.library.opcheck(OPS.add_relu.default, (x, res))
 
 
 # --- 64-bit indexing ------------------------------------------------------------------------------------------

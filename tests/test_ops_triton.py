@@ -232,16 +232,6 @@ def test_bn_act_matches_oracle(dtype, residual, relu, shape):
     assert_matches(y, ref_bn_act(x, scale, shift, res, relu), dtype)
 
 
-@pytest.mark.parametrize("shape", EW_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_add_relu_matches_oracle(dtype, shape):
-    x = torch.randn(shape, device=DEVICE).to(dtype).contiguous(memory_format=CL)
-    res = torch.randn(shape, device=DEVICE).to(dtype)  # NCHW next to a channels_last x
-    y = rf.add_relu(x, res, backend="triton")
-    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
-    assert_matches(y, ref_add_relu(x, res), dtype)
-
-
 def test_bn_act_half_precision_scale_vectors():
     """scale/shift may be any float dtype (e.g. a fp16 model's BN params); the kernel reads them as fp32."""
     x = torch.randn(2, 8, 3, 3, device=DEVICE).half()
@@ -281,16 +271,6 @@ def test_bn_act_gradients_match_eager(residual, relu):
     for g, w in zip(got, want):
         if w is not None:
             assert_matches(g.grad, w.grad, torch.float32)
-
-
-def test_add_relu_gradients_match_eager():
-    x = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
-    res = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
-    grad_out = torch.randn(2, 4, 3, 3, device=DEVICE)
-    OPS.add_relu(x, res).backward(grad_out)
-    expected = grad_out * ((x + res) > 0)
-    assert_matches(x.grad, expected, torch.float32)
-    assert_matches(res.grad, expected, torch.float32)
 
 
 def test_public_conv_bn_act_differentiates_every_input():
@@ -351,11 +331,6 @@ def test_opcheck_bn_act():
     shift = torch.randn(5, device=DEVICE, requires_grad=True)
     torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, torch.randn_like(x), True))
     torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, None, False))
-
-
-def test_opcheck_add_relu():
-    x = torch.randn(2, 5, 3, 4, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(OPS.add_relu.default, (x, torch.randn_like(x, requires_grad=True)))
 
 
 def _residual_block(x, pack, scale, shift):

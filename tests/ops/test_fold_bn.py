@@ -1,4 +1,5 @@
-"""fold_bn: bn(conv(x)) == conv_nobias(x) * scale + shift in eval, without touching the modules."""
+"""fold_bn: bn(conv(x)) == conv_nobias(x) * scale + shift in eval, without touching the modules; its argument
+errors."""
 
 import pytest
 import torch
@@ -46,3 +47,11 @@ def test_conv_alone_and_errors():
         ops.fold_bn(conv, nn.BatchNorm2d(5))
     with pytest.raises(TypeError, match="bn must be a BatchNorm"):
         ops.fold_bn(conv, nn.ReLU())
+
+
+def test_fold_bn_bad_arguments():
+    bn = torch.nn.BatchNorm2d(8)
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
+        ops.fold_bn(torch.nn.Linear(3, 8), bn)
+    with pytest.raises(ValueError, match="bn is on cpu but conv is on meta"):
+        ops.fold_bn(torch.nn.Conv2d(3, 8, 3).to("meta"), bn)
