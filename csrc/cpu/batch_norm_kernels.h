@@ -155,12 +155,13 @@ class ChannelTable {
 
 // What a group reads from the table: one channel's values, broadcast (NCHW), or one value per lane from channel c0
 // on (channels_last). `lane` is the offset of the group's part, 0 or kLanes.
+// (Broadcast on use: a pass reads 4-5 of the rows, and the compiler hoists the broadcasts out of its loops; building
+// all of them per plane cost more than a 4x4 plane's own arithmetic.)
 struct OneChannel {
-  OneChannel(const ChannelTable& t, int64_t c) {
-    for (int r = 0; r < kRows; ++r) v[r] = FVec(t.row(static_cast<Row>(r))[c]);
-  }
-  FVec operator()(Row r, int64_t) const { return v[r]; }
-  FVec v[kRows];
+  OneChannel(const ChannelTable& t, int64_t c) : base(t.row(kMean) + c), stride(t.stride()) {}
+  FVec operator()(Row r, int64_t) const { return FVec(base[r * stride]); }
+  const float* base;
+  int64_t stride;
 };
 struct LaneChannels {
   LaneChannels(const ChannelTable& t, int64_t c0) : base(t.row(kMean) + c0), stride(t.stride()) {}
