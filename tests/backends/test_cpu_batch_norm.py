@@ -4,10 +4,14 @@ plain-torch reference (ops/batch_norm_reference.py), float64 and eager nn.BatchN
 Every dtype, NCHW and channels_last, channel counts off the vector width (3, 17, 67: partial groups), batch 1,
 1x1 spatial, planes larger than one reduction chunk, |mean| >> std; weight and bias None, residual, ReLU on and off.
 apply (and the ReLU mask that backward recomputes) is bitwise the reference's. Where NaN and inf go, results that
-do not depend on the thread count, and argument errors (public door and the bare ops).
+do not depend on the thread count, argument errors (public door and the bare ops), and the narrower instruction
+sets' builds (a fresh process with ATEN_CPU_CAPABILITY).
 """
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -333,3 +337,41 @@ def test_bare_ops_reject_bad_arguments():
         bn_ops.batch_norm_backward(y.half(), y, stat, stat, None, None, None, True)
     with pytest.raises(RuntimeError, match="y must be a 4-D"):
         bn_ops.batch_norm_stats(y[0])
+
+
+# ---- every instruction set's build -----------------------------------------------------------------------------------
+
+_OTHER_ISA_CHECK = """
+import torch, resnet_fused
+from resnet_fused import ops
+from resnet_fused.ops import batch_norm_reference as reference
+assert resnet_fused._C.cpu_batch_norm_isa() == {isa!r}, resnet_fused._C.cpu_batch_norm_isa()
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        y = (torch.randn(2, 67, 9, 7) * 2 + 50).to(dtype).contiguous(memory_format=memory_format)
+        res, grad = torch.randn_like(y), torch.randn_like(y)
+        weight, bias = torch.rand(67) + 0.5, torch.randn(67)
+        mean, var = ops.batch_norm_stats(y, backend="cpu")
+        ref_mean, ref_var = reference.stats(y)
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=0)
+        invstd = torch.rsqrt(ref_var + 1e-5)
+        args = (y, ref_mean, invstd, weight, bias, res)
+        assert torch.equal(ops.batch_norm_apply(*args, relu=True, backend="cpu"), reference.apply(*args, True))
+        got = ops.batch_norm_backward(grad, *args, relu=True, backend="cpu")
+        for actual, expected in zip(got, reference.backward(grad, *args, True)):
+            torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * expected.float().abs().max().item())
+"""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_every_instruction_set_build_matches_the_reference(isa):
+    # This process runs the widest build; ATEN_CPU_CAPABILITY makes a fresh one pick the narrower ones.
+    order = ["default", "avx2", "avx512"]
+    if order.index(isa) >= order.index(rf._C.cpu_batch_norm_isa()):
+        pytest.skip(f"this process already runs the {rf._C.cpu_batch_norm_isa()} build")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    proc = subprocess.run([sys.executable, "-c", _OTHER_ISA_CHECK.format(isa=isa)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
