@@ -13,6 +13,7 @@ build goes on without them (and says so); RESNET_FUSED_SM90=1 makes that an erro
 import glob
 import importlib.util
 import os
+import platform
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -77,16 +78,45 @@ def _sm90_include_dirs():
     return include_dirs
 
 
+# CPU kernels compiled once per instruction set (csrc/cpu/isa/<name>_<isa>.cpp), each with that set's flags, as
+# ATen compiles its own; csrc/cpu/batch_norm.cpp calls the widest one that this CPU and ATen's dispatch allow. Off
+# x86-64 only the baseline ("default") build exists. -ffp-contract=off: a * b + c rounds twice, as torch's eager
+# ops do, never as one fused multiply-add, so every instruction set computes the reference's bits (the training
+# BatchNorm backward recomputes the forward's ReLU mask and must get it bit for bit). Only these files get it.
+ISA_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    # -Wno-maybe-uninitialized: GCC 12 flags its own _mm512_undefined_* in ATen's AVX-512 headers, thousands of times
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512", "-Wno-maybe-uninitialized"],
+}
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _isa_sources():
+    """[(source, extra flags)] of the csrc/cpu/isa files this machine's build compiles."""
+    chosen = []
+    for source in _sources("csrc/cpu/isa/*.cpp"):
+        isa = Path(source).stem.rsplit("_", 1)[1]
+        if isa == "default" or X86:
+            chosen.append((source, [*ISA_FLAGS[isa], "-ffp-contract=off"]))
+    return chosen
+
+
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # C++20: torch's own default for extensions, and what its headers require from torch 2.14 on (ATen.h)
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    isa_sources = _isa_sources()
+    macros = [("RESNET_FUSED_X86_KERNELS", "1")] if X86 else []
     if not _want_cuda():
-        return CppExtension("resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=["-fopenmp"])
+        extension = CppExtension("resnet_fused._C", sources, define_macros=macros,
+                                 extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        extension.isa_sources = isa_sources
+        return extension
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
     nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-    macros = [("RESNET_FUSED_WITH_CUDA", "1")]
+    macros.append(("RESNET_FUSED_WITH_CUDA", "1"))
     sm90_include_dirs = _sm90_include_dirs()
     if sm90_include_dirs is not None:
         macros.append(("RESNET_FUSED_WITH_SM90", "1"))
@@ -94,6 +124,7 @@ def _extension():
                               extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                               extra_link_args=["-fopenmp"])
     extension.sm90_include_dirs = sm90_include_dirs
+    extension.isa_sources = isa_sources
     return extension
 
 
@@ -115,9 +146,18 @@ def _compile(command: list, obj: Path) -> None:
 
 class BuildWithSm90(BuildExtension):
     """BuildExtension that also compiles csrc/cuda/sm90's translation units with their own flags, in parallel with
-    ninja's build of the rest, and links their objects in."""
+    ninja's build of the rest, and csrc/cpu/isa's with theirs before it, and links their objects in."""
+
+    def _compile_isa_sources(self, ext):
+        for source, flags in getattr(ext, "isa_sources", ()):
+            args = {key: list(value) for key, value in ext.extra_compile_args.items()}
+            args["cxx"] = args["cxx"] + flags
+            ext.extra_objects = [*ext.extra_objects, *self.compiler.compile(
+                [source], output_dir=self.build_temp, macros=ext.define_macros, include_dirs=ext.include_dirs,
+                extra_postargs=args, depends=ext.depends)]
 
     def build_extension(self, ext):
+        self._compile_isa_sources(ext)
         include_dirs = getattr(ext, "sm90_include_dirs", None)
         if include_dirs is None:
             return super().build_extension(ext)

@@ -4,6 +4,8 @@ the public ops as its ops.
     conv_bn_act: y = conv2d(x, weight, stride, padding) * scale[c] + shift[c] (+ residual), ReLU if relu
     bn_act:      y = x * scale[c] + shift[c] (+ residual), ReLU if relu
     add_relu:    y = max(x + residual, 0)
+    batch_norm_stats / batch_norm_apply / batch_norm_backward: training BatchNorm's passes
+                 (ops/batch_norm_reference.py), where the extension has kernels for them on the backend's device
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def _extension_reason(dispatch_key: str) -> Optional[str]:
 # Computed once at import (the package loads the extension first): a plain dict, so that resolving a backend
 # costs a lookup and torch.compile traces it as a constant.
 EXTENSION_REASON = {key: _extension_reason(key) for key in ("CPU", "CUDA")}
+_BATCH_NORM_OPS = ("batch_norm_stats", "batch_norm_apply", "batch_norm_backward")
+# Whether the extension has the training BatchNorm kernels for a dispatch key (an older build may not: the
+# reference's plain torch then runs them).
+HAS_BATCH_NORM_KERNELS = {key: EXTENSION_REASON[key] is None and all(_extension.has_kernel(op, key)
+                                                                     for op in _BATCH_NORM_OPS)
+                          for key in ("CPU", "CUDA")}
 
 
 class ExtensionBackend(Backend):
@@ -68,3 +76,23 @@ class ExtensionBackend(Backend):
 
     def add_relu(self, x, residual):
         return torch.ops.resnet_fused.add_relu.default(x, residual)
+
+    def batch_norm_stats(self, y):
+        if not HAS_BATCH_NORM_KERNELS[self.dispatch_key]:
+            return super().batch_norm_stats(y)
+        return torch.ops.resnet_fused.batch_norm_stats.default(y)
+
+    def batch_norm_apply(self, y, mean, invstd, weight, bias, residual, relu):
+        if not HAS_BATCH_NORM_KERNELS[self.dispatch_key]:
+            return super().batch_norm_apply(y, mean, invstd, weight, bias, residual, relu)
+        return torch.ops.resnet_fused.batch_norm_apply.default(y, mean, invstd, weight, bias, residual, relu)
+
+    def batch_norm_backward(self, grad_out, y, mean, invstd, weight, bias, residual, relu):
+        # The kernels read grad_out in y's dtype (autograd hands it so); another dtype runs the reference, which
+        # widens it without rounding it first.
+        if not HAS_BATCH_NORM_KERNELS[self.dispatch_key] or grad_out.dtype != y.dtype:
+            return super().batch_norm_backward(grad_out, y, mean, invstd, weight, bias, residual, relu)
+        grad_y, grad_weight, grad_bias, grad_residual = torch.ops.resnet_fused.batch_norm_backward.default(
+            grad_out, y, mean, invstd, weight, bias, residual, relu)
+        return (grad_y, None if weight is None else grad_weight, grad_bias,
+                None if residual is None else grad_residual)

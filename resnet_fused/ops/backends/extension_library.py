@@ -7,9 +7,13 @@ kernels are in csrc/).
         y = act(conv2d(x, w, stride, padding) + bias[c] (+ residual))
     bn_act(x, scale, shift, residual, relu)   y = act(x * scale[c] + shift[c] (+ residual))
     add_relu(x, residual)                     y = max(x + residual, 0)
+    batch_norm_stats, batch_norm_apply, batch_norm_backward
+                                              training BatchNorm's passes (ops/batch_norm_reference.py)
 
 Fake kernels give the output's shape (conv arithmetic), dtype (x's) and channels_last strides, so that
-torch.compile, torch.export and torch.library.opcheck work. Backward (plain torch, fp32 arithmetic):
+torch.compile, torch.export and torch.library.opcheck work; the batch_norm_* outputs keep y's dtype and layout
+(batch_norm_reference.output_format) and have no autograd (the fused training units call them from their own
+backward). Backward (plain torch, fp32 arithmetic):
 with g = (grad where y > 0, else 0) if relu else grad (threshold_backward, as eager's ReLU),
     d residual = g,  d shift (or bias) = sum_{n,h,w} g,  d scale = sum_{n,h,w} g * conv(x, w)  (x for bn_act),
     d x = g * scale (bn_act),  d x, d w = conv backward of g * scale (of g for conv_bias_act).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batch_norm_reference import output_format
 from ..autograd import (_channel_sum, _grad_or_none, _masked_grad, backward_add_relu, backward_bn_act,
                         setup_add_relu, setup_bn_act)
 from ..geometry import conv_output_shape
@@ -65,6 +70,29 @@ def _fake_bn_act(x, scale, shift, residual, relu):
 def _fake_add_relu(x, residual):
     _same_device(x, residual=residual)
     return _empty_output(x, x.shape)
+
+
+def _channel_stat(y):
+    return torch.empty((y.shape[1],), dtype=torch.float32, device=y.device)
+
+
+def _like_y(y):
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=output_format(y))
+
+
+def _fake_batch_norm_stats(y):
+    return _channel_stat(y), _channel_stat(y)
+
+
+def _fake_batch_norm_apply(y, mean, invstd, weight, bias, residual, relu):
+    _same_device(y, mean=mean, invstd=invstd, weight=weight, bias=bias, residual=residual)
+    return _like_y(y)
+
+
+def _fake_batch_norm_backward(grad_out, y, mean, invstd, weight, bias, residual, relu):
+    _same_device(y, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, bias=bias, residual=residual)
+    grad_residual = _like_y(y) if residual is not None else torch.empty((0,), dtype=y.dtype, device=y.device)
+    return _like_y(y), _channel_stat(y), _channel_stat(y), grad_residual
 
 
 # ---- autograd -------------------------------------------------------------------------------------------------
@@ -134,10 +162,16 @@ _OPS = {
     "bn_act": (_fake_bn_act, backward_bn_act, setup_bn_act),
     "add_relu": (_fake_add_relu, backward_add_relu, setup_add_relu),
 }
+_FAKE_ONLY = {
+    "batch_norm_stats": _fake_batch_norm_stats,
+    "batch_norm_apply": _fake_batch_norm_apply,
+    "batch_norm_backward": _fake_batch_norm_backward,
+}
 
 
 def register() -> None:
-    """Register the fake kernels and autograd formulas for every op in the extension's schema block."""
+    """Register the fake kernels for every op in the extension's schema block, and autograd formulas for those of
+    the inference ops."""
     global _registered
     if _registered:
         return
@@ -148,3 +182,6 @@ def register() -> None:
         qualname = f"resnet_fused::{name}"
         torch.library.register_fake(qualname, fake)
         torch.library.register_autograd(qualname, backward, setup_context=setup)
+    for name, fake in _FAKE_ONLY.items():
+        if hasattr(torch.ops.resnet_fused, name):
+            torch.library.register_fake(f"resnet_fused::{name}", fake)
