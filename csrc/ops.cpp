@@ -4,6 +4,12 @@
 //   bn_act:      y = x * scale[c] + shift[c] (+ residual), ReLU if relu
 //   add_relu:    y = max(x + residual, 0)
 // scale and shift are fp32 vectors of length C (BatchNorm folded, conv bias included).
+// Training BatchNorm's passes (resnet_fused/ops/batch_norm_reference.py has their math; outputs keep y's dtype and
+// layout, statistics and parameter gradients are fp32):
+//   batch_norm_stats:    (mean, var) of y per channel, var biased
+//   batch_norm_apply:    act((y - mean[c]) * invstd[c] * weight[c] + bias[c] (+ residual))
+//   batch_norm_backward: (grad_y, grad_weight, grad_bias, grad_residual) of batch_norm_apply at fixed mean and
+//                        invstd; grad_residual has shape [0] when there is no residual
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -23,6 +29,11 @@ TORCH_LIBRARY(resnet_fused, m) {
   // 1, y = conv2d(x, w, 1, 1) + bias[c] (+ residual), ReLU if relu, where u = winograd_weight(w) (csrc/cpu/winograd.cpp).
   m.def("winograd_weight(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  m.def("batch_norm_stats(Tensor y) -> (Tensor, Tensor)");
+  m.def("batch_norm_apply(Tensor y, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "bool relu) -> Tensor");
+  m.def("batch_norm_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+        "Tensor? residual, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // Importing resnet_fused._C runs the registrations above and in the kernel files; the module itself answers the
