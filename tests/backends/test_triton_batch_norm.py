@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+triton = pytest.importorskip("triton")
+
 import resnet_fused as rf
 from resnet_fused.ops import batch_norm_reference as reference
 from tests.oracle import TOLERANCES, assert_matches
@@ -20,6 +22,7 @@ if rf.available_backends(DEVICE)["triton"] is not None:
     pytest.skip("the triton backend is unavailable here (triton not importable)", allow_module_level=True)
 
 from resnet_fused.kernels.triton import batch_norm as kernels  # noqa: E402
+from resnet_fused.kernels.triton import conv_bn_act as conv_kernel  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -246,6 +249,52 @@ def test_backward_of_an_empty_batch():
     grad_y, grad_weight, grad_bias, _ = rf.ops.batch_norm_backward(torch.empty_like(y), y, mean, mean + 1,
                                                                    mean + 1, mean, backend="triton")
     assert grad_y.shape == y.shape and (grad_weight == 0).all() and (grad_bias == 0).all()
+
+
+# --- statistics from the conv's epilogue ----------------------------------------------------------------------
+
+# (N, Cin, H, W, Cout, k, stride, padding): per tap and flat K (the stem), odd sizes, a last M tile that is short
+CONV_STATS_CASES = [(2, 16, 8, 8, 32, 1, 1, 0), (1, 3, 15, 15, 16, 7, 2, 3), (3, 5, 7, 5, 7, 3, 1, 1)]
+
+
+def conv_with_stats(case, dtype, bias_offset, config=None):
+    n, cin, h, w, cout, k, stride, padding = case
+    x = torch.randn(n, cin, h, w).to(dtype).to(DEVICE)
+    weight = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype).to(DEVICE)
+    bias = (torch.randn(cout) + bias_offset).to(DEVICE)
+    out = torch.empty(rf.ops.conv_output_shape(x.shape, cout, (k, k), stride, padding), dtype=dtype, device=DEVICE,
+                      memory_format=torch.channels_last)
+    y, mean, var = conv_kernel.conv_batch_norm_stats(x, conv_kernel.pack_weight(weight), bias, out, k, k, stride,
+                                                     padding, config=config)
+    expected = torch.nn.functional.conv2d(x.cpu().float(), weight.cpu().float(), bias.cpu(), stride, padding)
+    return y, mean, var, expected
+
+
+@pytest.mark.parametrize("case", CONV_STATS_CASES, ids=["1x1", "stem", "odd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_conv_epilogue_statistics_match_the_stored_output(dtype, case):
+    # The statistics are those of y as stored (rounded to its dtype): what apply and backward read after.
+    y, mean, var, expected = conv_with_stats(case, dtype, bias_offset=30.0)
+    assert_matches(y.cpu(), expected, "tf32" if dtype == torch.float32 and DEVICE == "cuda" else dtype)
+    expected_mean, expected_var = reference.stats(y.cpu())
+    assert_matches(mean.cpu(), expected_mean, STATS_TOL)
+    assert_matches(var.cpu(), expected_var, dict(atol=1e-6, rtol=1e-5))
+
+
+def test_conv_epilogue_statistics_with_fewer_tiles_than_slots(monkeypatch):
+    # A tile larger than the smallest candidate's writes fewer partials than the workspace holds: the rest stay
+    # empty (count 0, NaN here) and must be skipped. Large mean: the partials' pivots keep var exact.
+    def poisoned(partials, channels, device):
+        counts, *matrices = kernels.stats_workspace(partials, channels, device)
+        return (counts, *(m.fill_(float("nan")) for m in matrices))
+
+    monkeypatch.setattr(conv_kernel, "stats_workspace", poisoned)
+    config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=1)
+    assert conv_kernel.statistics_partials(2 * 17 * 17) > triton.cdiv(2 * 17 * 17, 128)
+    y, mean, var, _ = conv_with_stats((2, 16, 17, 17, 24, 3, 1, 1), torch.float32, 1e3, config=config)
+    true_var, true_mean = torch.var_mean(y.cpu().double(), dim=(0, 2, 3), correction=0)
+    assert ((mean.cpu().double() - true_mean).abs() <= 2e-7 * 1e3).all()
+    assert ((var.cpu().double() - true_var).abs() <= 2e-6 * true_var).all()
 
 
 # --- torch.library ------------------------------------------------------------------------------------------
