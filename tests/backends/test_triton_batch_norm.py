@@ -8,6 +8,8 @@ shapes; the @pytest.mark.gpu cases take ResNet-sized ones.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,7 +17,9 @@ triton = pytest.importorskip("triton")
 
 import resnet_fused as rf
 from resnet_fused.ops import batch_norm_reference as reference
+from tests.float64_step import assert_step_matches, one_sgd_step
 from tests.oracle import TOLERANCES, assert_matches
+from tests.test_train_step import _draw
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if rf.available_backends(DEVICE)["triton"] is not None:
@@ -295,6 +299,23 @@ def test_conv_epilogue_statistics_with_fewer_tiles_than_slots(monkeypatch):
     true_var, true_mean = torch.var_mean(y.cpu().double(), dim=(0, 2, 3), correction=0)
     assert ((mean.cpu().double() - true_mean).abs() <= 2e-7 * 1e3).all()
     assert ((var.cpu().double() - true_var).abs() <= 2e-6 * true_var).all()
+
+
+# --- in a fused training step -------------------------------------------------------------------------------
+
+def test_fused_training_step_on_triton_matches_float64(monkeypatch):
+    # The tutorial ResNet of tests/test_train_step.py fused with backend="triton": its units' BatchNorm passes run
+    # these kernels, and the step stays within the float64 bound eager fp32 sets.
+    calls = []
+    for name in ("batch_norm_stats", "batch_norm_apply", "batch_norm_backward"):
+        launcher = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    model, x, target = _draw("tutorial")
+    fused, _ = rf.fuse_model(model, backend="triton")
+    truth = one_sgd_step(copy.deepcopy(model).double(), x, target)
+    eager = one_sgd_step(copy.deepcopy(model), x, target)
+    assert_step_matches(one_sgd_step(fused, x, target), eager, truth)
+    assert {"batch_norm_stats", "batch_norm_apply", "batch_norm_backward"} <= set(calls)
 
 
 # --- torch.library ------------------------------------------------------------------------------------------
