@@ -37,6 +37,7 @@ def test_both_layouts_and_all_dtypes_compile(compiled):
     seen = {(case["layout"], case["dtype"]) for case in _convs(compiled)}
     assert seen == {(layout, dtype) for layout in ("flat", "per_tap") for dtype in ("float16", "bfloat16", "float32")}
     assert {case["layout"] for case in _convs(compiled) if case["split_k"]} == {"flat", "per_tap"}
+    assert {case["layout"] for case in _convs(compiled) if case["stats"]} == {"flat", "per_tap"}
     assert any(case["layout"] == "split_k_epilogue" for case in compiled)
 
 

@@ -3,7 +3,8 @@
 Run as `python -m tests.triton_aot` in a process with TRITON_INTERPRET unset: code generation and the
 interpreter do not mix in one process. Cases: each K layout (per tap: a 3x3 conv; flat K: the 7x7 stem) with
 every config in bf16 (the headline dtype) and fp32 (the most shared memory) and the last config in fp16, the
-split-K variant of each layout, and the split-K epilogue kernel.
+split-K variant of each layout, the batch-statistics epilogue of each layout (bf16, the last config), and the
+split-K epilogue kernel.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def tile(config) -> str:
     return "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 
 
-def compile_case(dtype: str, layout: str, config, split_k: bool = False) -> dict:
+def compile_case(dtype: str, layout: str, config, split_k: bool = False, stats: bool = False) -> dict:
     kernel, stride, padding, _ = LAYOUTS[layout]
     flat = layout == "flat"
     # In the kernel's parameter order: attrs below address parameters by position.
@@ -45,6 +46,15 @@ def compile_case(dtype: str, layout: str, config, split_k: bool = False) -> dict
     constants.update(KH=kernel, KW=kernel, STRIDE=stride, PAD=padding, HAS_RESIDUAL=True, RELU=True,
                      INDEX_64=False, FLAT_K=flat, DOT_IN_FP32=False, INPUT_PRECISION="tf32", **config.kwargs)
     signature.update({name: "constexpr" for name in constants})
+    # The epilogue's batch statistics (the train path: no residual, no ReLU): four fp32 partial pointers, or None.
+    if stats:
+        constants.update(HAS_RESIDUAL=False, RELU=False)
+        signature.update({name: "*fp32" for name in ("count_ptr", "pivot_ptr", "mean_ptr", "m2_ptr")})
+    else:
+        constants.update(count_ptr=None, pivot_ptr=None, mean_ptr=None, m2_ptr=None)
+        signature.update({name: "constexpr" for name in ("count_ptr", "pivot_ptr", "mean_ptr", "m2_ptr")})
+    constants["STATS"] = stats
+    signature["STATS"] = "constexpr"
     names = list(signature)
     aligned = ["x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "ws_ptr", "Cout", "Cin_pad"]
     if not flat:
@@ -55,7 +65,7 @@ def compile_case(dtype: str, layout: str, config, split_k: bool = False) -> dict
                                                             "num_stages": config.num_stages})
     ptx = compiled.asm["ptx"]
     return {"layout": layout, "dtype": dtype, "tile": tile(config), "num_warps": config.num_warps,
-            "split_k": split_k, "shared": compiled.metadata.shared, "tensor_cores": "wgmma" in ptx or "mma.sync" in ptx,
+            "split_k": split_k, "stats": stats, "shared": compiled.metadata.shared, "tensor_cores": "wgmma" in ptx or "mma.sync" in ptx,
             "cp_async": "cp.async" in ptx, "k_loop_spills": k_loop_spills(compiled.asm["cubin"])}
 
 
@@ -90,6 +100,7 @@ def main() -> None:
         results.append(compile_case("float16", layout, configs[-1]))
         results += [compile_case(dtype, layout, config) for dtype in ("bfloat16", "float32") for config in configs]
         results.append(compile_case("bfloat16", layout, configs[0], split_k=True))
+        results.append(compile_case("bfloat16", layout, configs[-1], stats=True))
     print(json.dumps(results + [compile_split_k_epilogue()]))
 
 

@@ -1,4 +1,5 @@
-// CUDA kernels of torch.ops.resnet_fused.{conv_bn_act, bn_act, add_relu} (schemas in csrc/ops.cpp).
+// CUDA kernels of torch.ops.resnet_fused.{conv_bn_act, bn_act, add_relu} and training BatchNorm's
+// {batch_norm_stats, batch_norm_apply, batch_norm_backward} (schemas in csrc/ops.cpp).
 // Built only as part of the CUDAExtension (RESNET_FUSED_WITH_CUDA); the kernels live in the .cu files of this
 // folder behind kernels.h. This file checks arguments (messages name the argument), converts x / weight /
 // residual to channels_last and scale / shift to contiguous fp32, allocates the channels_last output and launches
@@ -6,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -176,10 +178,138 @@ at::Tensor add_relu_cuda(const at::Tensor& x_in, const at::Tensor& residual_in) 
   return y;
 }
 
+// ---- training BatchNorm --------------------------------------------------------------------------------------------
+// Outputs keep y's layout where y is channels_last (and not also contiguous, as a 1x1 or single-channel tensor is),
+// else contiguous NCHW: batch_norm_reference.output_format's rule.
+bool keeps_channels_last(const at::Tensor& y) {
+  return y.is_contiguous(kChannelsLast) && !y.is_contiguous();
+}
+
+at::MemoryFormat output_format(const at::Tensor& y) {
+  return keeps_channels_last(y) ? kChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+ck::BatchNormShape batch_norm_shape(const at::Tensor& y) {
+  return ck::BatchNormShape{y.size(0), y.size(1), y.size(2) * y.size(3), keeps_channels_last(y)};
+}
+
+// An optional per-channel fp32 vector on y's device (nullopt when absent).
+std::optional<at::Tensor> optional_channel_vector(const std::optional<at::Tensor>& v, const char* name,
+                                                  const at::Tensor& y) {
+  if (!v.has_value() || !v->defined()) return std::nullopt;
+  return channel_vector(*v, name, y.size(1), y);
+}
+
+const float* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+// y's companion (residual, grad_out): y's shape and dtype, in the layout the kernels read.
+std::optional<at::Tensor> like_y(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& y) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  check_same_device(*t, name, y);
+  TORCH_CHECK(t->sizes() == y.sizes(), name, " must have y's shape ", y.sizes(), ", got ", t->sizes());
+  TORCH_CHECK_TYPE(t->scalar_type() == y.scalar_type(), name, " must have y's dtype ", y.scalar_type(), ", got ",
+                   t->scalar_type());
+  return t->contiguous(output_format(y));
+}
+
+at::Tensor batch_norm_workspace(const at::Tensor& y) {
+  return at::empty({static_cast<int64_t>(ck::batch_norm_workspace_floats(batch_norm_shape(y)))},
+                   y.options().dtype(at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& y_in) {
+  check_activation(y_in, "y");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const ck::DType dtype = resnet_fused::kernel_dtype(y_in.scalar_type(), "y");
+  const at::Tensor y = y_in.contiguous(output_format(y_in));
+  at::Tensor mean = at::empty({y.size(1)}, y.options().dtype(at::kFloat));
+  at::Tensor var = at::empty_like(mean);
+  if (y.size(0) * y.size(2) * y.size(3) == 0) {  // no values: NaN, as torch.var_mean
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    var.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {mean, var};
+  }
+  const at::Tensor workspace = batch_norm_workspace(y);
+  check_launch(ck::batch_norm_stats(dtype, y.data_ptr(), batch_norm_shape(y), workspace.data_ptr<float>(),
+                                    mean.data_ptr<float>(), var.data_ptr<float>(),
+                                    c10::cuda::getCurrentCUDAStream(y.device().index()).stream()),
+               "batch_norm_stats");
+  return {mean, var};
+}
+
+// The apply/backward operands as the kernels read them: y in its output layout, fp32 per-channel vectors, the
+// residual in y's layout.
+struct BatchNormOperands {
+  at::Tensor y, mean, invstd;
+  std::optional<at::Tensor> weight, bias, residual;
+};
+
+BatchNormOperands batch_norm_operands(const at::Tensor& y_in, const at::Tensor& mean, const at::Tensor& invstd,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& residual) {
+  const at::Tensor y = y_in.contiguous(output_format(y_in));
+  return BatchNormOperands{y,
+                           channel_vector(mean, "mean", y.size(1), y),
+                           channel_vector(invstd, "invstd", y.size(1), y),
+                           optional_channel_vector(weight, "weight", y),
+                           optional_channel_vector(bias, "bias", y),
+                           like_y(residual, "residual", y)};
+}
+
+at::Tensor batch_norm_apply_cuda(const at::Tensor& y_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                                 const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+                                 const std::optional<at::Tensor>& residual_in, bool relu) {
+  check_activation(y_in, "y");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const ck::DType dtype = resnet_fused::kernel_dtype(y_in.scalar_type(), "y");
+  const BatchNormOperands o = batch_norm_operands(y_in, mean_in, invstd_in, weight_in, bias_in, residual_in);
+  at::Tensor out = at::empty_like(o.y);
+  const ck::BatchNormApplyArgs args{o.y.data_ptr(), o.mean.data_ptr<float>(), o.invstd.data_ptr<float>(),
+                                    data_or_null(o.weight), data_or_null(o.bias),
+                                    o.residual.has_value() ? o.residual->data_ptr() : nullptr, out.data_ptr(), relu};
+  check_launch(ck::batch_norm_apply(dtype, args, batch_norm_shape(o.y),
+                                    c10::cuda::getCurrentCUDAStream(o.y.device().index()).stream()),
+               "batch_norm_apply");
+  return out;
+}
+
+// grad_residual has shape [0] without a residual (the schema returns a fixed number of tensors).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+    const std::optional<at::Tensor>& residual_in, bool relu) {
+  check_activation(y_in, "y");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const ck::DType dtype = resnet_fused::kernel_dtype(y_in.scalar_type(), "y");
+  const BatchNormOperands o = batch_norm_operands(y_in, mean_in, invstd_in, weight_in, bias_in, residual_in);
+  const at::Tensor& y = o.y;
+  const at::Tensor grad_out = *like_y(grad_out_in, "grad_out", y);
+  at::Tensor grad_y = at::empty_like(y);
+  at::Tensor grad_residual = o.residual.has_value() ? at::empty_like(y) : at::empty({0}, y.options());
+  at::Tensor grad_weight = at::zeros({y.size(1)}, y.options().dtype(at::kFloat));
+  at::Tensor grad_bias = at::zeros_like(grad_weight);
+  if (y.numel() == 0) return {grad_y, grad_weight, grad_bias, grad_residual};
+  const at::Tensor workspace = batch_norm_workspace(y);
+  const ck::BatchNormBackwardArgs args{grad_out.data_ptr(), y.data_ptr(), o.mean.data_ptr<float>(),
+                                       o.invstd.data_ptr<float>(), data_or_null(o.weight), data_or_null(o.bias),
+                                       o.residual.has_value() ? o.residual->data_ptr() : nullptr, grad_y.data_ptr(),
+                                       o.residual.has_value() ? grad_residual.data_ptr() : nullptr,
+                                       grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>(), relu};
+  check_launch(ck::batch_norm_backward(dtype, args, batch_norm_shape(y), workspace.data_ptr<float>(),
+                                       c10::cuda::getCurrentCUDAStream(y.device().index()).stream()),
+               "batch_norm_backward");
+  return {grad_y, grad_weight, grad_bias, grad_residual};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv_bn_act", &conv_bn_act_cuda);
   m.impl("bn_act", &bn_act_cuda);
   m.impl("add_relu", &add_relu_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_apply", &batch_norm_apply_cuda);
+  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
 }

@@ -6,6 +6,7 @@
 //                                    * scale[co] + shift[co] (+ residual[n,oh,ow,co]))
 //   bn_act:      y[r,c] = act(x[r,c] * scale[c] + shift[c] (+ residual[r,c]))   over rows = N*H*W
 //   add_relu:    y[i]   = max(x[i] + residual[i], 0)
+//   batch_norm_*: training BatchNorm's passes (batch_norm.cu has their math), NHWC or NCHW.
 // act is ReLU when relu is true, else the identity. Accumulation and epilogue math are fp32.
 // Each launcher returns cudaSuccess or the first CUDA error (argument or launch); it never synchronizes.
 #pragma once
@@ -56,6 +57,54 @@ cudaError_t bn_act(DType dtype, const void* x, const float* scale, const float* 
 
 cudaError_t add_relu(DType dtype, const void* x, const void* residual, void* y, int64_t numel,
                      cudaStream_t stream);
+
+// Training BatchNorm: y is (n, channels, plane = H*W) logical, laid out NHWC when channels_last, else NCHW.
+struct BatchNormShape {
+  int64_t n, channels, plane;
+  bool channels_last;
+};
+
+struct BatchNormApplyArgs {
+  const void* y;
+  const float* mean;
+  const float* invstd;
+  const float* weight;    // or nullptr (1)
+  const float* bias;      // or nullptr (0)
+  const void* residual;   // y's dtype and layout, or nullptr
+  void* out;              // y's dtype and layout
+  bool relu;
+};
+
+struct BatchNormBackwardArgs {
+  const void* grad_out;   // y's dtype and layout
+  const void* y;
+  const float* mean;
+  const float* invstd;
+  const float* weight;
+  const float* bias;
+  const void* residual;
+  void* grad_y;           // y's dtype and layout
+  void* grad_residual;    // y's dtype and layout, or nullptr (then no residual)
+  float* grad_weight;     // [channels]: sum g * xhat (written even without a weight)
+  float* grad_bias;       // [channels]: sum g
+  bool relu;
+};
+
+// Partials per channel the reductions write for this shape on the current device, and the fp32 workspace
+// (3 * partials * channels floats) batch_norm_stats and batch_norm_backward take.
+int64_t batch_norm_partials(const BatchNormShape& shape);
+size_t batch_norm_workspace_floats(const BatchNormShape& shape);
+
+// (mean, var) fp32 [channels]; needs n * plane > 0.
+cudaError_t batch_norm_stats(DType dtype, const void* y, const BatchNormShape& shape, float* workspace, float* mean,
+                             float* var, cudaStream_t stream);
+
+cudaError_t batch_norm_apply(DType dtype, const BatchNormApplyArgs& args, const BatchNormShape& shape,
+                             cudaStream_t stream);
+
+// Needs n * plane > 0.
+cudaError_t batch_norm_backward(DType dtype, const BatchNormBackwardArgs& args, const BatchNormShape& shape,
+                                float* workspace, cudaStream_t stream);
 
 }  // namespace cuda_kernels
 }  // namespace resnet_fused

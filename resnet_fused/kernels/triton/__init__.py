@@ -4,6 +4,7 @@ and launchers trust their arguments (the public ops in resnet_fused.ops check th
     conv_bn_act.py   implicit-GEMM conv + per-channel scale/shift (+ residual) (+ ReLU), and its weight packing
     tuning.py        the conv's autotune configs and pruning, and the split-K choice
     elementwise.py   bn_act and add_relu over channels_last data
+    batch_norm.py    training BatchNorm's passes: statistics (partials + combine), apply, backward
     runtime.py       interpreter flag, device guard, the NaN-keeping ReLU
 
 Importing this package imports triton; TRITON_INTERPRET must be set before that to run on CPU tensors. The

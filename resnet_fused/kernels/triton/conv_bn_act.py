@@ -21,6 +21,11 @@ Split K (small M x N, long K: batch 1, late stages): with SPLIT_K > 1 program (t
 of the K steps and stores its fp32 partial P_s[M, N] to a workspace; `_split_k_epilogue_kernel` then computes
 y = act(scale * sum_s P_s + shift (+ residual)). Whether to split is measured, not guessed (tuning.py).
 
+Batch statistics (the training path: scale 1, shift the conv bias, no residual, no ReLU): with STATS the unsplit
+kernel also writes, per output tile of BLOCK_M rows, each channel's (count, pivot, mean about the pivot, M2) of the
+values it stored (rounded to y's dtype) into the partials of batch_norm.py, whose `combine_stats` turns them into
+the batch mean and var: y and its statistics in one pass over y. Such calls never split K.
+
 Accumulation is fp32. fp16/bf16 tiles go to the tensor cores as they are; fp32 tiles go through TF32 on the GPU
 when torch.backends.cudnn.allow_tf32 is set (PyTorch's default for convolutions), else full-precision fp32.
 The epilogue (scale, shift, residual, ReLU) runs on the fp32 accumulator and rounds once to the output dtype.
@@ -34,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .batch_norm import combine_stats, stats_workspace, tile_moments
 from .runtime import INTERPRET, device_guard, relu_keep_nan
 
 CIN_ALIGN = 16  # packed K rows come in multiples of this (the smallest BLOCK_K the GPU's dot accepts)
@@ -74,8 +80,11 @@ def unpack_weight(packed: torch.Tensor, c_in: int, kernel_h: int, kernel_w: int)
     return taps.permute(3, 2, 0, 1)
 
 
+# reset_to_zero: the statistics' partial counts, after each tile candidate ran (a smaller BLOCK_M writes more
+# partials, which the winner's run would leave behind as stale)
 @triton.autotune(configs=tuning.configs(), key=["M", "Cout", "Cin", "KH", "KW", "STRIDE", "SPLIT_K"],
-                 prune_configs_by={"early_config_prune": tuning.prune}, do_bench=tuning.quick_bench)
+                 prune_configs_by={"early_config_prune": tuning.prune}, do_bench=tuning.quick_bench,
+                 reset_to_zero=["count_ptr"])
 @triton.jit
 def _conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, ws_ptr,
@@ -85,6 +94,7 @@ def _conv_bn_act_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    count_ptr=None, pivot_ptr=None, mean_ptr=None, m2_ptr=None, STATS: tl.constexpr = False,
 ):
     # The interpreter accepts smaller dots; the GPU does not.
     tl.static_assert(BLOCK_M >= 16, "BLOCK_M must be >= 16")
@@ -164,8 +174,28 @@ def _conv_bn_act_kernel(
         tl.store(ws_ptr + partial + y_offs, acc, mask=out_mask)
     else:
         # Epilogue in fp32 on the accumulator, one store. y (and the residual) are (M, Cout) row-major = NHWC.
-        _store_epilogue(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, offs_n, y_offs, n_mask, out_mask,
-                        HAS_RESIDUAL, RELU)
+        stored = _store_epilogue(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, offs_n, y_offs, n_mask, out_mask,
+                                 HAS_RESIDUAL, RELU)
+        if STATS:
+            _store_moments(stored, offs_m, offs_n, out_mask, n_mask, pid_m, pid_n, M, Cout, count_ptr, pivot_ptr,
+                           mean_ptr, m2_ptr, BLOCK_M)
+
+
+@triton.jit
+def _store_moments(stored, offs_m, offs_n, out_mask, n_mask, pid_m, pid_n, M, Cout, count_ptr, pivot_ptr, mean_ptr,
+                   m2_ptr, BLOCK_M: tl.constexpr):
+    """This tile's partial of the batch statistics: (count, pivot = its first row, mean about it, M2) per channel,
+    at partial pid_m (batch_norm.py's layout)."""
+    first = pid_m * BLOCK_M
+    count = tl.minimum(M - first, BLOCK_M)
+    pivot = tl.sum(tl.where((offs_m == first)[:, None], stored, 0.0), axis=0)
+    mean, m2 = tile_moments(stored, out_mask, count.to(tl.float32), pivot)
+    partial = pid_m * Cout + offs_n
+    tl.store(pivot_ptr + partial, pivot, mask=n_mask)
+    tl.store(mean_ptr + partial, mean, mask=n_mask)
+    tl.store(m2_ptr + partial, m2, mask=n_mask)
+    if pid_n == 0:
+        tl.store(count_ptr + pid_m, count.to(tl.float32))
 
 
 @triton.jit
@@ -181,7 +211,8 @@ def _k_range(total, BLOCK: tl.constexpr, SPLIT_K):
 @triton.jit
 def _store_epilogue(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, offs_n, y_offs, n_mask, out_mask,
                     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
-    """y = act(acc * scale[n] + shift[n] (+ residual)) in fp32, rounded once to y's dtype."""
+    """y = act(acc * scale[n] + shift[n] (+ residual)) in fp32, rounded once to y's dtype; returns the stored
+    values (as fp32)."""
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
     shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
     out = acc * scale[None, :] + shift[None, :]
@@ -189,7 +220,9 @@ def _store_epilogue(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, offs_n, y_offs, n
         out += tl.load(res_ptr + y_offs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
         out = relu_keep_nan(out)
-    tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+    stored = out.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_offs, stored, mask=out_mask)
+    return stored.to(tl.float32)
 
 
 @triton.jit
@@ -211,14 +244,15 @@ def _split_k_epilogue_kernel(ws_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, M, Co
 
 def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 residual, out: torch.Tensor, kernel_h: int, kernel_w: int, stride: int, padding: int, relu: bool,
-                index_64=None, split_k=None, config=None) -> torch.Tensor:
+                index_64=None, split_k=None, config=None, statistics=None) -> torch.Tensor:
     """Launch the kernel into `out` and return it. x: logical NCHW (any layout; made channels_last once),
     weight_packed from pack_weight, out: the (N, Cout, Ho, Wo) channels_last output of x's dtype, scale and shift
     fp32 vectors; every shape already checked by the caller.
 
     index_64=None picks 64-bit offsets only where needed; split_k=None splits K where that measured faster on this
     GPU (tuning.choose_split_k), an int forces a split; config=None autotunes, a triton.Config launches that tile
-    instead (to check every candidate, not only the autotuner's winner).
+    instead (to check every candidate, not only the autotuner's winner). statistics: None, or a
+    batch_norm.stats_workspace of `statistics_partials(M)` partials that the epilogue fills (K is then not split).
     """
     n, c_in, h, w = x.shape
     k_rows, c_out = weight_packed.shape
@@ -233,6 +267,10 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
     # Only fp32 tiles care: TF32 tensor cores unless the user turned TF32 off for convolutions.
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
     res = residual if residual is not None else out
+    stats_args = dict(zip(("count_ptr", "pivot_ptr", "mean_ptr", "m2_ptr"), statistics or (None,) * 4),
+                      STATS=statistics is not None)
+    if statistics is not None:
+        split_k = 1
 
     def launch(split: int) -> None:
         workspace = scale if split == 1 else torch.empty((split, m, c_out), dtype=torch.float32, device=x.device)
@@ -244,7 +282,7 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
             KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
             HAS_RESIDUAL=residual is not None, RELU=relu, INDEX_64=index_64, FLAT_K=uses_flat_k(c_in),
             DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
-            **({} if config is None else config.all_kwargs()),
+            **stats_args, **({} if config is None else config.all_kwargs()),
         )
         if split > 1:
             block_m, block_n = 32, 64
@@ -266,3 +304,25 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
                 split_k = tuning.choose_split_k(key, candidate, launch)
         launch(split_k)
     return out
+
+
+def statistics_partials(m: int) -> int:
+    """Partials the epilogue's statistics may write for M output rows: one per tile of the smallest BLOCK_M."""
+    return triton.cdiv(m, min(config.kwargs["BLOCK_M"] for config in tuning.configs()))
+
+
+def conv_batch_norm_stats(x: torch.Tensor, weight_packed: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+                          kernel_h: int, kernel_w: int, stride: int, padding: int, config=None) -> tuple:
+    """y = conv2d(x, w) + bias[c] into `out` (channels_last, x's dtype) and y's batch statistics (mean, var), fp32
+    and biased, from the partials the conv's epilogue wrote: training BatchNorm's first pass fused into its conv.
+    bias: an fp32 vector (zeros for a conv without bias); arguments as conv_bn_act's."""
+    c_out = weight_packed.shape[1]
+    m = out.shape[0] * out.shape[2] * out.shape[3]
+    if m == 0:  # no values: NaN, as torch.var_mean
+        nan = torch.full((c_out,), float("nan"), dtype=torch.float32, device=x.device)
+        return out, nan, nan.clone()
+    workspace = stats_workspace(statistics_partials(m), c_out, x.device)
+    ones = torch.ones((c_out,), dtype=torch.float32, device=x.device)
+    conv_bn_act(x, weight_packed, ones, bias, None, out, kernel_h, kernel_w, stride, padding, False, config=config,
+                statistics=workspace)
+    return (out, *combine_stats(workspace, m))

@@ -104,5 +104,16 @@ class TritonBackend(Backend):
     def add_relu(self, x, residual):
         return (_ops or _load()).add_relu(x, residual)
 
+    def batch_norm_stats(self, y):
+        return (_ops or _load()).batch_norm_stats(y)
+
+    def batch_norm_apply(self, y, mean, invstd, weight, bias, residual, relu):
+        return (_ops or _load()).batch_norm_apply(y, mean, invstd, weight, bias, residual, relu)
+
+    def batch_norm_backward(self, grad_out, y, mean, invstd, weight, bias, residual, relu):
+        grad_y, grad_weight, grad_bias, grad_residual = (_ops or _load()).batch_norm_backward(
+            grad_out, y, mean, invstd, weight, bias, residual, relu)
+        return grad_y, None if weight is None else grad_weight, grad_bias, None if residual is None else grad_residual
+
 
 register_backend(TritonBackend())

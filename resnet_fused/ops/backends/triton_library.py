@@ -1,4 +1,5 @@
-"""The Triton kernels as torch.library ops: torch.ops.resnet_fused_triton.{conv_bn_act, bn_act, add_relu}.
+"""The Triton kernels as torch.library ops: torch.ops.resnet_fused_triton.{conv_bn_act, bn_act, add_relu} and
+training BatchNorm's passes {batch_norm_stats, batch_norm_apply, batch_norm_backward}.
 
 Same semantics as the public ops, except that conv_bn_act takes the weight prepacked by the kernel's
 `pack_weight` plus the kernel size. Registered with torch.library.custom_op (the namespace "resnet_fused" belongs
@@ -6,6 +7,9 @@ to the C++ extension) with fake kernels, so torch.compile(fullgraph=True), torch
 torch.library.opcheck see the output's shape, dtype and channels_last strides without running a kernel.
 bn_act and add_relu have autograd (backward in plain PyTorch, fp32 math) for training; conv_bn_act is for
 inference (eval-mode folded BN) and raises if differentiated (the backend then runs conv2d + bn_act instead).
+The batch_norm_* ops (math in ops/batch_norm_reference.py) keep y's dtype and layout and have no autograd: the
+fused training units call them from their own backward. batch_norm_backward returns grad_weight even without a
+weight, and a grad_residual of shape [0] without a residual (an op returns a fixed number of tensors).
 The launchers trust their arguments: the public ops check them; what a direct call of these ops could get
 wrong about memory (lengths, shapes) is checked here with torch._check, which the fake kernels share.
 Importing this module imports triton.
@@ -19,9 +23,11 @@ import torch
 from torch import Tensor
 
 from ...kernels.triton import INTERPRET
+from ...kernels.triton import batch_norm as _bn
 from ...kernels.triton import conv_bn_act as _conv
 from ...kernels.triton import elementwise as _ew
 from ..autograd import backward_add_relu, backward_bn_act, setup_add_relu, setup_bn_act
+from ..batch_norm_reference import output_format
 from ..geometry import conv_output_shape
 
 NAMESPACE = "resnet_fused_triton"
@@ -97,6 +103,70 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
 @add_relu.register_fake
 def _(x, residual):
     return _empty(x, x.shape)
+
+
+def _channels_last(y: Tensor) -> bool:
+    return output_format(y) == torch.channels_last
+
+
+def _channel_stat(y: Tensor) -> Tensor:
+    return torch.empty((y.shape[1],), dtype=torch.float32, device=y.device)
+
+
+def _like_y(y: Tensor) -> Tensor:
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=output_format(y))
+
+
+def _check_channel_vectors(y: Tensor, **vectors) -> None:
+    for name, t in vectors.items():
+        if t is not None:
+            torch._check(t.dim() == 1 and t.numel() == y.shape[1],
+                         lambda: f"{name} must have one value per channel ({y.shape[1]}), got shape {tuple(t.shape)}")
+
+
+@torch.library.custom_op(f"{NAMESPACE}::batch_norm_stats", mutates_args=())
+def batch_norm_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    _check_device(y)
+    return _bn.batch_norm_stats(y, _channels_last(y))
+
+
+@batch_norm_stats.register_fake
+def _(y):
+    return _channel_stat(y), _channel_stat(y)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::batch_norm_apply", mutates_args=())
+def batch_norm_apply(y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     residual: Optional[Tensor], relu: bool) -> Tensor:
+    _check_device(y)
+    _check_channel_vectors(y, mean=mean, invstd=invstd, weight=weight, bias=bias)
+    _check_like("residual", residual, y.shape, y.dtype)
+    return _bn.batch_norm_apply(y, mean, invstd, weight, bias, residual, relu, _channels_last(y))
+
+
+@batch_norm_apply.register_fake
+def _(y, mean, invstd, weight, bias, residual, relu):
+    return _like_y(y)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                        bias: Optional[Tensor], residual: Optional[Tensor],
+                        relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_device(y)
+    _check_channel_vectors(y, mean=mean, invstd=invstd, weight=weight, bias=bias)
+    _check_like("residual", residual, y.shape, y.dtype)
+    torch._check(tuple(grad_out.shape) == tuple(y.shape),
+                 lambda: f"grad_out must have y's shape {tuple(y.shape)}, got {tuple(grad_out.shape)}")
+    grad_y, grad_weight, grad_bias, grad_residual = _bn.batch_norm_backward(
+        grad_out, y, mean, invstd, weight, bias, residual, relu, _channels_last(y))
+    return grad_y, grad_weight, grad_bias, grad_residual if residual is not None else y.new_empty((0,))
+
+
+@batch_norm_backward.register_fake
+def _(grad_out, y, mean, invstd, weight, bias, residual, relu):
+    grad_residual = _like_y(y) if residual is not None else y.new_empty((0,))
+    return _like_y(y), _channel_stat(y), _channel_stat(y), grad_residual
 
 
 # --- autograd: the formulas every backend's bn_act/add_relu share -------------------------------------------
