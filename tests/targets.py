@@ -19,6 +19,16 @@ import resnet_fused as rf
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# The elementwise ops' shapes (bn_act, add_relu): channel counts around the kernels' vector widths (16 fp32 / 32 bf16
+# AVX-512 lanes on "cpu"; 16-byte vectors, their tails and the scalar path on "cuda"; channel = offset % C on
+# "triton"), odd and size-one spatial dims.
+ELEMENTWISE_SHAPES = [(2, 16, 8, 8), (2, 16, 5, 7), (1, 3, 5, 7), (3, 37, 3, 2), (3, 37, 4, 9), (1, 64, 1, 1),
+                      (2, 1, 9, 9), (1, 3, 1, 1), (2, 12, 3, 3), (3, 5, 7, 5), (1, 1, 4, 3)]
+
+
+def shape_ids(shapes) -> list:
+    """pytest ids such as 2x16x8x8."""
+    return ["x".join(map(str, s)) for s in shapes]
 
 
 class Target(NamedTuple):
@@ -84,3 +94,17 @@ def labelled(**values):
     except AssertionError as error:
         label = " ".join(f"{key}={value}" for key, value in values.items())
         raise AssertionError(f"[{label}] {error}") from error
+
+
+def assert_relu_backward_selects_as_eager(op, device: str) -> None:
+    """op(x) = ReLU(x) through a fused op: its backward must select as eager's does. An inf gradient where y = 0
+    gives 0 (not inf * 0 = NaN), and a NaN output passes its gradient through."""
+    upstream = torch.tensor([float("inf"), 1.0, 3.0, float("inf")], device=device).view(1, 4, 1, 1)
+    grads = []
+    for relu in (op, torch.relu):
+        x = torch.tensor([-1.0, 2.0, float("nan"), 0.0], device=device).view(1, 4, 1, 1).requires_grad_()
+        relu(x).backward(upstream)
+        grads.append(x.grad.flatten().tolist())
+    ours, eager = grads
+    assert eager == [0.0, 1.0, 3.0, 0.0]
+    assert ours == eager, f"fused {ours} != eager {eager}"

@@ -1,5 +1,6 @@
 """torch.library.opcheck for the extension's ops (schema, fake kernel, autograd registration, AOT dispatch),
-on CPU samples and, marked gpu, on CUDA samples; and torch.compile(fullgraph=True) through the "cpu" backend."""
+on CPU samples and, marked gpu, on CUDA samples; and torch.compile(fullgraph=True) through the "cpu" backend.
+bn_act and add_relu are opchecked in tests/ops/."""
 
 import pytest
 import torch
@@ -26,20 +27,9 @@ def _conv_sample(case, device, residual, grad):
     return x, w, scale, shift, res, stride, padding
 
 
-def _bn_sample(device, residual, grad):
-    x = torch.randn(2, 5, 4, 3, device=device)
-    scale, shift = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
-    res = torch.randn(2, 5, 4, 3, device=device) if residual else None
-    if grad:
-        x, scale, shift, res = _requires_grad(x, scale, shift, res)
-    return x, scale, shift, res
-
-
 def _check_public_ops(device, case, residual, grad):
     x, w, scale, shift, res, stride, padding = _conv_sample(case, device, residual, grad)
     torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, (x, w, scale, shift, res, stride, padding, True))
-    bx, bscale, bshift, bres = _bn_sample(device, residual, grad)
-    torch.library.opcheck(torch.ops.resnet_fused.bn_act.default, (bx, bscale, bshift, bres, not residual))
 
 
 @needs_cpu_backend
@@ -63,8 +53,6 @@ def test_opcheck_conv_bias_act(case, residual, grad):
 def test_opcheck_cpu_bf16():
     x, w, scale, shift, res, stride, padding = make_conv_inputs(CONV_CASES[3], torch.bfloat16, residual=True)
     torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, (x, w, scale, shift, res, stride, padding, True),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.resnet_fused.bn_act.default, (x, scale[:16], shift[:16], None, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 

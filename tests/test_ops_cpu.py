@@ -2,8 +2,8 @@
 
 Every op, in every dtype (on every CPU: bf16/fp16 convolutions run natively where the CPU has hardware for them,
 else in fp32, and both ways are tested here whatever this CPU has), over CONV_CASES, with residual and ReLU on and off, NCHW and
-channels_last inputs; the packed path against the unpacked one; argument errors from the C++ checks; bn_act
-(and conv_bn_act) gradients against autograd through the oracle. add_relu is in tests/ops/test_add_relu.py.
+channels_last inputs; the packed path against the unpacked one; argument errors from the C++ checks; conv_bn_act
+gradients against autograd through the oracle. bn_act and add_relu are in tests/ops/.
 """
 
 import platform
@@ -27,11 +27,6 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 def assert_output_layout(y, dtype):
     assert y.dtype == dtype
     assert y.is_contiguous(memory_format=CL), f"output is not channels_last: strides {y.stride()}"
-
-
-def make_activation(shape, dtype, channels_last):
-    t = torch.randn(shape).to(dtype)
-    return t.contiguous(memory_format=CL) if channels_last else t
 
 
 # ---- conv_bn_act ------------------------------------------------------------------------------------------------
@@ -160,34 +155,7 @@ def test_auto_picks_cpu_backend():
     assert rf.ops.resolve_name("auto", "cpu") == "cpu"
 
 
-# ---- bn_act and add_relu ----------------------------------------------------------------------------------------
-
-# Channel counts around the vector widths (16 fp32 / 32 bf16 lanes with AVX-512) so that tails are exercised.
-EW_SHAPES = [(2, 16, 8, 8), (1, 3, 5, 7), (3, 37, 3, 2), (1, 64, 1, 1), (2, 1, 9, 9)]
-EW_IDS = ["x".join(map(str, s)) for s in EW_SHAPES]
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", EW_SHAPES, ids=EW_IDS)
-@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_bn_act(dtype, shape, residual, relu, channels_last):
-    x = make_activation(shape, dtype, channels_last)
-    scale = torch.rand(shape[1]) + 0.5
-    shift = torch.randn(shape[1])
-    res = make_activation(shape, dtype, not channels_last) if residual else None
-    y = rf.bn_act(x, scale, shift, res, relu=relu, backend="cpu")
-    assert_output_layout(y, dtype)
-    assert_matches(y, ref_bn_act(x, scale, shift, res, relu), dtype)
-
-
-def test_bn_act_accepts_non_fp32_scale():
-    x = torch.randn(2, 8, 4, 4)
-    scale, shift = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float16)
-    y = torch.ops.resnet_fused.bn_act(x, scale, shift, None, True)
-    assert_matches(y, ref_bn_act(x, scale, shift, None, True), torch.float32)
-
+# ---- the elementwise library ops on a large tensor -------------------------------------------------------------
 
 def test_elementwise_large_parallel_tensor():
     # Many rows: the parallel split and its boundaries are exercised (shape is not a multiple of the grain).
@@ -272,17 +240,6 @@ def _assert_same_grads(ours, theirs, out_ours, out_theirs):
     want = torch.autograd.grad(out_theirs, [t for t in theirs if t is not None], grad)
     for g, w in zip(got, want):
         assert_matches(g, w, torch.float32)
-
-
-@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
-def test_bn_act_grad(residual, relu):
-    shape = (2, 5, 4, 3)
-    x, scale, shift = torch.randn(shape), torch.rand(5) + 0.5, torch.randn(5)
-    res = torch.randn(shape) if residual else None
-    ours, theirs = _leaves(x, scale, shift, res), _leaves(x, scale, shift, res)
-    _assert_same_grads(ours, theirs, rf.bn_act(*ours, relu=relu, backend="cpu"),
-                       ref_bn_act(*theirs, relu))
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3], CONV_CASES[6]], ids=[CONV_IDS[1], CONV_IDS[3],

@@ -214,31 +214,7 @@ def test_ops_check_every_length_and_shape_before_the_kernel_reads():
         OPS.conv_bn_act(x, packed.half(), scale[:4], shift[:4], None, 3, 3, 1, 1, True)
 
 
-# --- bn_act and add_relu ------------------------------------------------------------------------------------
-
-EW_SHAPES = [(2, 16, 5, 7), (1, 3, 1, 1), (3, 37, 4, 9)]  # odd C and sizes: channel = offset % C must hold
-
-
-@pytest.mark.parametrize("shape", EW_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
-@pytest.mark.parametrize("residual", [False, True], ids=["no_res", "res"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_bn_act_matches_oracle(dtype, residual, relu, shape):
-    x = torch.randn(shape, device=DEVICE).to(dtype)
-    scale, shift = torch.randn(shape[1], device=DEVICE), torch.randn(shape[1], device=DEVICE)
-    res = torch.randn(shape, device=DEVICE).to(dtype).contiguous(memory_format=CL) if residual else None
-    y = rf.bn_act(x, scale, shift, res, relu=relu, backend="triton")
-    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
-    assert_matches(y, ref_bn_act(x, scale, shift, res, relu), dtype)
-
-
-def test_bn_act_half_precision_scale_vectors():
-    """scale/shift may be any float dtype (e.g. a fp16 model's BN params); the kernel reads them as fp32."""
-    x = torch.randn(2, 8, 3, 3, device=DEVICE).half()
-    scale, shift = torch.randn(8, device=DEVICE).half(), torch.randn(8, device=DEVICE).half()
-    assert_matches(rf.bn_act(x, scale, shift, backend="triton"), ref_bn_act(x, scale, shift, None, True),
-                   torch.float16)
-
+# --- the elementwise kernels' 64-bit offsets path -----------------------------------------------------------
 
 def test_elementwise_64bit_offsets_path():
     x, res = torch.randn(2, 5, 7, 3, device=DEVICE), torch.randn(2, 5, 7, 3, device=DEVICE)
@@ -249,29 +225,7 @@ def test_elementwise_64bit_offsets_path():
         assert_matches(elementwise.add_relu(x, res, index_64=index_64), ref_add_relu(x, res), torch.float32)
 
 
-# --- autograd of bn_act / add_relu --------------------------------------------------------------------------
-
-@pytest.mark.parametrize("residual,relu", [(True, True), (False, False), (False, True)])
-def test_bn_act_gradients_match_eager(residual, relu):
-    def leaves():
-        torch.manual_seed(1)
-        x = torch.randn(2, 6, 5, 3, device=DEVICE, requires_grad=True)
-        scale = torch.randn(6, device=DEVICE, requires_grad=True)
-        shift = torch.randn(6, device=DEVICE, requires_grad=True)
-        res = torch.randn(2, 6, 5, 3, device=DEVICE, requires_grad=True) if residual else None
-        return x, scale, shift, res
-
-    grad_out = torch.randn(2, 6, 5, 3, device=DEVICE)
-    got = leaves()
-    OPS.bn_act(*got, relu).backward(grad_out)
-    want = leaves()
-    y = want[0] * want[1].view(1, -1, 1, 1) + want[2].view(1, -1, 1, 1)
-    y = y + want[3] if residual else y
-    (torch.relu(y) if relu else y).backward(grad_out)
-    for g, w in zip(got, want):
-        if w is not None:
-            assert_matches(g.grad, w.grad, torch.float32)
-
+# --- autograd of conv_bn_act ---------------------------------------------------------------------------------
 
 def test_public_conv_bn_act_differentiates_every_input():
     # the kernel has no backward (it reads a packed weight): with inputs that need grad the backend runs
@@ -323,14 +277,6 @@ def _conv_args(residual):
 @pytest.mark.parametrize("residual", [False, True], ids=["no_res", "res"])
 def test_opcheck_conv_bn_act(residual):
     torch.library.opcheck(OPS.conv_bn_act.default, _conv_args(residual))
-
-
-def test_opcheck_bn_act():
-    x = torch.randn(2, 5, 3, 4, device=DEVICE, requires_grad=True)
-    scale = torch.randn(5, device=DEVICE, requires_grad=True)
-    shift = torch.randn(5, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, torch.randn_like(x), True))
-    torch.library.opcheck(OPS.bn_act.default, (x, scale, shift, None, False))
 
 
 def _residual_block(x, pack, scale, shift):

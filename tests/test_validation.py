@@ -81,16 +81,6 @@ def test_relu_must_be_bool():
     a = _args()
     with pytest.raises(TypeError, match="relu must be a bool"):
         ops.conv_bn_act(a["x"], a["weight"], a["scale"], a["shift"], padding=1, relu="yes", backend="torch")
-    with pytest.raises(TypeError, match="relu must be a bool"):
-        ops.bn_act(a["x"], torch.ones(4), torch.zeros(4), relu=1, backend="torch")
-
-
-def test_bn_act_bad_arguments():
-    x = torch.randn(2, 4, 5, 5)
-    with pytest.raises(ValueError, match="scale must be a 1-D tensor of length 4"):
-        ops.bn_act(x, torch.ones(5), torch.zeros(4))
-    with pytest.raises(ValueError, match="residual must have the output's shape"):
-        ops.bn_act(x, torch.ones(4), torch.zeros(4), torch.randn(2, 4, 5, 4))
 
 
 def test_named_backend_that_cannot_run_says_why():
@@ -161,11 +151,9 @@ def test_empty_batch_gives_an_empty_channels_last_output(backend):
 
 
 def test_non_builtin_types_are_named_with_their_module():
-    # numpy's bool scalar is called "bool" too: "relu must be a bool, got bool" would say nothing
+    # numpy's scalars print as builtin names ("stride must be an int, got int64" would say little)
     np = pytest.importorskip("numpy")
     a = _args()
-    with pytest.raises(TypeError, match=r"relu must be a bool, got numpy\.bool"):
-        ops.bn_act(a["x"], torch.ones(4), torch.zeros(4), relu=np.bool_(True), backend="torch")
     with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got numpy\.ndarray"):
         _call(x=a["x"].numpy())
     with pytest.raises(TypeError, match=r"stride must be an int, got numpy\.int64"):

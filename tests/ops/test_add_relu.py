@@ -13,16 +13,15 @@ import torch
 import resnet_fused as rf
 from resnet_fused import ops
 from tests.oracle import assert_matches, ref_add_relu
-from tests.targets import DTYPE_IDS, DTYPES, LIBRARY_TARGETS, assert_output, labelled, layout, on_cpu, targets
+from tests.targets import (DTYPE_IDS, DTYPES, ELEMENTWISE_SHAPES, LIBRARY_TARGETS, assert_output,
+                           assert_relu_backward_selects_as_eager, labelled, layout, on_cpu, shape_ids, targets)
 
 ALL = targets()
-SHAPES = [(2, 16, 8, 8), (2, 16, 5, 7), (1, 3, 5, 7), (3, 37, 3, 2), (3, 37, 4, 9), (1, 64, 1, 1), (2, 1, 9, 9),
-          (1, 3, 1, 1), (2, 12, 3, 3), (3, 5, 7, 5), (1, 1, 4, 3)]
 # (x, residual) memory formats: the kernels read both layouts and mixes of them.
 LAYOUTS = [("nchw", "nchw"), ("cl", "cl"), ("cl", "nchw")]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=shape_ids(ELEMENTWISE_SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("target", ALL)
 def test_matches_oracle(target, dtype, shape):
@@ -78,17 +77,8 @@ def test_relu_keeps_nan(target):
 
 @pytest.mark.parametrize("target", ALL)
 def test_relu_backward_selects_as_eager(target):
-    # eager's ReLU backward selects: an inf gradient where y = 0 gives 0 (not inf * 0 = NaN), and a NaN output
-    # passes its gradient through
-    upstream = torch.tensor([float("inf"), 1.0, 3.0, float("inf")], device=target.device).view(1, 4, 1, 1)
-    grads = {}
-    for name, op in (("add_relu", lambda x: rf.add_relu(x, torch.zeros_like(x), backend=target.backend)),
-                     ("eager", torch.relu)):
-        x = torch.tensor([-1.0, 2.0, float("nan"), 0.0], device=target.device).view(1, 4, 1, 1).requires_grad_()
-        op(x).backward(upstream)
-        grads[name] = x.grad.flatten().tolist()
-    assert grads["eager"] == [0.0, 1.0, 3.0, 0.0]
-    assert grads["add_relu"] == grads["eager"]
+    assert_relu_backward_selects_as_eager(lambda x: rf.add_relu(x, torch.zeros_like(x), backend=target.backend),
+                                          target.device)
 
 
 # --- argument errors: checked at the public door --------------------------------------------------------------
