@@ -80,3 +80,28 @@ def test_recomputed_stream_gives_eager_gradients_even_after_an_in_place_edit():
         for e, a, b in zip(eager, first, second):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
             torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_saved_tensors_are_freed_by_backward_while_the_output_lives():
+    """The usual loop keeps `loss` (and through it the graph) until the next step: what the fused blocks saved must
+    be freed by backward anyway, as eager's saved tensors are."""
+    import gc
+    import weakref
+
+    torch.manual_seed(2)
+    fused, _ = rf.fuse_model(_stage())
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fused(x)
+    loss = out.square().mean()
+    loss.backward()
+    gc.collect()
+    params = {id(p) for p in fused.parameters()}
+    alive = [r() for r in saved if r() is not None and id(r()) not in params and r() is not x]
+    assert out.grad_fn is not None and not alive, [tuple(t.shape) for t in alive]

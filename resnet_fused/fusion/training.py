@@ -25,7 +25,6 @@ that.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -87,35 +86,43 @@ MAX_CHAIN = 16  # programs recomputed from one saved input at most (a stage of R
 
 
 class Produced:
-    """How a single-input program's output is recomputed elementwise: from its input (a saved tensor, or another
-    Produced) and its saved conv outputs and statistics. The next program keeps this instead of the tensor, so a
-    run of fused blocks keeps only its first input and each unit's conv output (no convolution is recomputed)."""
+    """How a single-input program's output is recomputed elementwise: from its input (saved by that program, or
+    another Produced) and its saved conv outputs and statistics. The next program keeps this instead of the tensor,
+    so a run of fused blocks keeps only its first input and each unit's conv output (no convolution is recomputed).
+    It reads the producing program's saved tensors through its node, so they are freed, as any saved tensor, by
+    that program's backward (never kept alive by a graph the caller still holds)."""
 
-    __slots__ = ("program", "backend", "source", "ys", "stats", "flat", "version", "depth", "value", "__weakref__")
+    __slots__ = ("program", "backend", "node", "source", "version", "depth", "value")
 
-    def __init__(self, program, backend, source, ys, stats, flat, version: int):
-        self.program, self.backend, self.source = program, backend, source
-        self.ys, self.stats, self.flat, self.version = ys, stats, flat, version
-        self.depth = source.depth + 1 if isinstance(source, Produced) else 1
-        self.value = None  # the recomputed output, kept while later programs' backwards may read it
+    def __init__(self, program, backend, node, source: Optional["Produced"], version: int):
+        self.program, self.backend, self.node, self.source, self.version = program, backend, node, source, version
+        self.depth = source.depth + 1 if source is not None else 1
+        self.value = None  # the recomputed output, kept until the one backward that reads it
+
+    def _saved(self):
+        """(input or None, ys, stats, flat) of the producing program."""
+        saved = self.node.saved_tensors
+        x, saved = (None, saved) if self.source is not None else (saved[0], saved[1:])
+        units = len(self.program)
+        return x, saved[:units], saved[units:3 * units], saved[3 * units:]
 
     def recompute(self) -> torch.Tensor:
         if self.value is None:
-            x = self.source.recompute() if isinstance(self.source, Produced) else self.source
-            values = _recompute(self.program, self.backend, [x], self.ys, self.stats, self.flat, keep_last=True)
-            self.value = values[-1]
+            x, ys, stats, flat = self._saved()
+            x = self.source.recompute() if self.source is not None else x
+            self.value = _recompute(self.program, self.backend, [x], ys, stats, flat, keep_last=True)[-1]
         return self.value
 
     def differentiable(self) -> torch.Tensor:
         """The output recomputed in plain differentiable ops (convolutions too): for double backward only."""
-        x = self.source.differentiable() if isinstance(self.source, Produced) else self.source
-        return plain_forward(self.program, [x], self.flat)
+        x, _, _, flat = self._saved()
+        x = self.source.differentiable() if self.source is not None else x
+        return plain_forward(self.program, [x], flat)
 
 
 def _producer(x: torch.Tensor) -> Optional[Produced]:
     """x's Produced where x is a program's output, unmodified since, whose chain may grow by one."""
-    ref = getattr(x, _PRODUCED, None)
-    produced = ref() if ref is not None else None
+    produced = getattr(x, _PRODUCED, None)
     if produced is None or produced.version != x._version or produced.depth >= MAX_CHAIN:
         return None
     return produced
@@ -141,10 +148,8 @@ class _Program(torch.autograd.Function):
         ctx.source = source  # None: the inputs are saved
         ctx.save_for_backward(*(inputs if source is None else ()), *ys, *stats, *flat)
         out = values[-1]
-        if n_inputs == 1 and any(ctx.needs_input_grad):
-            produced = Produced(program, backend, source or inputs[0], ys, stats, flat, out._version)
-            ctx.produced = produced  # alive until this program's backward; the next program holds it too
-            setattr(out, _PRODUCED, weakref.ref(produced))
+        if n_inputs == 1 and any(ctx.needs_input_grad):  # out -> Produced -> this node: no cycle, no tensor held
+            setattr(out, _PRODUCED, Produced(program, backend, ctx, source, out._version))
         return out
 
     @staticmethod
