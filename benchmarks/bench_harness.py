@@ -167,12 +167,17 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
         if kind != "model":
             return "the peer engines are benchmarked for whole models only"
         return peer_skip_reason(provider, setting.dtype, setting.device)
-    if provider == "triton" and setting.device == "cpu":
+    return fused_backend_skip_reason(provider, setting.device)
+
+
+def fused_backend_skip_reason(provider: str, device: str) -> Optional[str]:
+    """Why a fused backend provider does not run on `device` here (None: it runs, or it is no fused backend)."""
+    if provider == "triton" and device == "cpu":
         return "triton on the CPU is the interpreter, not a speed path"
     if provider in FUSED_BACKENDS:
-        reason = rf.available_backends(setting.device).get(provider, "not registered")
+        reason = rf.available_backends(device).get(provider, "not registered")
         if reason:
-            return f"backend {provider!r} unavailable on {setting.device}: {reason}"
+            return f"backend {provider!r} unavailable on {device}: {reason}"
     return None
 
 
@@ -269,5 +274,5 @@ def reference_model(name: str, setting: Setting, submodule: str = "") -> nn.Modu
 
 __all__ = ["BLOCK_CASES", "CPU_MODEL", "CPU_SMALL", "GPU_SETTINGS", "PROVIDERS", "RESNET50_CONVS", "Setting",
            "check_close", "compiled", "count_macs", "cudnn_conv_fn", "EagerConvBNAct", "fuse_for_benchmark",
-           "fused_block", "model_runner", "layer_inputs", "model_bytes", "PackedConvBN", "random_conv_bn", "reference_model",
+           "fused_backend_skip_reason", "fused_block", "model_runner", "layer_inputs", "model_bytes", "PackedConvBN", "random_conv_bn", "reference_model",
            "run_case", "skip_reason", "split_graphed", "pytest"]

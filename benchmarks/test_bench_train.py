@@ -9,7 +9,6 @@ CPU: fp32, batch 8 at 128x128 (train step), batch 1 and 8 at 224x224 (frozen). G
 
 from __future__ import annotations
 
-import copy
 import time
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 import resnet_fused as rf
 from bench_harness import (BF16, F32, FUSED_BACKENDS, ON_GPU, NO_GPU, Setting, benchmark_disabled, compiled,
-                           fuse_for_benchmark)
+                           fuse_for_benchmark, fused_backend_skip_reason)
 from resnet_fused.cli.common import DTYPE_NAMES, environment, randomize_bn
 
 PROVIDERS = ("eager-nchw", "eager", "torch.compile") + FUSED_BACKENDS
@@ -45,15 +44,9 @@ def saved_bytes(model, x) -> tuple[int, int]:
 def _skip_reason(provider: str, setting: Setting, quick: bool):
     if setting.device == "cuda" and not ON_GPU:
         return NO_GPU
-    if provider == "triton" and setting.device == "cpu":
-        return "triton on the CPU is the interpreter, not a speed path"
     if provider == "torch.compile" and quick:
         return "--benchmark-disable smoke run: torch.compile providers are skipped (compile time)"
-    if provider in FUSED_BACKENDS:
-        reason = rf.available_backends(setting.device).get(provider, "not registered")
-        if reason:
-            return f"backend {provider!r} unavailable on {setting.device}: {reason}"
-    return None
+    return fused_backend_skip_reason(provider, setting.device)
 
 
 def _model(name: str, provider: str, setting: Setting, train: bool):

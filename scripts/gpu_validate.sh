@@ -20,10 +20,12 @@
 # left than a command's limit, prefix GPU_PASS_LIMIT_S=<seconds> (the last steps shrink first) and give the call
 # a timeout_s 20 s above it.
 # Environment: GPU_PASS_LIMIT_S (default 540 / 240), OUT (default ./gpu_out), GPU_PASS_STATE (default
-# /tmp/gpu_pass: logs and step results, kept between the two commands), PYTHON (default python3), MAX_JOBS
+# /tmp/gpu_pass: logs and step results, kept between the two commands), PYTHON (default: the checkout's .venv made
+# by `make setup` where there is one, else python3), MAX_JOBS
 # (default: the core count), TORCH_CUDA_ARCH_LIST (default 9.0a: H100/H200 only, wgmma and TMA allowed).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
 MODE=${1:-main}
 

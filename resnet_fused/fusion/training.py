@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..ops.batch_norm_reference import output_format
 from .vjp import differentiable_vjp
