@@ -30,10 +30,11 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused import PackedConvBN
-from resnet_fused.cli.common import DTYPE_NAMES, environment, randomize_bn
-from resnet_fused.cli.fusing import fuse_for_benchmark, fused_block
-from resnet_fused.cli.layers import ConvLayer, conv_layers, count_macs, model_bytes
-from resnet_fused.cli.units import CudnnConvBNAct, EagerConvBNAct, layer_inputs, random_conv_bn
+from resnet_fused.benchmarking.environment import DTYPE_NAMES, environment
+from resnet_fused.benchmarking.fusing import fuse_for_benchmark, fused_block
+from resnet_fused.benchmarking.layers import ConvLayer, conv_layers, count_macs, model_bytes
+from resnet_fused.benchmarking.models import REL_TOL, randomize_bn
+from resnet_fused.benchmarking.units import CudnnConvBNAct, EagerConvBNAct, layer_inputs, random_conv_bn
 
 from peers import PEERS, peer_runner, peer_skip_reason  # benchmarks/ is on sys.path (rootdir-relative import)
 
@@ -214,9 +215,6 @@ def model_runner(provider: str, model: nn.Module, x: torch.Tensor) -> Tuple[Call
     if graphed:  # captured during run_case's warm-ups
         module, extra["cuda_graphs"] = rf.cuda_graphed(module), True
     return (lambda: module(x)), extra
-
-
-REL_TOL = {F32: 1e-3, F16: 2e-2, BF16: 6e-2}
 
 
 def check_close(out: torch.Tensor, ref: torch.Tensor, dtype, device: str, scale: float = 1.0) -> None:

@@ -11,7 +11,7 @@ from bench_harness import NO_GPU, ON_GPU  # noqa: E402  (benchmarks/ is on sys.p
 
 
 def pytest_report_header(config):
-    from resnet_fused.cli.common import environment
+    from resnet_fused.benchmarking.environment import environment
 
     env = environment("cuda" if ON_GPU else "cpu")
     return (f"resnet_fused benchmarks on {env['device']}: torch {env['torch']}, triton {env['triton']}, "

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_harness import (BF16, F32, Setting, check_close, count_macs, cpu_convolves_bf16,  # noqa: E402
                            model_runner, reference_model, skip_reason)
-from resnet_fused.cli.common import DTYPE_NAMES, environment  # noqa: E402
+from resnet_fused.benchmarking.environment import DTYPE_NAMES, environment  # noqa: E402
 
 IMAGE_SIZE = 224
 DTYPES = {"fp32": F32, "bf16": BF16}

@@ -13,7 +13,7 @@ import torch
 
 from bench_harness import benchmark_disabled
 from resnet_fused import ops
-from resnet_fused.cli.common import environment
+from resnet_fused.benchmarking.environment import environment
 from resnet_fused.ops import batch_norm_reference as reference
 from resnet_fused.ops.backends.extension import HAS_BATCH_NORM_KERNELS
 

@@ -6,7 +6,7 @@ import torch
 
 from bench_harness import (BLOCK_CASES, CPU_SMALL, GPU_SETTINGS, PROVIDERS, check_close, compiled, fused_block,
                            reference_model, run_case, skip_reason)
-from resnet_fused.cli.layers import conv_layers
+from resnet_fused.benchmarking.layers import conv_layers
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

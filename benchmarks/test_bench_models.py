@@ -7,7 +7,7 @@ import torch
 
 from bench_harness import (CPU_MODEL, GPU_SETTINGS, PROVIDERS, check_close, count_macs, model_bytes,
                            model_runner, reference_model, run_case, skip_reason)
-from resnet_fused.cli.layers import conv_layers
+from resnet_fused.benchmarking.layers import conv_layers
 
 IMAGE_SIZE = 224
 

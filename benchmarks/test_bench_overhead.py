@@ -11,7 +11,7 @@ from torch import nn
 import resnet_fused as rf
 from bench_harness import NO_GPU, ON_GPU, benchmark_disabled
 from resnet_fused.blocks import FusedBottleneck
-from resnet_fused.cli.common import environment
+from resnet_fused.benchmarking.environment import environment
 
 PROVIDERS = ("eager", "torch", "cpu", "triton", "cuda")
 PACKAGE = rf.__file__.rsplit("/", 1)[0]

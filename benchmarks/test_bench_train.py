@@ -17,7 +17,8 @@ import torch
 import resnet_fused as rf
 from bench_harness import (BF16, F32, FUSED_BACKENDS, ON_GPU, NO_GPU, Setting, benchmark_disabled, compiled,
                            fuse_for_benchmark, fused_backend_skip_reason)
-from resnet_fused.cli.common import DTYPE_NAMES, environment, randomize_bn
+from resnet_fused.benchmarking.environment import DTYPE_NAMES, environment
+from resnet_fused.benchmarking.models import randomize_bn
 
 PROVIDERS = ("eager-nchw", "eager", "torch.compile") + FUSED_BACKENDS
 BUILDERS = {"resnet50": rf.resnet50, "resnet18": rf.resnet18}

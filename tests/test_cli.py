@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from resnet_fused.__main__ import main
-from resnet_fused.cli import demo as demo_cli
-from resnet_fused.cli import plotting, report, roofline
-from resnet_fused.cli.common import randomize_bn
 from resnet_fused import PackedConvBN
-from resnet_fused.cli.fusing import fused_block
-from resnet_fused.cli.layers import ConvLayer, conv_layers, count_macs, model_bytes
-from resnet_fused.cli.units import conv_and_bn, eager_and_fused, layer_inputs
+from resnet_fused.__main__ import main
+from resnet_fused.benchmarking import roofline
+from resnet_fused.benchmarking.fusing import fused_block
+from resnet_fused.benchmarking.layers import ConvLayer, conv_layers, count_macs, model_bytes
+from resnet_fused.benchmarking.models import randomize_bn
+from resnet_fused.benchmarking.units import conv_and_bn, eager_and_fused, layer_inputs
+from resnet_fused.cli import demo as demo_cli
+from resnet_fused.cli import plotting, report
 
 from .oracle import assert_matches
 

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from resnet_fused.__main__ import main
-from resnet_fused.cli import report, roofline
+from resnet_fused.benchmarking import roofline
+from resnet_fused.cli import report
 
 from .test_cli import _bench, _write_benchmark_json
 
@@ -165,7 +166,7 @@ def test_roofline_peaks_are_keyed_by_cpu_model_and_threads(monkeypatch):
 
     import torch
 
-    from resnet_fused.cli.common import device_name
+    from resnet_fused.benchmarking.environment import device_name
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  None) if os.path.exists("/proc/cpuinfo") else None
@@ -204,7 +205,7 @@ def test_a_noisy_peak_is_used_but_not_cached(monkeypatch):
 
 def test_layer_labels_are_unique_and_name_the_module():
     import resnet_fused as rf
-    from resnet_fused.cli.layers import conv_layers
+    from resnet_fused.benchmarking.layers import conv_layers
 
     labels = [layer.label for layer in conv_layers(rf.resnet50())]
     assert len(set(label.split()[0] for label in labels)) == len(labels)  # "layer2.conv1" named two rows
@@ -238,7 +239,7 @@ def test_profiler_chatter_is_dropped_and_the_rest_of_stderr_kept(capfd):
 
 def test_profile_flags_noisy_timings_and_a_peak_measured_low(tmp_path, capfd, monkeypatch):
     from resnet_fused.cli import profile
-    from resnet_fused.cli.timing import Timing, measure
+    from resnet_fused.benchmarking.timing import Timing, measure
 
     def noisy_eager(fns, device, **kwargs):  # a busy machine: eager's repeats spread by 50%
         return {k: Timing(t.median, 0.5 if k == "eager" else 0.0) for k, t in measure(fns, device, **kwargs).items()}
@@ -266,7 +267,7 @@ def test_profile_flags_noisy_timings_and_a_peak_measured_low(tmp_path, capfd, mo
 
 def test_demo_says_when_a_busy_machine_made_its_speedups_meaningless(capsys, monkeypatch):
     from resnet_fused.cli import demo
-    from resnet_fused.cli.timing import Timing
+    from resnet_fused.benchmarking.timing import Timing
 
     monkeypatch.setattr(demo, "measure", lambda fns, device, **kw: {k: Timing(1.0, 0.4 * (k == "fused"))
                                                                     for k in fns})

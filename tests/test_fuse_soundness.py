@@ -3,7 +3,6 @@ entered twice in a Sequential, in-place writes, call order, direct .forward call
 training flags, grad mode and autocast, instance and __call__ overrides, global hooks). Each case is compared
 against the eager model."""
 
-import copy
 
 import pytest
 import torch

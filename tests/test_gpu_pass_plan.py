@@ -278,7 +278,7 @@ def cudnn_stand_ins(monkeypatch):
 
 def test_cudnn_resnet_runs_every_conv_through_cudnns_fused_ops(cudnn_stand_ins):
     import resnet_fused as rf
-    from resnet_fused.cli.common import randomize_bn
+    from resnet_fused.benchmarking.models import randomize_bn
     from scripts.gpu_pass.cudnn_model import cudnn_resnet
 
     model = rf.resnet50().eval()
@@ -292,7 +292,7 @@ def test_cudnn_resnet_runs_every_conv_through_cudnns_fused_ops(cudnn_stand_ins):
 
 @pytest.fixture
 def fixed_peak(monkeypatch):
-    from resnet_fused.cli import roofline
+    from resnet_fused.benchmarking import roofline
 
     peak = roofline.Peak("test", "bf16", flops_per_s=1e12, bytes_per_s=1e11)
     monkeypatch.setattr(roofline, "device_peak", lambda *args, **kwargs: peak)
@@ -324,7 +324,7 @@ def test_headline_times_builds_checks_and_records_on_the_cpu(tmp_path, cudnn_sta
 def test_convs_time_a_layer_against_its_roofline_on_the_cpu(cudnn_stand_ins, fixed_peak):
     import time
 
-    from resnet_fused.cli.common import environment
+    from resnet_fused.benchmarking.environment import environment
     from scripts.gpu_pass.convs import time_layer
 
     layer = workload.resnet50_layers()[-1]  # layer4's 3x3 conv, 7x7 pixels

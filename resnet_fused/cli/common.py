@@ -1,19 +1,17 @@
-"""Shared CLI plumbing: device/dtype choice, model construction, inputs and environment facts."""
+"""Shared CLI plumbing: argument types, device/dtype/backend choice, the model a command runs and whether it fits."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import os
-import platform
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from ..benchmarking.environment import DTYPE_NAMES, DTYPES
+from ..benchmarking.models import MODELS, for_inference, reference_model
 
 
 def positive_int(text: str) -> int:
@@ -83,13 +81,11 @@ def pick_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
 
 def build_model(name: str, weights: Optional[str], device, dtype) -> torch.nn.Module:
     """An eval-mode reference model in channels_last: a local torchvision checkpoint, or random weights (with
-    random BN statistics, see randomize_bn)."""
-    from .. import models
-
+    random BN statistics); a bad --model or --weights is a one-line error."""
     if name not in MODELS:
         raise SystemExit(f"--model must be one of {list(MODELS)}, got {name!r}")
     try:
-        model = getattr(models, name)(weights=weights)
+        model = reference_model(name, weights)
     except Exception as exc:  # noqa: BLE001
         if weights is None:
             raise
@@ -98,9 +94,7 @@ def build_model(name: str, weights: Optional[str], device, dtype) -> torch.nn.Mo
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
         reason = reason if len(reason) <= 300 else reason[:300] + " ..."
         raise SystemExit(f"--weights: cannot load {weights!r} into {name} ({type(exc).__name__}: {reason})") from None
-    if weights is None:
-        randomize_bn(model)
-    return model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    return for_inference(model, device, dtype)
 
 
 # A forward in inference mode holds a few activations at once (a block's input, its branch, the sum): measured on
@@ -156,59 +150,3 @@ def free_memory(device) -> Optional[int]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def make_images(batch: int, image_size: int, device, dtype, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, image_size, image_size, generator=generator)
-    return x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-
-
-def device_name(device) -> str:
-    """The GPU's name, or the CPU's model (not platform.machine(): every x86 machine is "x86_64")."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def environment(device) -> dict:
-    """Versions and device facts recorded with every benchmark and profile."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # triton absent or broken: recorded, not fatal
-        triton_version = None
-    return {
-        "device": device_name(device),
-        "device_type": torch.device(device).type,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "cpu_threads": torch.get_num_threads(),
-    }
-
-
-@torch.no_grad()
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm non-trivial statistics and affine terms: a fresh init has mean 0, var 1, gamma 1,
-    beta 0, which would let a wrong BN fold go unnoticed."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-            if module.weight is not None:
-                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)

@@ -14,13 +14,11 @@ import torch
 
 from .. import ops
 from ..graphs import cuda_graphed
-from .common import (DTYPE_NAMES, MODELS, build_model, check_fits, environment, image_size, make_images, pick_backend,
-                     pick_device, pick_dtype, positive_int)
-from .fusing import fuse_for_benchmark
-from .timing import NOISY, measure
-
-# Max relative error of the logits allowed per dtype (fused and eager both run in this dtype).
-REL_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+from ..benchmarking.environment import DTYPE_NAMES, environment
+from ..benchmarking.fusing import fuse_for_benchmark
+from ..benchmarking.models import MODELS, REL_TOL, make_images
+from ..benchmarking.timing import NOISY, measure
+from .common import build_model, check_fits, image_size, pick_backend, pick_device, pick_dtype, positive_int
 
 
 def add_parser(subparsers) -> None:

@@ -23,14 +23,16 @@ from typing import Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .common import (DTYPE_NAMES, MODELS, build_model, check_fits, environment, image_size, make_images,
-                     non_negative_int, output_dir, pick_backend, pick_device, pick_dtype, positive_int)
-from .fusing import fuse_for_benchmark
-from .layers import conv_layers
+from ..benchmarking.environment import DTYPE_NAMES, environment, load_average
+from ..benchmarking.fusing import fuse_for_benchmark
+from ..benchmarking.layers import conv_layers
+from ..benchmarking.models import MODELS, make_images
+from ..benchmarking.roofline import Peak, bound_seconds, cache_file, device_peak
+from ..benchmarking.timing import NOISY, Timing, measure
+from ..benchmarking.units import conv_and_bn, eager_and_fused, layer_inputs
+from .common import (build_model, check_fits, image_size, non_negative_int, output_dir, pick_backend, pick_device,
+                     pick_dtype, positive_int)
 from .plotting import MISSING_MATPLOTLIB, bar_chart, have_matplotlib
-from .roofline import Peak, bound_seconds, cache_file, device_peak, load_average
-from .timing import NOISY, Timing, measure
-from .units import conv_and_bn, eager_and_fused, layer_inputs
 
 
 def add_parser(subparsers) -> None:

@@ -4,7 +4,7 @@ triton and cuda, timed side by side, with each one's percent of the layer's roof
     python -m scripts.gpu_pass.convs --out convs.json --bench-out convs.bench.json
 
     bound = max(FLOPs / peak FLOP/s, fused bytes / peak bytes/s)      percent = 100 * bound / median time
-with the peaks measured on this GPU (resnet_fused.cli.roofline). Each provider's output is checked against
+with the peaks measured on this GPU (resnet_fused.benchmarking.roofline). Each provider's output is checked against
 eager's first. Layers run in model order; the JSON files are rewritten after each layer.
 """
 
@@ -27,7 +27,7 @@ def layer_units(layer, provider: str, device: str):
     import torch
 
     from resnet_fused import PackedConvBN
-    from resnet_fused.cli.units import CudnnConvBNAct, EagerConvBNAct, random_conv_bn
+    from resnet_fused.benchmarking.units import CudnnConvBNAct, EagerConvBNAct, random_conv_bn
 
     conv, bn = random_conv_bn(layer, device, torch.bfloat16)
     if provider == "eager":
@@ -52,8 +52,8 @@ def time_layer(layer, providers, peak, env, deadline: float, batch: int = BATCH,
     """(table row, pytest-benchmark entries) of one layer: every provider warmed, checked against eager, timed."""
     import torch
 
-    from resnet_fused.cli.demo import REL_TOL
-    from resnet_fused.cli.roofline import percent_of_roofline
+    from resnet_fused.benchmarking.models import REL_TOL
+    from resnet_fused.benchmarking.roofline import percent_of_roofline
 
     from .benchjson import entry, group_name
     from .sidebyside import time_side_by_side, warm_and_check
@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     import torch
 
     import resnet_fused as rf
-    from resnet_fused.cli.common import environment
-    from resnet_fused.cli.roofline import device_peak
+    from resnet_fused.benchmarking.environment import environment
+    from resnet_fused.benchmarking.roofline import device_peak
 
     from .benchjson import document
     from .workload import resnet50_layers

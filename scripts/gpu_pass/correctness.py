@@ -79,7 +79,7 @@ def check(backend: str, call, device: str, reference: str) -> None:
     import torch
 
     import resnet_fused as rf
-    from resnet_fused.cli.common import DTYPES
+    from resnet_fused.benchmarking.environment import DTYPES
     from tests.oracle import assert_matches, make_conv_inputs, ref_add_relu, ref_bn_act, ref_conv_bn_act
 
     dtype = DTYPES[call.dtype]

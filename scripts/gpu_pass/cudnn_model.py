@@ -12,7 +12,7 @@ import copy
 
 from torch import nn
 
-from resnet_fused.cli.units import CudnnConvBNAct
+from resnet_fused.benchmarking.units import CudnnConvBNAct
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 

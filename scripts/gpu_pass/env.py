@@ -27,7 +27,7 @@ def _first_line(command) -> str:
 def collect(wheels_installed, sanitizer: str) -> dict:
     import torch
 
-    from resnet_fused.cli.common import environment
+    from resnet_fused.benchmarking.environment import environment
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = dict(environment(device), python=platform.python_version(), cpu_count=os.cpu_count(),

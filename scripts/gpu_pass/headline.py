@@ -34,7 +34,8 @@ class Headline:
                  image_size: int = IMAGE_SIZE):
         import torch
 
-        from resnet_fused.cli.common import build_model, environment
+        from resnet_fused.benchmarking.environment import environment
+        from resnet_fused.benchmarking.models import for_inference, reference_model
 
         self.out, self.bench_out, self.deadline = out, bench_out, deadline
         self.device, self.image_size = device, image_size
@@ -42,7 +43,7 @@ class Headline:
         torch.backends.cudnn.benchmark = True
         torch.manual_seed(0)
         self.env = environment(device)
-        self.model = build_model("resnet50", None, device, torch.bfloat16)
+        self.model = for_inference(reference_model("resnet50"), device, torch.bfloat16)
         self.record = {"settings": {}, "notes": []}
         self.benchmarks = []
         self.modules = {}  # provider -> (module, how): built and warmed once, reused by a later phase
@@ -61,7 +62,7 @@ class Headline:
         import torch
 
         import resnet_fused as rf
-        from resnet_fused.cli.fusing import fuse_for_benchmark
+        from resnet_fused.benchmarking.fusing import fuse_for_benchmark
 
         from .cudnn_model import cudnn_resnet
 
@@ -85,8 +86,7 @@ class Headline:
         """Build, warm up and check every provider, then time them side by side; record and write."""
         import torch
 
-        from resnet_fused.cli.common import make_images
-        from resnet_fused.cli.demo import REL_TOL
+        from resnet_fused.benchmarking.models import REL_TOL, make_images
 
         from .sidebyside import time_side_by_side, warm_and_check
 
@@ -135,7 +135,7 @@ class Headline:
     def roofline_bound(self, batch: int) -> float:
         import torch
 
-        from resnet_fused.cli.roofline import bound_seconds, device_peak
+        from resnet_fused.benchmarking.roofline import bound_seconds, device_peak
 
         from .workload import resnet50_layers
 

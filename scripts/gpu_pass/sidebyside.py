@@ -41,7 +41,7 @@ def warm_and_check(builders: Dict[str, Callable[[], Callable]], reference, toler
 def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, reps: Dict[str, int], device="cuda",
                 deadline: float = float("inf"), clock=None) -> Dict[str, List[float]]:
     """{provider: [seconds per call, one per round]}; stops early (keeping whole rounds) past `deadline`."""
-    from resnet_fused.cli.timing import time_once
+    from resnet_fused.benchmarking.timing import time_once
 
     clock = clock or time.time
     samples: Dict[str, List[float]] = {name: [] for name in fns}

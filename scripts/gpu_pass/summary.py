@@ -394,16 +394,13 @@ def write_outputs(state: Path, out: Path, command: str) -> List[Path]:
 
 
 def write_png(out: Path) -> str:
-    """bench.png through `resnet_fused report` (its tables go to stdout); why not, if it cannot."""
-    import argparse as _argparse
-
-    from resnet_fused.cli import report
+    """bench.png through `python -m resnet_fused report` (its tables go to stdout); why not, if it cannot."""
+    from resnet_fused.__main__ import main as resnet_fused_command
 
     if not (out / "bench.json").is_file():
         return "no bench.json: nothing was timed"
     try:
-        report.run(_argparse.Namespace(files=[str(out / "bench.json")], out=out / "bench.png", cases=None,
-                                       markdown=True))
+        resnet_fused_command(["report", str(out / "bench.json"), "--out", str(out / "bench.png"), "--markdown"])
     except SystemExit as exc:
         return str(exc)
     return ""

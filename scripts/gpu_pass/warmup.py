@@ -65,7 +65,7 @@ def launch(job) -> None:
     """Make job's launch on fresh uninitialized CUDA tensors (compile-only within compile_only())."""
     import torch
 
-    from resnet_fused.cli.common import DTYPES
+    from resnet_fused.benchmarking.environment import DTYPES
     from resnet_fused.kernels.triton import conv_bn_act as conv_kernel, elementwise
 
     from .compiles import config_by_label

@@ -112,9 +112,9 @@ GPU_EW_SHAPES = TINY_EW_SHAPES + [(8, 256, 56, 56)]
 
 @functools.lru_cache(maxsize=None)
 def resnet50_layers():
-    """ResNet-50's distinct convs with their roles (resnet_fused.cli.layers reads them off the model)."""
+    """ResNet-50's distinct convs with their roles (resnet_fused.benchmarking.layers reads them off the model)."""
     import resnet_fused as rf
-    from resnet_fused.cli.layers import conv_layers
+    from resnet_fused.benchmarking.layers import conv_layers
 
     return tuple(conv_layers(rf.resnet50(), image_size=224))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from resnet_fused.cli.layers import conv_layers
+from resnet_fused.benchmarking.layers import conv_layers
 
 _C = pytest.importorskip("resnet_fused._C", reason="the C++ extension did not build")
 from resnet_fused.ops.backends.cuda import conv_kernel_path  # noqa: E402

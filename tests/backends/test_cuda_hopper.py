@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused as rf
-from resnet_fused.cli.layers import conv_layers
+from resnet_fused.benchmarking.layers import conv_layers
 from tests.oracle import GPU_CONV_CASES, GPU_CONV_IDS, assert_matches, ref_conv_bn_act
 
 DEVICE = "cuda"

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .common import DTYPE_NAMES, device_name
+from .environment import DTYPE_NAMES, device_name, load_average
 from .timing import NOISY, measure
 
 
@@ -87,13 +87,6 @@ def measure_peak(device, dtype: torch.dtype, *, matmul_size: Optional[int] = Non
                 flops_per_s=flops_per_s,
                 bytes_per_s=2.0 * src.numel() * src.element_size() / times["copy"].median,
                 measured_at=time.time(), spread=max(t.spread for t in times.values()), load=load_average())
-
-
-def load_average() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def device_peak(device, dtype: torch.dtype, *, refresh: bool = False, **measure_kwargs) -> Peak:
