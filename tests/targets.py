@@ -1,6 +1,7 @@
 """Where the op tests run: each backend on its device as a `Target`, and as a pytest param that skips with the
 reason `resnet_fused.available_backends` gives where that backend cannot run here (CUDA devices are also marked
-`gpu`, which tests/conftest.py skips without a GPU); the dtypes every op claims.
+`gpu`, which tests/conftest.py skips without a GPU); the tolerance each target is held to; the dtypes every op
+claims.
 
 Triton runs on the GPU where there is one, else in the interpreter on the CPU (conftest sets TRITON_INTERPRET=1):
 a parametrization that multiplies Triton runs stays on the small shapes (tests/oracle.py's CONV_CASES).
@@ -9,6 +10,8 @@ a parametrization that multiplies Triton runs stays on the small shapes (tests/o
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import pytest
@@ -40,6 +43,17 @@ class Target(NamedTuple):
         """The torch.ops namespace of the backend's own torch.library ops (the "torch" backend has none)."""
         return torch.ops.resnet_fused_triton if self.backend == "triton" else torch.ops.resnet_fused
 
+    @property
+    def interpreted(self) -> bool:
+        """Triton in the interpreter on the CPU, some 60 ms a small conv: the tests keep its sweeps small."""
+        return self.backend == "triton" and self.device == "cpu"
+
+    def tol(self, dtype: torch.dtype):
+        """The tests/oracle.py TOLERANCES key for outputs of `dtype`: fp32 convolutions on a GPU go through TF32
+        tensor cores (the cuda kernels always; Triton and cuDNN while torch.backends.cudnn.allow_tf32 is on)."""
+        tf32 = self.backend == "cuda" or torch.backends.cudnn.allow_tf32
+        return "tf32" if dtype == torch.float32 and self.device == "cuda" and tf32 else dtype
+
 
 _TARGETS = {
     "torch": Target("torch", "cpu"),
@@ -50,23 +64,33 @@ _TARGETS = {
 }
 
 
-def targets(*names: str) -> list:
+def targets(*names: str, xfail: Mapping[str, str] = MappingProxyType({}), gpu: bool = False) -> list:
     """pytest params of the named targets (every one by default), each skipped with its backend's reason where it
-    cannot run here."""
+    cannot run here; `xfail` maps a target's name to why it is known to fail (strict: a fix shows up); `gpu` marks
+    every one `gpu`, for shapes too large for the Triton interpreter on the CPU."""
     params = []
     for name in names or _TARGETS:
         target = _TARGETS[name]
         reason = rf.available_backends(target.device).get(target.backend, "it is not registered")
         marks = [pytest.mark.skipif(reason is not None, reason=f"the {target.backend!r} backend cannot run on "
                                                                f"{target.device} here: {reason}")]
-        if target.device == "cuda":
+        if gpu or target.device == "cuda":
             marks.append(pytest.mark.gpu)
+        if name in xfail:
+            marks.append(pytest.mark.xfail(strict=True, reason=xfail[name]))
         params.append(pytest.param(target, id=name, marks=marks))
     return params
 
 
+def module_marks(name: str) -> list:
+    """The marks of target `name` for a module of tests that all run on it (its `pytestmark`)."""
+    return list(targets(name)[0].marks)
+
+
 # The targets whose backend registers torch.library ops of its own (what torch.library.opcheck checks).
 LIBRARY_TARGETS = targets("cpu", "triton", "cuda")
+# The targets on a GPU, for the large shapes (Triton in the interpreter is skipped with the CUDA devices).
+GPU_TARGETS = targets("triton", "cuda", "torch_cuda", gpu=True)
 
 
 def on_cpu(*tensors):

@@ -8,7 +8,7 @@ Hopper kernels switched off (_C.cuda_set_sm90_enabled). All against the fp32 ora
 kernel ran, so the tests also prove that each call reaches the kernel the plan (_C.cuda_conv_plan) names.
 
 Skipped (with the reason) without a compute capability 9.0 GPU or without an extension built with the sm_90a
-kernels; tests/test_ops_cuda.py covers the backend on every GPU.
+kernels; tests/ops/test_conv_bn_act.py covers the backend on every GPU.
 """
 
 from __future__ import annotations
