@@ -11,11 +11,16 @@
 //
 // The sum over c is 36 matrix products, one per tile position p = (i, j) of the 6x6 transformed tiles:
 //   V[p]: (tiles, C) = (B^T d B)[i, j] of every input tile;  U[p]: (C, K) = (G w G^T)[i, j];  M[p] = V[p] @ U[p]
-// run as one batched GEMM (at::bmm; V and M are stored tile-major, (tiles, 36, C), so that a tile's transform reads
-// and writes one contiguous run, and multiplied through (36, tiles, C) strided views). A 3x3 convolution costs 9 multiply-adds per output and input channel; here the
-// GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over activation-sized buffers. Rounding: each
-// output sums transformed terms whose magnitudes exceed the result's (A and B hold entries up to 8 and 5), so the
-// fp32 error is about 20x a direct convolution's (measured 7e-6 of the output's largest magnitude, against 3e-7).
+// run as one batched GEMM (at::bmm over V and M stored position-major, (36, tiles, C): through tile-major buffers'
+// strided views ATen's bmm ran 1.4-2.9x slower on resnet50's shapes, while a tile's transform still reads and writes
+// runs of C contiguous values), where the layer has at most kPositionMajorTiles tiles (resnet50 at batch 1: 1.1-1.6x
+// faster per layer; batch 8's 14x14 layers 1.1x). Beyond that, with 64-128 channels, the transforms' 36 runs per tile
+// of a few cache lines each cost more than the GEMM gains (56x56 at batch 2-8: 1.0-1.6x slower), so larger layers keep
+// V and M tile-major, (tiles, 36, C), multiplied through strided views. A 3x3 convolution costs 9 multiply-adds per
+// output and input channel; here the GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over
+// activation-sized buffers. Rounding: each output sums transformed terms whose magnitudes exceed the result's (A and B
+// hold entries up to 8 and 5), so the fp32 error is about 20x a direct convolution's (measured 7e-6 of the output's
+// largest magnitude, against 3e-7).
 //
 // The transforms read and write channel vectors (channels_last: a pixel's channels are contiguous), in blocks of
 // kBlock channels, parallel over tiles; they are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load
@@ -42,11 +47,20 @@ constexpr int64_t kOut = 4;          // output tile side
 constexpr int64_t kIn = 6;           // input tile side: kOut + 3 - 1
 constexpr int64_t kPositions = 36;   // kIn * kIn
 constexpr int64_t kBlock = 16;       // channels per vector block
+constexpr int64_t kPositionMajorTiles = 256;  // most tiles for position-major buffers
 
 // The tile grid over (N, H, W) and the strides of the transformed buffers.
 struct Tiles {
   int64_t n, h, w, rows, cols;  // rows x cols tiles per image
   int64_t count() const { return n * rows * cols; }
+};
+
+// Where V[p, t, c] (or M) lies in its buffer: p * position + t * tile + c.
+struct Layout {
+  int64_t position, tile;
+  static Layout of(bool position_major, int64_t tiles, int64_t channels) {
+    return position_major ? Layout{tiles * channels, channels} : Layout{channels, kPositions * channels};
+  }
 };
 
 // Lane-wise over a block of kBlock channels (arrays contiguous over the lanes, so the loops vectorize):
@@ -89,9 +103,10 @@ inline const float* lanes(const float* src, int64_t width, float* spare) {
   return spare;
 }
 
-// V[t, p, c] = (B^T d B)[p] for tiles [begin, end) (padding 1: tile (ty, tx) reads rows 4 ty - 1 .. 4 ty + 4).
+// V[p, t, c] = (B^T d B)[p] for tiles [begin, end) (padding 1: tile (ty, tx) reads rows 4 ty - 1 .. 4 ty + 4).
 RESNET_FUSED_MULTIVERSION
-void input_transform(const float* x, float* v, const Tiles& g, int64_t channels, int64_t begin, int64_t end) {
+void input_transform(const float* x, float* v, const Tiles& g, const Layout& layout, int64_t channels,
+                     int64_t begin, int64_t end) {
   alignas(64) float spare[kIn][kIn][kBlock];  // partial channel blocks, zero-padded
   alignas(64) float cols[kIn][kIn][kBlock];   // B^T d
   alignas(64) float out[kIn][kBlock];         // one row of (B^T d) B, for a partial block
@@ -113,16 +128,17 @@ void input_transform(const float* x, float* v, const Tiles& g, int64_t channels,
         bt_lanes(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], cols[0][j], cols[1][j], cols[2][j],
                  cols[3][j], cols[4][j], cols[5][j]);
       }
+      const int64_t step = layout.position;  // from position p to p + 1
       for (int64_t i = 0; i < kIn; ++i) {
-        float* dst = v + (t * kPositions + i * kIn) * channels + c0;  // positions (i, 0 .. 5)
+        float* dst = v + i * kIn * layout.position + t * layout.tile + c0;  // positions (i, 0 .. 5)
         if (width == kBlock) {
-          bt_lanes(cols[i][0], cols[i][1], cols[i][2], cols[i][3], cols[i][4], cols[i][5], dst, dst + channels,
-                   dst + 2 * channels, dst + 3 * channels, dst + 4 * channels, dst + 5 * channels);
+          bt_lanes(cols[i][0], cols[i][1], cols[i][2], cols[i][3], cols[i][4], cols[i][5], dst, dst + step,
+                   dst + 2 * step, dst + 3 * step, dst + 4 * step, dst + 5 * step);
           continue;
         }
         bt_lanes(cols[i][0], cols[i][1], cols[i][2], cols[i][3], cols[i][4], cols[i][5], out[0], out[1], out[2],
                  out[3], out[4], out[5]);
-        for (int64_t j = 0; j < kIn; ++j) std::copy(out[j], out[j] + width, dst + j * channels);
+        for (int64_t j = 0; j < kIn; ++j) std::copy(out[j], out[j] + width, dst + j * step);
       }
     }
   }
@@ -131,7 +147,7 @@ void input_transform(const float* x, float* v, const Tiles& g, int64_t channels,
 // y = act(A^T M A + bias (+ residual)) for tiles [begin, end), stored where the tile lies inside y.
 RESNET_FUSED_MULTIVERSION
 void output_transform(const float* m, const float* bias, const float* residual, float* y, const Tiles& g,
-                      int64_t channels, bool relu, int64_t begin, int64_t end) {
+                      const Layout& layout, int64_t channels, bool relu, int64_t begin, int64_t end) {
   alignas(64) float spare[kPositions + 2][kBlock];  // partial channel blocks of M, bias and residual
   alignas(64) float rows[kOut][kIn][kBlock];        // A^T M
   alignas(64) float out[kOut][kBlock];              // one row of (A^T M) A
@@ -140,7 +156,9 @@ void output_transform(const float* m, const float* bias, const float* residual, 
     const int64_t n = t / (g.rows * g.cols), ty = t / g.cols % g.rows, tx = t % g.cols;
     for (int64_t k0 = 0; k0 < channels; k0 += kBlock) {
       const int64_t width = std::min(kBlock, channels - k0);
-      for (int64_t p = 0; p < kPositions; ++p) tile[p] = lanes(m + (t * kPositions + p) * channels + k0, width, spare[p]);
+      for (int64_t p = 0; p < kPositions; ++p) {
+        tile[p] = lanes(m + p * layout.position + t * layout.tile + k0, width, spare[p]);
+      }
       const float* b = lanes(bias + k0, width, spare[kPositions]);
       for (int64_t j = 0; j < kIn; ++j) {
         at_lanes(tile[j], tile[kIn + j], tile[2 * kIn + j], tile[3 * kIn + j], tile[4 * kIn + j], tile[5 * kIn + j],
@@ -212,22 +230,23 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const at::Tensor bc = bias.to(at::kFloat).contiguous();
   const at::Tensor rc = residual.has_value() ? residual->contiguous(kCL) : at::Tensor();
   const int64_t tiles = g.count();
-
-  at::Tensor v = at::empty({tiles, kPositions, c_in}, x.options());
+  const bool position_major = tiles <= kPositionMajorTiles;
+  const Layout v_layout = Layout::of(position_major, tiles, c_in), m_layout = Layout::of(position_major, tiles, c_out);
+  at::Tensor v_buffer = at::empty({kPositions * tiles * c_in}, x.options());
+  at::Tensor m_buffer = at::empty({kPositions * tiles * c_out}, x.options());
   const float* x_ptr = xc.const_data_ptr<float>();
-  float* v_ptr = v.mutable_data_ptr<float>();
+  float* v_ptr = v_buffer.mutable_data_ptr<float>();
   at::parallel_for(0, tiles, tile_grain(c_in), [&](int64_t begin, int64_t end) {
-    input_transform(x_ptr, v_ptr, g, c_in, begin, end);
+    input_transform(x_ptr, v_ptr, g, v_layout, c_in, begin, end);
   });
-  at::Tensor m = at::empty({tiles, kPositions, c_out}, x.options());
-  at::Tensor m_by_position = m.transpose(0, 1);  // (36, tiles, C_out) views of tile-major buffers
-  at::bmm_out(m_by_position, v.transpose(0, 1), u);
-  const float* m_ptr = m.const_data_ptr<float>();
+  at::Tensor m = m_buffer.as_strided({kPositions, tiles, c_out}, {m_layout.position, m_layout.tile, 1});
+  at::bmm_out(m, v_buffer.as_strided({kPositions, tiles, c_in}, {v_layout.position, v_layout.tile, 1}), u);
+  const float* m_ptr = m_buffer.const_data_ptr<float>();
   const float* b_ptr = bc.const_data_ptr<float>();
   const float* r_ptr = rc.defined() ? rc.const_data_ptr<float>() : nullptr;
   float* y_ptr = y.mutable_data_ptr<float>();
   at::parallel_for(0, tiles, tile_grain(c_out), [&](int64_t begin, int64_t end) {
-    output_transform(m_ptr, b_ptr, r_ptr, y_ptr, g, c_out, relu, begin, end);
+    output_transform(m_ptr, b_ptr, r_ptr, y_ptr, g, m_layout, c_out, relu, begin, end);
   });
   return y;
 }

@@ -1,9 +1,9 @@
 """The "cpu" backend's Winograd F(4x4, 3x3) path (csrc/cpu/winograd.cpp) against the fp32 oracle.
 
-The op itself over partial tiles (H, W not multiples of 4), channel counts off the 16-lane block, batch > 1, NCHW
-and channels_last inputs, residual and ReLU on and off; the packed path choosing it for fp32 3x3 stride-1 convs with
-enough tiles (and not for the others), with one transformed weight per pack; where a NaN input goes; argument
-errors.
+The op itself over partial tiles (H, W not multiples of 4), channel counts off the 16-lane block, batch > 1, both
+buffer layouts (position-major up to 256 tiles, tile-major beyond), NCHW and channels_last inputs, residual and ReLU
+on and off; the packed path choosing it for fp32 3x3 stride-1 convs with enough tiles (and not for the others), with
+one transformed weight per pack; where a NaN input goes; argument errors.
 """
 
 import math
@@ -21,9 +21,10 @@ pytestmark = pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None,
 CL = torch.channels_last
 WINOGRAD = torch.ops.resnet_fused.conv3x3_winograd.default
 TRANSFORM = torch.ops.resnet_fused.winograd_weight.default
-# (N, C_in, H, W, C_out): whole and partial 4x4 tiles, 1-pixel images, channels on and off the 16-lane block.
+# (N, C_in, H, W, C_out): whole and partial 4x4 tiles, 1-pixel images, channels on and off the 16-lane block; up to
+# 256 tiles the transformed buffers are position-major, beyond that tile-major (the last two: 544 and 306 tiles).
 SHAPES = [(2, 16, 8, 8, 32), (1, 5, 7, 9, 7), (3, 33, 6, 5, 17), (1, 64, 1, 1, 16), (2, 24, 13, 4, 40),
-          (1, 64, 14, 14, 64)]
+          (1, 64, 14, 14, 64), (2, 8, 66, 62, 12), (1, 17, 70, 65, 5)]
 
 
 def conv_inputs(shape, residual, channels_last):
