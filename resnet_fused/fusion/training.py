@@ -8,7 +8,8 @@ for a lone unit); unit i appends value i + n_inputs:
     mean_i, var_i = batch statistics of y_i (fp32, biased var);  invstd_i = 1 / sqrt(var_i + eps)
     values += [act((y_i - mean_i) * invstd_i * gamma_i + beta_i (+ values[residual_i]))]
 
-and running_mean/var (unbiased var) and num_batches_tracked are updated as nn.BatchNorm2d does. Forward saves
+and running_mean/var (unbiased var) and num_batches_tracked are updated as nn.BatchNorm2d does. The backend makes
+y_i and its statistics in one call (the "triton" backend in its conv kernel's epilogue, on channels_last inputs). Forward saves
 each y_i and the input; backward recomputes the values the convs and residuals read (elementwise, from y_i: no
 convolution is recomputed) and runs, unit by unit in reverse, the BatchNorm backward (ops.batch_norm_backward:
 reductions over centered values in fp32) and the conv backward.
@@ -134,8 +135,8 @@ class _Program(torch.autograd.Function):
         values, ys, stats = list(inputs), [], []
         for index, (unit, bn) in enumerate(zip(program, bns)):
             weight, conv_bias, gamma, beta = _params(flat, index)
-            y = _conv(values[unit.source], weight, conv_bias, unit)
-            mean, var = backend.batch_norm_stats(y)
+            y, mean, var = backend.conv_batch_norm_stats(values[unit.source], weight, conv_bias, unit.stride,
+                                                         unit.padding, unit.dilation, unit.groups)
             update_running_stats(bn, mean, var, _count(y))
             invstd = torch.rsqrt(var + unit.eps)
             residual = None if unit.residual is None else values[unit.residual]

@@ -65,6 +65,13 @@ class Backend:
         raise NotImplementedError
 
     # Training BatchNorm's passes (batch_norm_reference.py has their math): plain torch unless a backend has kernels.
+    def conv_batch_norm_stats(self, x, weight, bias, stride: tuple, padding: tuple, dilation: tuple,
+                              groups: int) -> tuple:
+        """(y, mean, var): y = conv2d(x, weight, bias) and its batch statistics (fp32, var biased), training
+        BatchNorm's first pass. A backend whose conv kernel gathers the statistics in its epilogue overrides this."""
+        y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+        return (y, *self.batch_norm_stats(y))
+
     def batch_norm_stats(self, y) -> tuple:
         return batch_norm_reference.stats(y)
 

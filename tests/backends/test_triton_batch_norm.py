@@ -303,19 +303,27 @@ def test_conv_epilogue_statistics_with_fewer_tiles_than_slots(monkeypatch):
 
 # --- in a fused training step -------------------------------------------------------------------------------
 
-def test_fused_training_step_on_triton_matches_float64(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fused_training_step_on_triton_matches_float64(monkeypatch, channels_last):
     # The tutorial ResNet of tests/test_train_step.py fused with backend="triton": its units' BatchNorm passes run
-    # these kernels, and the step stays within the float64 bound eager fp32 sets.
+    # these kernels, and the step stays within the float64 bound eager fp32 sets. On channels_last activations the
+    # convs run the conv kernel with the statistics from its epilogue (NCHW: aten's conv, then the stats kernel).
     calls = []
-    for name in ("batch_norm_stats", "batch_norm_apply", "batch_norm_backward"):
-        launcher = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for module, name in ((kernels, "batch_norm_stats"), (kernels, "batch_norm_apply"),
+                         (kernels, "batch_norm_backward"), (conv_kernel, "conv_batch_norm_stats")):
+        launcher = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
     model, x, target = _draw("tutorial")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     fused, _ = rf.fuse_model(model, backend="triton")
     truth = one_sgd_step(copy.deepcopy(model).double(), x, target)
     eager = one_sgd_step(copy.deepcopy(model), x, target)
     assert_step_matches(one_sgd_step(fused, x, target), eager, truth)
-    assert {"batch_norm_stats", "batch_norm_apply", "batch_norm_backward"} <= set(calls)
+    first_pass = "conv_batch_norm_stats" if channels_last else "batch_norm_stats"
+    assert {first_pass, "batch_norm_apply", "batch_norm_backward"} <= set(calls), calls
+    if channels_last:  # every unit's conv: its input is channels_last from the stem on
+        assert "batch_norm_stats" not in calls, calls
 
 
 # --- torch.library ------------------------------------------------------------------------------------------
@@ -325,6 +333,10 @@ def test_opcheck_batch_norm_ops():
     y = make_y((2, 3, 2, 2), torch.float32, True)
     mean, invstd, weight, bias, res = make_params(y, residual=True)
     torch.library.opcheck(ops.batch_norm_stats, (y,), test_utils=("test_schema", "test_faketensor"))
+    x = make_y((2, 3, 5, 5), torch.float32, True)
+    packed = conv_kernel.pack_weight(torch.randn(4, 3, 3, 3, device=DEVICE))
+    torch.library.opcheck(ops.conv_batch_norm_stats, (x, packed, torch.zeros(4, device=DEVICE), 3, 3, 2, 1),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.batch_norm_apply, (y, mean, invstd, weight, None, res, True),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.batch_norm_backward, (torch.randn_like(y), y, mean, invstd, None, bias, None, True),

@@ -104,6 +104,19 @@ class TritonBackend(Backend):
     def add_relu(self, x, residual):
         return (_ops or _load()).add_relu(x, residual)
 
+    def conv_batch_norm_stats(self, x, weight, bias, stride, padding, dilation, groups):
+        # The kernel: square stride and padding, no dilation or groups, channels_last in (and out, as aten's conv
+        # would give); anything else is aten's conv and the statistics kernel.
+        if (groups != 1 or tuple(dilation) != (1, 1) or stride[0] != stride[1] or padding[0] != padding[1]
+                or x.dtype != weight.dtype or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().conv_batch_norm_stats(x, weight, bias, stride, padding, dilation, groups)
+        from ...kernels.triton.conv_bn_act import pack_weight
+
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+        return (_ops or _load()).conv_batch_norm_stats(x, pack_weight(weight), bias, int(weight.shape[2]),
+                                                       int(weight.shape[3]), stride[0], padding[0])
+
     def batch_norm_stats(self, y):
         return (_ops or _load()).batch_norm_stats(y)
 

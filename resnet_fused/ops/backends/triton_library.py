@@ -1,5 +1,6 @@
 """The Triton kernels as torch.library ops: torch.ops.resnet_fused_triton.{conv_bn_act, bn_act, add_relu} and
-training BatchNorm's passes {batch_norm_stats, batch_norm_apply, batch_norm_backward}.
+training BatchNorm's passes {conv_batch_norm_stats (the conv with the statistics from its epilogue),
+batch_norm_stats, batch_norm_apply, batch_norm_backward}.
 
 Same semantics as the public ops, except that conv_bn_act takes the weight prepacked by the kernel's
 `pack_weight` plus the kernel size. Registered with torch.library.custom_op (the namespace "resnet_fused" belongs
@@ -78,6 +79,24 @@ def conv_bn_act(x: Tensor, weight_packed: Tensor, scale: Tensor, shift: Tensor, 
 @conv_bn_act.register_fake
 def _(x, weight_packed, scale, shift, residual, kernel_h, kernel_w, stride, padding, relu):
     return _empty(x, _conv_output_shape(x, weight_packed, kernel_h, kernel_w, stride, padding))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::conv_batch_norm_stats", mutates_args=())
+def conv_batch_norm_stats(x: Tensor, weight_packed: Tensor, bias: Tensor, kernel_h: int, kernel_w: int, stride: int,
+                          padding: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check_device(x)
+    shape = _conv_output_shape(x, weight_packed, kernel_h, kernel_w, stride, padding)
+    torch._check(bias.dim() == 1 and bias.numel() == shape[1],
+                 lambda: f"bias must have one value per channel ({shape[1]}), got shape {tuple(bias.shape)}")
+    return _conv.conv_batch_norm_stats(x, weight_packed, bias.float().contiguous(), _empty(x, shape), kernel_h,
+                                       kernel_w, stride, padding)
+
+
+@conv_batch_norm_stats.register_fake
+def _(x, weight_packed, bias, kernel_h, kernel_w, stride, padding):
+    shape = _conv_output_shape(x, weight_packed, kernel_h, kernel_w, stride, padding)
+    stat = torch.empty((shape[1],), dtype=torch.float32, device=x.device)
+    return _empty(x, shape), stat, torch.empty_like(stat)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::bn_act", mutates_args=())
