@@ -184,8 +184,10 @@ def test_eval_is_three_or_four_fused_op_calls(backend):
             with _OpCalls() as calls:
                 fused(x)
         convs = [name for name in calls.names if "conv" in name]
-        assert convs == [{"cpu": "resnet_fused::conv_bias_act", "torch": "aten::convolution"}[backend]] * expected, \
-            case[0]
+        # The cpu backend's 3x3 convs run as Winograd where this CPU's rule says it pays.
+        fused_convs = {"cpu": {"resnet_fused::conv_bias_act", "resnet_fused::conv3x3_winograd"},
+                       "torch": {"aten::convolution"}}[backend]
+        assert len(convs) == expected and set(convs) <= fused_convs, (case[0], convs)
         assert not any("batch_norm" in name for name in calls.names), case[0]
 
 

@@ -1,7 +1,8 @@
 // Winograd F(4x4, 3x3) convolution on the CPU (fp32, 3x3 kernel, stride 1, padding 1, channels_last), with the
 // conv_bias_act epilogue fused into its output transform:
 //
-//   conv3x3_winograd(x, u, bias, residual, relu):  y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual))
+//   conv3x3_winograd(x, u, bias, residual, relu, position_major):
+//                                   y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual))
 //   winograd_weight(w):                            u = the transformed weight, made once per pack
 //
 // Per 4x4 output tile, with d the 6x6 input tile around it (zero outside x) and w[k, c] the 3x3 kernel (Lavin and
@@ -11,12 +12,11 @@
 //
 // The sum over c is 36 matrix products, one per tile position p = (i, j) of the 6x6 transformed tiles:
 //   V[p]: (tiles, C) = (B^T d B)[i, j] of every input tile;  U[p]: (C, K) = (G w G^T)[i, j];  M[p] = V[p] @ U[p]
-// run as one batched GEMM (at::bmm over V and M stored position-major, (36, tiles, C): through tile-major buffers'
-// strided views ATen's bmm ran 1.4-2.9x slower on resnet50's shapes, while a tile's transform still reads and writes
-// runs of C contiguous values), where the layer has at most kPositionMajorTiles tiles (resnet50 at batch 1: 1.1-1.6x
-// faster per layer; batch 8's 14x14 layers 1.1x). Beyond that, with 64-128 channels, the transforms' 36 runs per tile
-// of a few cache lines each cost more than the GEMM gains (56x56 at batch 2-8: 1.0-1.6x slower), so larger layers keep
-// V and M tile-major, (tiles, 36, C), multiplied through strided views. A 3x3 convolution costs 9 multiply-adds per
+// run as one batched GEMM (at::bmm). V and M are stored either position-major, (36, tiles, C), where the GEMMs read
+// dense matrices and each tile's transform writes 36 runs of C values far apart, or tile-major, (tiles, 36, C), where
+// the transform writes one dense run per tile and the GEMMs read strided views. Which is faster was measured to differ
+// between CPUs: the caller picks (`position_major`; the "cpu" backend's rule and its measurements are in
+// resnet_fused/ops/backends/cpu.py). A 3x3 convolution costs 9 multiply-adds per
 // output and input channel; here the GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over
 // activation-sized buffers. Rounding: each output sums transformed terms whose magnitudes exceed the result's (A and B
 // hold entries up to 8 and 5), so the fp32 error is about 20x a direct convolution's (measured 7e-6 of the output's
@@ -47,7 +47,6 @@ constexpr int64_t kOut = 4;          // output tile side
 constexpr int64_t kIn = 6;           // input tile side: kOut + 3 - 1
 constexpr int64_t kPositions = 36;   // kIn * kIn
 constexpr int64_t kBlock = 16;       // channels per vector block
-constexpr int64_t kPositionMajorTiles = 256;  // most tiles for position-major buffers
 
 // The tile grid over (N, H, W) and the strides of the transformed buffers.
 struct Tiles {
@@ -211,7 +210,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
 }
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
-                                const std::optional<at::Tensor>& residual, bool relu) {
+                                const std::optional<at::Tensor>& residual, bool relu, bool position_major) {
   check_activation("conv3x3_winograd", "x", x);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "conv3x3_winograd: x must be float32, got ", x.scalar_type());
   TORCH_CHECK(u.dim() == 3 && u.size(0) == kPositions && u.size(1) == x.size(1) && u.scalar_type() == at::kFloat &&
@@ -230,7 +229,6 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const at::Tensor bc = bias.to(at::kFloat).contiguous();
   const at::Tensor rc = residual.has_value() ? residual->contiguous(kCL) : at::Tensor();
   const int64_t tiles = g.count();
-  const bool position_major = tiles <= kPositionMajorTiles;
   const Layout v_layout = Layout::of(position_major, tiles, c_in), m_layout = Layout::of(position_major, tiles, c_out);
   at::Tensor v_buffer = at::empty({kPositions * tiles * c_in}, x.options());
   at::Tensor m_buffer = at::empty({kPositions * tiles * c_out}, x.options());

@@ -1,9 +1,10 @@
 """The "cpu" backend's Winograd F(4x4, 3x3) path (csrc/cpu/winograd.cpp) against the fp32 oracle.
 
 The op itself over partial tiles (H, W not multiples of 4), channel counts off the 16-lane block, batch > 1, both
-buffer layouts (position-major up to 256 tiles, tile-major beyond), NCHW and channels_last inputs, residual and ReLU
-on and off; the packed path choosing it for fp32 3x3 stride-1 convs with enough tiles (and not for the others), with
-one transformed weight per pack; where a NaN input goes; argument errors.
+buffer layouts (position-major and tile-major, each at few and many tiles), NCHW and channels_last inputs, residual
+and ReLU on and off; the packed path choosing it (and its layout) by this CPU's rule for fp32 3x3 stride-1 convs with
+enough tiles (and not for the others), with one transformed weight per pack; where a NaN input goes; argument
+errors.
 """
 
 import math
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None,
 CL = torch.channels_last
 WINOGRAD = torch.ops.resnet_fused.conv3x3_winograd.default
 TRANSFORM = torch.ops.resnet_fused.winograd_weight.default
-# (N, C_in, H, W, C_out): whole and partial 4x4 tiles, 1-pixel images, channels on and off the 16-lane block; up to
-# 256 tiles the transformed buffers are position-major, beyond that tile-major (the last two: 544 and 306 tiles).
+# (N, C_in, H, W, C_out): whole and partial 4x4 tiles, 1-pixel images, channels on and off the 16-lane block, few
+# tiles and many (the last two: 544 and 306).
 SHAPES = [(2, 16, 8, 8, 32), (1, 5, 7, 9, 7), (3, 33, 6, 5, 17), (1, 64, 1, 1, 16), (2, 24, 13, 4, 40),
           (1, 64, 14, 14, 64), (2, 8, 66, 62, 12), (1, 17, 70, 65, 5)]
 
@@ -41,9 +42,10 @@ def conv_inputs(shape, residual, channels_last):
 @pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_winograd_op_matches_oracle(shape, residual, relu, channels_last):
+@pytest.mark.parametrize("position_major", [True, False], ids=["position_major", "tile_major"])
+def test_winograd_op_matches_oracle(shape, residual, relu, channels_last, position_major):
     x, weight, bias, res = conv_inputs(shape, residual, channels_last)
-    y = WINOGRAD(x, TRANSFORM(weight), bias, res, relu)
+    y = WINOGRAD(x, TRANSFORM(weight), bias, res, relu, position_major)
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
     expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, relu)
     assert_matches(y, expected, torch.float32)
@@ -55,7 +57,7 @@ def test_winograd_nan_fills_the_tiles_that_read_it():
     # tile (0, 0)'s input rows and columns -1 .. 4.
     x, weight, bias, _ = conv_inputs((1, 16, 8, 8, 16), False, True)
     x[0, 3, 2, 2] = float("nan")
-    y = WINOGRAD(x, TRANSFORM(weight), bias, None, True)
+    y = WINOGRAD(x, TRANSFORM(weight), bias, None, True, True)
     tile = torch.zeros_like(y, dtype=torch.bool)
     tile[:, :, :4, :4] = True
     assert torch.equal(torch.isnan(y), tile)
@@ -67,9 +69,9 @@ def _prepared(pack):
     return list(pack.payload.onednn_weights.values())
 
 
-@pytest.mark.parametrize("batch,size", [(1, 28), (3, 16), (1, 14)])
+@pytest.mark.parametrize("batch,size", [(1, 28), (3, 16), (1, 14), (1, 7), (20, 16)])
 def test_packed_path_takes_winograd_where_it_pays(batch, size):
-    # 28x28 at batch 1 and 16x16 at batch 3 have >= 48 tiles of 4x4; 14x14 at batch 1 has 16.
+    # 49, 48, 16, 4 and 320 tiles of 4x4: on either side of every rule's thresholds.
     weight = torch.randn(32, 16, 3, 3) / 12
     scale, shift = torch.rand(32) + 0.5, torch.randn(32)
     pack = rf.ops.pack_conv_bn(weight, scale, shift, padding=1, backend="cpu")
@@ -77,9 +79,35 @@ def test_packed_path_takes_winograd_where_it_pays(batch, size):
     res = torch.randn(batch, 32, size, size).contiguous(memory_format=CL)
     with torch.inference_mode():
         y = rf.ops.conv_bn_act_packed(x, pack, res, relu=True)
-    expected_winograd = batch * math.ceil(size / 4) ** 2 >= cpu_backend._WINOGRAD_MIN_TILES
+    expected_winograd = batch * math.ceil(size / 4) ** 2 >= cpu_backend.WINOGRAD_RULE.min_tiles
     assert [not w.is_mkldnn for w in _prepared(pack)] == [expected_winograd]
     assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, res, 1, 1, True), torch.float32)
+
+
+@pytest.mark.parametrize("batch,size", [(1, 28), (20, 16)])
+def test_packed_path_takes_the_rules_layout(batch, size, monkeypatch):
+    # The bound call passes the layout that this CPU's rule gives for its tile count (49 and 320 tiles).
+    calls = []
+    winograd = torch.ops.resnet_fused.conv3x3_winograd.default
+
+    class Recording:
+        default = staticmethod(lambda *args: calls.append(args[-1]) or winograd(*args))
+
+    monkeypatch.setattr(torch.ops.resnet_fused, "conv3x3_winograd", Recording)
+    monkeypatch.setattr(cpu_backend, "WINOGRAD_RULE", cpu_backend.WinogradRule(1, 100))
+    weight = torch.randn(16, 16, 3, 3) / 12
+    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), padding=1, backend="cpu")
+    with torch.inference_mode():
+        rf.ops.conv_bn_act_packed(torch.randn(batch, 16, size, size), pack)
+    assert calls == [batch * math.ceil(size / 4) ** 2 <= 100]
+
+
+@pytest.mark.parametrize("vendor,rule", [("GenuineIntel", cpu_backend.WinogradRule(8, math.inf)),
+                                         ("AuthenticAMD", cpu_backend.WinogradRule(48, 256)),
+                                         ("", cpu_backend.WinogradRule(48, 256))])
+def test_winograd_rule_per_vendor(vendor, rule):
+    # The measured rules (cpu.py), and the conservative one where the vendor is unknown.
+    assert cpu_backend.WINOGRAD_RULES.get(vendor, cpu_backend.DEFAULT_WINOGRAD_RULE) == rule
 
 
 def test_one_transformed_weight_per_pack():
@@ -107,12 +135,12 @@ def test_winograd_argument_errors():
     x, weight, bias, _ = conv_inputs((1, 16, 8, 8, 16), False, True)
     u = TRANSFORM(weight)
     with pytest.raises(RuntimeError, match="x must be float32"):
-        WINOGRAD(x.bfloat16(), u, bias, None, True)
+        WINOGRAD(x.bfloat16(), u, bias, None, True, True)
     with pytest.raises(RuntimeError, match="u must be a float32 CPU tensor of shape"):
-        WINOGRAD(x, u[:, :8], bias, None, True)
+        WINOGRAD(x, u[:, :8], bias, None, True, True)
     with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of length 16"):
-        WINOGRAD(x, u, bias[:8], None, True)
+        WINOGRAD(x, u, bias[:8], None, True, True)
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
-        WINOGRAD(x, u, bias, torch.randn(1, 16, 4, 4), True)
+        WINOGRAD(x, u, bias, torch.randn(1, 16, 4, 4), True, True)
     with pytest.raises(RuntimeError, match=r"weight must be a \(C_out, C_in, 3, 3\) tensor"):
         TRANSFORM(torch.randn(16, 16, 1, 1))

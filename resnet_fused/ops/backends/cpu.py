@@ -12,6 +12,7 @@ unfolded, as the public conv_bn_act (CpuUnfoldedPack).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -69,17 +70,53 @@ class CpuUnfoldedPack(NamedTuple):
 
 
 _ONEDNN_SHAPES_PER_PACK = 4  # distinct input shapes kept per pack (bounds memory when shapes vary)
-# fp32 3x3 convs with stride 1 and padding 1 run as Winograd F(4x4, 3x3) (csrc/cpu/winograd.cpp) from this many
-# output tiles up: measured on 2 EPYC cores (1 thread, resnet50's shapes, fp32), 1.7-2.3x faster than oneDNN's
-# direct convolution at 56x56 and 28x28, 1.6x at 14x14 (batch 1 and 8), 2.4x slower at 7x7 (its four tiles per
-# image leave the GEMMs too short).
-_WINOGRAD_MIN_TILES = 48
+
+
+class WinogradRule(NamedTuple):
+    """When fp32 3x3 convs with stride 1 and padding 1 run as Winograd F(4x4, 3x3) (csrc/cpu/winograd.cpp) instead
+    of oneDNN's direct convolution, and in which layout its transformed buffers lie; counted in 4x4 output tiles,
+    N * ceil(H / 4) * ceil(W / 4)."""
+
+    min_tiles: int                   # fewer tiles: oneDNN
+    position_major_max_tiles: float  # more tiles: tile-major buffers
+
+
+# Measured per conv, each candidate interleaved with the others in one process (2 cores, fp32, resnet50's 3x3 shapes
+# at batch 1, 2, 4 and 8):
+#   Intel Xeon (AVX-512, AMX): Winograd 1.5-2.3x faster than oneDNN from 8 tiles up (7x7 at batch 2), level at 4
+#     (7x7 at batch 1); position-major buffers 1.2-1.6x faster than tile-major at every size up to 1568 tiles.
+#     Whole models against the other rule, interleaved: resnet18 batch 8 86.0 -> 70.6 ms, resnet50 batch 8
+#     260.8 -> 254.7, batch 1 level (there the 4x larger transformed weights are read from memory).
+#   AMD EPYC (AVX-512): Winograd 1.6-2.3x faster at 56x56, 28x28 and 14x14, 2.4x slower at 7x7 (batch 8's 32 tiles);
+#     position-major 1.1-1.6x faster up to 256 tiles, 1.0-1.6x slower beyond (56x56 at batch 2-8).
+# Other CPUs take the EPYC rule, the more conservative one.
+WINOGRAD_RULES = {"GenuineIntel": WinogradRule(8, math.inf), "AuthenticAMD": WinogradRule(48, 256)}
+DEFAULT_WINOGRAD_RULE = WINOGRAD_RULES["AuthenticAMD"]
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (x86 Linux: 'GenuineIntel', 'AuthenticAMD'), or '' where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+WINOGRAD_RULE = WINOGRAD_RULES.get(cpu_vendor(), DEFAULT_WINOGRAD_RULE)
+
+
+def _tiles(input_shape) -> int:
+    n, _, h, w = input_shape
+    return n * -(-h // 4) * -(-w // 4)
 
 
 def _runs_winograd(pack, input_shape) -> bool:
-    n, _, h, w = input_shape
     return (pack.stride == 1 and pack.padding == 1 and pack.dtype == torch.float32 and pack.kernel_size == (3, 3)
-            and pack.payload.weight.dtype == torch.float32 and n * -(-h // 4) * -(-w // 4) >= _WINOGRAD_MIN_TILES)
+            and pack.payload.weight.dtype == torch.float32 and _tiles(input_shape) >= WINOGRAD_RULE.min_tiles)
 
 
 def _onednn_weight(pack, input_shape) -> torch.Tensor:
@@ -140,7 +177,8 @@ class CpuBackend(ExtensionBackend):
         weight, bias = _onednn_weight(pack, input_shape), payload.bias
         if not weight.is_mkldnn:
             winograd = torch.ops.resnet_fused.conv3x3_winograd.default
-            return lambda x, residual: winograd(x, weight, bias, residual, relu)
+            position_major = _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles
+            return lambda x, residual: winograd(x, weight, bias, residual, relu, position_major)
         op = torch.ops.resnet_fused.conv_bias_act.default
         return lambda x, residual: op(x, weight, bias, residual, stride, padding, relu)
 
