@@ -7,8 +7,9 @@
 #   bash scripts/gpu_validate.sh --plan     no GPU needed: steps, budgets, Triton compiles per step, output files
 #   bash scripts/gpu_validate.sh            main: env, build || warmup, correctness, memcheck, racecheck,
 #                                           headline, convs, finalize
-#   bash scripts/gpu_validate.sh followup   env, torch.compile max-autotune (then default) beside eager at bf16
-#                                           batch 256, finalize
+#   bash scripts/gpu_validate.sh followup   env, train (BatchNorm training kernels' GPU tests, resnet50 bf16
+#                                           train step), torch.compile max-autotune (then default) beside eager
+#                                           at bf16 batch 256, finalize
 #
 # With the device tool, from the session's checkout (carry the nvidia-cutlass wheel for the CUDA backend's
 # Hopper path: benchmarks/results/README.md gives the `pip download` into .whl/; without it the pass says so
@@ -143,6 +144,8 @@ if [ "$MODE" = main ]; then
 else
   with_fused=()
   if [ -s "$STATE/warmup.json" ]; then with_fused=(--with-fused); fi   # still warm: build and caches are here
+  run_step train "$PY" -m scripts.gpu_pass.train --out "$STATE/train.json" --bench-out "$STATE/train.bench.json"
+  refresh
   run_step compile "$PY" -m scripts.gpu_pass.headline --mode followup ${with_fused[@]+"${with_fused[@]}"} \
     --out "$STATE/compile.json" --bench-out "$STATE/compile.bench.json"
 fi

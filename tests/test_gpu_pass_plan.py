@@ -23,8 +23,8 @@ SCRIPT = ROOT / "scripts" / "gpu_validate.sh"
 pytest.importorskip("triton")
 pytest.importorskip("pytest_benchmark")
 
-from scripts.gpu_pass import (benchjson, compiles, correctness, sidebyside, steps, summary, warmup,  # noqa: E402
-                              workload)
+from scripts.gpu_pass import (benchjson, compiles, correctness, sidebyside, steps, summary, train,  # noqa: E402
+                              warmup, workload)
 
 
 def _env(**extra):
@@ -433,6 +433,60 @@ def test_summary_says_what_ran_and_what_did_not(tmp_path, cpu_run):
         assert f"| {backend} | {dtype} | {n} | 0 | 0 | 0 | 0 |" in text
     results = json.loads((out / "results.json").read_text())
     assert results["steps"][1]["status"] == "timeout"
+
+
+# --- the training step ---------------------------------------------------------------------------------------
+
+def test_train_counts_pytests_junit_outcomes(tmp_path):
+    xml = tmp_path / "junit.xml"
+    xml.write_text(textwrap.dedent("""\
+        <testsuites><testsuite>
+          <testcase classname="tests.a" name="ok"/>
+          <testcase classname="tests.a" name="bad"><failure message="x"/></testcase>
+          <testcase classname="tests.a" name="broken"><error message="y"/></testcase>
+          <testcase classname="tests.b" name="later"><skipped message="no GPU"/></testcase>
+        </testsuite></testsuites>"""))
+    counts = train.junit_counts(xml)
+    assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1,
+                      "failures": ["tests.a::bad", "tests.a::broken"]}
+    assert train.junit_counts(tmp_path / "absent.xml")["passed"] == 0
+
+
+def test_train_step_runs_its_gpu_tests_and_timing_selection(tmp_path, monkeypatch):
+    # On this machine every GPU case and every CUDA train-step case skips: both pytest runs select something and
+    # finish cleanly, and the summary says that the train step was not timed.
+    import time
+
+    monkeypatch.setenv("GPU_PASS_DEADLINE", str(time.time() + 240))
+    state = tmp_path / "state"
+    state.mkdir()
+    assert train.main(["--out", str(state / "train.json"), "--bench-out", str(state / "train.bench.json")]) == 0
+    record = json.loads((state / "train.json").read_text())
+    assert record["finished"] and record["tests"]["rc"] == 0 and record["bench"]["rc"] == 0, record
+    assert record["tests"]["skipped"] > 0 and record["tests"]["failed"] == record["tests"]["passed"] == 0
+    assert not (state / "train.bench.json").exists()  # pytest-benchmark writes nothing when every case skipped
+    out = tmp_path / "out"
+    assert summary.main(["--state", str(state), "--out", str(out), "--command", "followup"]) == 0
+    assert "- train step: not timed (pytest rc 0)" in (out / "summary.md").read_text()
+
+
+def test_summary_reports_the_train_step_against_its_goal(tmp_path):
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir()
+    (state / "train.json").write_text(json.dumps({"finished": True, "tests": {
+        "passed": 40, "failed": 1, "errors": 0, "skipped": 2, "failures": ["tests.x::planted"], "rc": 1,
+        "seconds": 30.0}, "bench": {"rc": 0, "seconds": 40.0}}))
+    benches = [benchjson.entry(summary.TRAIN_GROUP, p, [t] * 3, 1, {})
+               for p, t in (("eager", 1.0), ("eager-nchw", 1.2), ("triton", 0.7), ("cuda", 0.9))]
+    (state / "train.bench.json").write_text(json.dumps(benchjson.document(benches, {"device": "NVIDIA H200"})))
+    assert summary.main(["--state", str(state), "--out", str(out), "--command", "followup"]) == 0
+    text = (out / "summary.md").read_text()
+    for expected in ("40 passed, 1 failed, 0 errors, 2 skipped", "FAILED `tests.x::planted`",
+                     "| triton | 700.0 | 1.43x (met) |", "| cuda | 900.0 | 1.11x (MISSED) |",
+                     "| eager-nchw | 1200.0 | 0.83x |",
+                     "- resnet50 bf16 batch 256 train step vs eager: triton 1.43x, cuda 1.11x"):
+        assert expected in text, expected
+    assert summary.TRAIN_GROUP in json.loads((out / "bench.json").read_text())["benchmarks"][0]["group"]
 
 
 # --- the script's main command, end to end, on a machine without a GPU --------------------------------------

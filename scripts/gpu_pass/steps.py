@@ -46,7 +46,10 @@ STEPS: List[Step] = [
                               "percent of the roofline bound"),
     Step("main", "finalize", 20, "summary.md, bench.json, bench.png, results.json, logs.tar.gz"),
     Step("followup", "env", 15, "record device and versions (again: the machine may be a fresh one)"),
-    Step("followup", "compile", 190, "torch.compile(mode='max-autotune') beside eager and cuDNN (triton, cuda too "
+    Step("followup", "train", 80, "training path: the BatchNorm training kernels' GPU tests (triton, cuda), then "
+                                  "the resnet50 bf16 batch 256 train step: eager NCHW and channels_last, cuda, then "
+                                  "triton with the time left (its compiles are not in the warm-up)"),
+    Step("followup", "compile", 110, "torch.compile(mode='max-autotune') beside eager and cuDNN (triton, cuda too "
                                      "when the machine is still warm) at bf16 batch 256, then default torch.compile "
                                      "as time allows", elastic=True),
     Step("followup", "finalize", 20, "the same five files, merged with the main command's results"),

@@ -23,13 +23,15 @@ from typing import Dict, List, Optional
 
 from .correctness import counts
 from .steps import COMMAND_LIMITS, MAX_FILES, OUTPUTS, STEPS
+from .train import TEST_FILES as TRAIN_TEST_FILES
 
-RECORDS = ("env", "warmup", "correctness", "memcheck", "racecheck", "headline", "convs", "compile")
-BENCH_RECORDS = ("headline", "convs", "compile")  # merged in this order: a later run's provider timing wins
+RECORDS = ("env", "warmup", "correctness", "memcheck", "racecheck", "headline", "convs", "train", "compile")
+BENCH_RECORDS = ("headline", "convs", "train", "compile")  # merged in this order: a later run's provider timing wins
 SANITIZERS = {"memcheck": re.compile(r"ERROR SUMMARY: (\d+) error"),
               "racecheck": re.compile(r"RACECHECK SUMMARY: (\d+) hazard")}
 STATUSES = ("pass", "fail", "error", "not run", "skipped")
 MODEL_GROUP = "model resnet50 224x224 | bf16 b{batch} cuda"
+TRAIN_GROUP = "train resnet50 224x224 train step | bf16 b256 cuda"  # benchmarks/test_bench_train.py's group
 FUSED = ("triton", "cuda")
 
 # The README's speed goals (resnet50 bf16, 224x224; per conv from the CUDA backend's Hopper issue).
@@ -38,6 +40,7 @@ GOAL_VS_MAX_AUTOTUNE = 1.2
 GOAL_PERCENT_OF_ROOFLINE = 50.0
 GOAL_B1_VS_EAGER = 1.5
 GOAL_CONV_GEOMEAN, GOAL_CONV_WORST, GOAL_CUDA_VS_TRITON = 1.3, 0.9, 1.2
+GOAL_TRAIN_VS_EAGER = 1.3  # the train step (bf16 autocast, batch 256) against eager channels_last
 
 
 def _read_json(path: Path):
@@ -214,6 +217,33 @@ def headline_section(data: dict, groups: Dict[str, Dict[str, float]]) -> List[st
     return lines + [""]
 
 
+def train_section(data: dict, groups: Dict[str, Dict[str, float]]) -> List[str]:
+    """The training path: the BatchNorm kernels' GPU tests, the train step against eager and its goal."""
+    lines = ["## Training: BatchNorm kernels and the resnet50 train step (bf16 autocast, batch 256, 224x224)", ""]
+    record = data["train"]
+    if not record:
+        return lines + [_missing(data, "train"), ""]
+    tests = record.get("tests", {})
+    lines.append(f"- BatchNorm kernels' GPU tests ({', '.join(TRAIN_TEST_FILES)}): {tests.get('passed', 0)} passed, "
+                 f"{tests.get('failed', 0)} failed, {tests.get('errors', 0)} errors, {tests.get('skipped', 0)} "
+                 f"skipped (pytest rc {tests.get('rc')}, {tests.get('seconds')} s)")
+    lines += [f"  - FAILED `{test_id}`" for test_id in tests.get("failures", [])[:20]]
+    timings = groups.get(TRAIN_GROUP, {})
+    eager = timings.get("eager")
+    if not timings:
+        bench = record.get("bench", {})
+        why = f"pytest rc {bench.get('rc')}" + (f": {bench['reason']}" if "reason" in bench else "")
+        lines.append(f"- train step: not timed ({why})")
+        return lines + [""]
+    lines += ["", f"| provider | ms per step | vs eager (goal {GOAL_TRAIN_VS_EAGER}x) |", "| --- | --- | --- |"]
+    for provider, median in timings.items():
+        ratio = eager / median if eager else None
+        met = None if ratio is None or provider not in FUSED else ratio >= GOAL_TRAIN_VS_EAGER
+        verdict = "" if met is None else f" ({_mark(met)})"
+        lines.append(f"| {provider} | {median * 1e3:.1f} | {_fmt_ratio(ratio)}{verdict} |")
+    return lines + [""]
+
+
 def goals(data: dict, groups: Dict[str, Dict[str, float]], convs: Optional[dict]) -> List[List[str]]:
     """[goal, triton, cuda] rows: each fused backend's figure and whether it meets the goal."""
     b256, b1 = groups.get(MODEL_GROUP.format(batch=256), {}), groups.get(MODEL_GROUP.format(batch=1), {})
@@ -357,6 +387,10 @@ def glance(data: dict, groups: Dict[str, Dict[str, float]]) -> List[str]:
         if "eager" in timings:
             ratios = [f"{b + base} {timings['eager'] / timings[b + base]:.2f}x" for b in FUSED if b + base in timings]
             lines.append(f"- resnet50 bf16 batch {batch} vs eager: " + (", ".join(ratios) or "no fused timing"))
+    train = groups.get(TRAIN_GROUP, {})
+    if "eager" in train:
+        ratios = [f"{b} {train['eager'] / train[b]:.2f}x" for b in FUSED if b in train]
+        lines.append("- resnet50 bf16 batch 256 train step vs eager: " + (", ".join(ratios) or "no fused timing"))
     broken = [f"{r['command']} {r['step']} {r['status']}" for r in data["steps"] if r["status"] != "ok"]
     lines.append("- steps not ok: " + (", ".join(broken) or "none"))
     return lines + [""]
@@ -374,7 +408,7 @@ def render(data: dict, command: str) -> str:
               *headline_section(data, groups), "### Against the goals (README)", "", "| goal | triton | cuda |",
               "| --- | --- | --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in goals(data, groups, data["convs"])]
-    lines += ["", *convs_section(data)]
+    lines += ["", *convs_section(data), *train_section(data, groups)]
     return "\n".join(lines) + "\n"
 
 
