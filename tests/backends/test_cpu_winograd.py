@@ -51,6 +51,17 @@ def test_winograd_op_matches_oracle(shape, residual, relu, channels_last, positi
     assert_matches(y, expected, torch.float32)
 
 
+def test_winograd_results_survive_later_calls():
+    # The transformed buffers are reused between calls on a thread (a kept workspace): an earlier output must not
+    # alias it, and a smaller call after a larger one must not read the larger one's leftovers.
+    big, small = conv_inputs((2, 32, 20, 20, 48), True, True), conv_inputs((1, 8, 5, 7, 4), False, True)
+    outputs = []
+    for x, weight, bias, res in (big, small, big):
+        outputs.append((WINOGRAD(x, TRANSFORM(weight), bias, res, True, True), x, weight, bias, res))
+    for y, x, weight, bias, res in outputs:
+        assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, True), torch.float32)
+
+
 def test_winograd_nan_fills_the_tiles_that_read_it():
     # Every transformed value mixes the whole 6x6 input tile, so a NaN input makes NaN of every output of the 4x4
     # tiles whose input tile holds it (eager: its 3x3 neighbourhood), and the ReLU keeps it. x[2, 2] lies only in
