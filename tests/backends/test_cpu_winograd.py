@@ -8,6 +8,7 @@ errors.
 """
 
 import math
+import threading
 
 import pytest
 import torch
@@ -53,11 +54,26 @@ def test_winograd_op_matches_oracle(shape, residual, relu, channels_last, positi
 
 def test_winograd_results_survive_later_calls():
     # The transformed buffers are reused between calls on a thread (a kept workspace): an earlier output must not
-    # alias it, and a smaller call after a larger one must not read the larger one's leftovers.
+    # alias it, a smaller call after a larger one must not read the larger one's leftovers, and a buffer first made
+    # under inference_mode must serve calls outside it (the CI failure of a workspace kept as a tensor).
+    # A first call under inference_mode and later ones outside it: the kept buffer serves both.
+    # A fresh thread, so that the buffer is made by its first call here.
     big, small = conv_inputs((2, 32, 20, 20, 48), True, True), conv_inputs((1, 8, 5, 7, 4), False, True)
-    outputs = []
-    for x, weight, bias, res in (big, small, big):
-        outputs.append((WINOGRAD(x, TRANSFORM(weight), bias, res, True, True), x, weight, bias, res))
+    outputs, errors = [], []
+
+    def calls():
+        try:
+            for (x, weight, bias, res), inference in ((big, True), (small, False), (big, False), (small, True)):
+                with torch.inference_mode(inference):
+                    outputs.append((WINOGRAD(x, TRANSFORM(weight), bias, res, True, True), x, weight, bias, res))
+        except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=calls)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert len(outputs) == 4
     for y, x, weight, bias, res in outputs:
         assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, True), torch.float32)
 
