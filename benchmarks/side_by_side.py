@@ -39,17 +39,6 @@ DEFAULT_PROVIDERS = ("eager-nchw", "eager", "cpu", "onnxruntime", "openvino")
 _TIMED_CONFIG = types.SimpleNamespace(getoption=lambda name, default=None: default)  # as a timed pytest run
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "resnet18"], choices=["resnet50", "resnet18"])
@@ -104,7 +93,8 @@ def entry(model_name, setting, provider, samples, extra, loads, env):
         "extra_info": {"provider": provider, "kind": "model", "case": f"{model_name} {IMAGE_SIZE}x{IMAGE_SIZE}",
                        "dtype": DTYPE_NAMES[setting.dtype], "batch": setting.batch,
                        "flops": 2 * count_macs(reference_model(model_name, setting), setting.batch, IMAGE_SIZE),
-                       "device_name": cpu_model(), "machine": env["device"], "torch": env["torch"], "threads": torch.get_num_threads(),
+                       "device_name": env["device"], "machine": env["device"], "torch": env["torch"],
+                       "threads": torch.get_num_threads(),
                        "interleaved": True, "load_before": loads[0], "load_after": loads[1], **extra},
         "stats": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
                   "mean": statistics.fmean(samples), "rounds": len(samples), "data": samples},
@@ -114,7 +104,7 @@ def entry(model_name, setting, provider, samples, extra, loads, env):
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = environment("cpu")
-    print(f"{cpu_model()}, torch {env['torch']}, {torch.get_num_threads()} threads for every provider")
+    print(f"{env['device']}, torch {env['torch']}, {torch.get_num_threads()} threads for every provider")
     entries = []
     for model_name in args.models:
         for dtype_name in args.dtypes:
@@ -134,7 +124,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "machine_info": {"node": platform.node(), "processor": platform.processor(),
-                             "machine": platform.machine(), "cpu": {"brand_raw": cpu_model()},
+                             "machine": platform.machine(), "cpu": {"brand_raw": env["device"]},
                              "python_version": platform.python_version()},
             "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "version": "side_by_side", "benchmarks": entries}, indent=1))

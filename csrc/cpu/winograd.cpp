@@ -2,8 +2,8 @@
 // conv_bias_act epilogue fused into its output transform:
 //
 //   conv3x3_winograd(x, u, bias, residual, relu, position_major):
-//                                   y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual))
-//   winograd_weight(w):                            u = the transformed weight, made once per pack
+//                        y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual))
+//   winograd_weight(w):  u = the transformed weight, made once per pack
 //
 // Per 4x4 output tile, with d the 6x6 input tile around it (zero outside x) and w[k, c] the 3x3 kernel (Lavin and
 // Gray, "Fast Algorithms for Convolutional Neural Networks", 2016, interpolation points 0, +-1, +-2, infinity):
@@ -16,11 +16,10 @@
 // dense matrices and each tile's transform writes 36 runs of C values far apart, or tile-major, (tiles, 36, C), where
 // the transform writes one dense run per tile and the GEMMs read strided views. Which is faster was measured to differ
 // between CPUs: the caller picks (`position_major`; the "cpu" backend's rule and its measurements are in
-// resnet_fused/ops/backends/cpu.py). A 3x3 convolution costs 9 multiply-adds per
-// output and input channel; here the GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over
-// activation-sized buffers. Rounding: each output sums transformed terms whose magnitudes exceed the result's (A and B
-// hold entries up to 8 and 5), so the fp32 error is about 20x a direct convolution's (measured 7e-6 of the output's
-// largest magnitude, against 3e-7).
+// resnet_fused/ops/backends/cpu.py). A 3x3 convolution costs 9 multiply-adds per output and input channel; here the
+// GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over activation-sized buffers. Rounding: each output
+// sums transformed terms whose magnitudes exceed the result's (A and B hold entries up to 8 and 5), so the fp32 error
+// is about 20x a direct convolution's (measured 7e-6 of the output's largest magnitude, against 3e-7).
 //
 // The transforms read and write channel vectors (channels_last: a pixel's channels are contiguous), in blocks of
 // kBlock channels, parallel over tiles; they are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load

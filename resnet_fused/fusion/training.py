@@ -9,8 +9,8 @@ for a lone unit); unit i appends value i + n_inputs:
     values += [act((y_i - mean_i) * invstd_i * gamma_i + beta_i (+ values[residual_i]))]
 
 and running_mean/var (unbiased var) and num_batches_tracked are updated as nn.BatchNorm2d does. The backend makes
-y_i and its statistics in one call (the "triton" backend in its conv kernel's epilogue, on channels_last inputs). Forward saves
-each y_i and the input; backward recomputes the values the convs and residuals read (elementwise, from y_i: no
+y_i and its statistics in one call (the "triton" backend in its conv kernel's epilogue, on channels_last inputs).
+Forward saves each y_i and the input; backward recomputes the values the convs and residuals read (elementwise, from y_i: no
 convolution is recomputed) and runs, unit by unit in reverse, the BatchNorm backward (ops.batch_norm_backward:
 reductions over centered values in fp32) and the conv backward.
 
