@@ -189,3 +189,24 @@ def test_double_backward_through_several_blocks_matches_eager(mode):
         penalties.append((penalty.detach(), m.conv1.weight.grad.clone(), m.layers[1][0].conv2.weight.grad.clone()))
     for fused_value, eager_value in zip(*penalties):
         torch.testing.assert_close(fused_value, eager_value, rtol=1e-4, atol=1e-5 * eager_value.abs().max().item())
+
+
+# ------------------------------------------------------------------------------ channels_last on the "cpu" backend
+
+
+def _channels_last(model, x):
+    return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None, reason="the 'cpu' backend is not built here")
+@pytest.mark.parametrize("mode", ["train", "frozen"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_channels_last_step_on_the_cpu_backend_matches_float64(family, mode):
+    """A channels_last model and input, as the benchmarks train: the cpu backend's convolution backward runs as
+    matrix products there (ops/backends/cpu_conv_backward.py). Held to eager fp32 NCHW's error, not channels_last's."""
+    model, x, target = _draw(family) if mode == "train" else _draw_frozen(family)
+    fused, report = rf.fuse_model(_channels_last(copy.deepcopy(model), x)[0], backend="cpu")
+    assert report.blocks, report
+    truth = one_sgd_step(copy.deepcopy(model).double(), x, target)
+    eager = one_sgd_step(copy.deepcopy(model), x, target)
+    assert_step_matches(one_sgd_step(fused, x.contiguous(memory_format=torch.channels_last), target), eager, truth)

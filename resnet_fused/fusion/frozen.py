@@ -7,7 +7,7 @@ Forward runs the bound packed kernel and keeps x, W, scale and out (out is the n
 Backward, with g = grad_out where out > 0 (eager ReLU's threshold_backward) and W_f = W * scale[c]:
 
     d residual = g,  d shift = sum_{n,h,w} g
-    d x, d W_f = conv backward of g at (x, W_f)        (one convolution_backward, as eager's conv)
+    d x, d W_f = conv backward of g at (x, W_f)        (one backend.conv_backward, as eager's conv)
     d W = d W_f * scale[c],  d scale[c] = sum_{ci,kh,kw} d W_f * W
 
 so no activation-sized product g * scale is made; autograd carries d scale and d shift on to the BN's affine
@@ -34,9 +34,9 @@ def _per_out_channel(v: torch.Tensor) -> torch.Tensor:
 
 class _FrozenUnit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel: Kernel, geometry: tuple, relu: bool, x, residual, weight, scale, shift):
+    def forward(ctx, kernel: Kernel, conv_backward, geometry: tuple, relu: bool, x, residual, weight, scale, shift):
         out = kernel(x, residual)
-        ctx.geometry, ctx.relu, ctx.has_residual = geometry, relu, residual is not None
+        ctx.conv_backward, ctx.geometry, ctx.relu = conv_backward, geometry, relu
         ctx.save_for_backward(x, weight, scale, shift, out, residual)
         return out
 
@@ -44,17 +44,17 @@ class _FrozenUnit(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, scale, shift, out, residual = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        needs_x, needs_residual, needs_weight, needs_scale, needs_shift = ctx.needs_input_grad[3:]
+        needs_x, needs_residual, needs_weight, needs_scale, needs_shift = ctx.needs_input_grad[4:]
         if torch.is_grad_enabled():  # create_graph: differentiate the unit recomputed in plain ops
             def unit(x, residual, weight, scale, shift):
                 return _plain(x, residual, weight, scale, shift, ctx.geometry, ctx.relu)
-            return (None, None, None) + differentiable_vjp(unit, (x, residual, weight, scale, shift), grad_out,
-                                                           ctx.needs_input_grad[3:])
+            return (None,) * 4 + differentiable_vjp(unit, (x, residual, weight, scale, shift), grad_out,
+                                                    ctx.needs_input_grad[4:])
         g = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
         grad_x = grad_weight = grad_scale = None
         if needs_x or needs_weight or needs_scale:
             folded = (weight.float() * _per_out_channel(scale)).to(weight.dtype)
-            grad_x, grad_folded, _ = torch.ops.aten.convolution_backward(
+            grad_x, grad_folded, _ = ctx.conv_backward(
                 g.to(x.dtype), x, folded, None, stride, padding, dilation, False, [0, 0], groups,
                 [needs_x, needs_weight or needs_scale, False])
             if needs_weight:
@@ -63,7 +63,7 @@ class _FrozenUnit(torch.autograd.Function):
                 grad_scale = (grad_folded.float() * weight.float()).sum(dim=(1, 2, 3))
         grad_shift = g.float().sum(dim=(0, 2, 3)) if needs_shift else None
         grad_residual = g if needs_residual else None
-        return None, None, None, grad_x, grad_residual, grad_weight, grad_scale, grad_shift
+        return None, None, None, None, grad_x, grad_residual, grad_weight, grad_scale, grad_shift
 
 
 def _plain(x, residual, weight, scale, shift, geometry, relu):
@@ -75,10 +75,11 @@ def _plain(x, residual, weight, scale, shift, geometry, relu):
     return (torch.relu(z) if relu else z).to(x.dtype)
 
 
-def frozen_step(conv, bn, kernel: Kernel, relu: bool, dtype: torch.dtype) -> Kernel:
+def frozen_step(conv, bn, kernel: Kernel, relu: bool, dtype: torch.dtype, conv_backward) -> Kernel:
     """The unit's step f(x, residual) with the packed `kernel` (bound to the current weights) forward and the
-    backward above. Only where a BN parameter or the conv bias wants a gradient is the fold recomputed per call
-    (differentiably); otherwise it is taken once, here."""
+    backward above, its convolution's by `conv_backward` (the backend's, aten.convolution_backward's signature).
+    Only where a BN parameter or the conv bias wants a gradient is the fold recomputed per call (differentiably);
+    otherwise it is taken once, here."""
     geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
     live_fold = any(t is not None and t.requires_grad
                     for t in (conv.bias, None if bn is None else bn.weight, None if bn is None else bn.bias))
@@ -89,5 +90,5 @@ def frozen_step(conv, bn, kernel: Kernel, relu: bool, dtype: torch.dtype) -> Ker
     def frozen(x, residual):
         scale, shift = folded_scale_shift(conv, bn) if live_fold else fixed
         weight = conv.weight if conv.weight.dtype == dtype else conv.weight.to(dtype)
-        return _FrozenUnit.apply(kernel, geometry, relu, x, residual, weight, scale, shift)
+        return _FrozenUnit.apply(kernel, conv_backward, geometry, relu, x, residual, weight, scale, shift)
     return frozen

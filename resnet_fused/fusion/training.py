@@ -174,6 +174,7 @@ class _Program(torch.autograd.Function):
             source.value = None  # no later backward reads this program's input
         grads = [None] * len(values)
         grads[-1] = grad_out
+        owned = set()  # indices whose gradient this backward made (summed into in place, never grad_out)
         param_grads = [None] * len(flat)
         for index in reversed(range(units)):
             unit = program[index]
@@ -183,22 +184,35 @@ class _Program(torch.autograd.Function):
             grad_y, grad_gamma, grad_beta, grad_residual = backend.batch_norm_backward(
                 grads[n_inputs + index], ys[index], mean, invstd, gamma, beta, residual, unit.relu)
             if residual is not None:
-                grads[unit.residual] = _add(grads[unit.residual], grad_residual)
+                _accumulate(grads, owned, unit.residual, grad_residual, fresh=False)
             source_needs = unit.source >= n_inputs or needs[unit.source]
-            grad_x, grad_w, grad_cb = torch.ops.aten.convolution_backward(
+            grad_x, grad_w, grad_cb = backend.conv_backward(
                 grad_y, values[unit.source], weight, None if conv_bias is None else [conv_bias.shape[0]],
                 unit.stride, unit.padding, unit.dilation, False, [0, 0], unit.groups,
                 [source_needs, needs[n_inputs + 4 * index], conv_bias is not None and needs[n_inputs + 4 * index + 1]])
             if source_needs:
-                grads[unit.source] = _add(grads[unit.source], grad_x)
+                _accumulate(grads, owned, unit.source, grad_x, fresh=True)
             param_grads[4 * index: 4 * index + 4] = [
                 grad_w, grad_cb, None if gamma is None else grad_gamma.to(gamma.dtype),
                 None if beta is None else grad_beta.to(beta.dtype)]
         return (None,) * 5 + (*grads[:n_inputs], *param_grads)
 
 
-def _add(total, grad):
-    return grad if total is None else total + grad
+def _accumulate(grads: list, owned: set, index: int, grad: torch.Tensor, fresh: bool) -> None:
+    """grads[index] += grad, in place where the sum is a tensor this backward made (no new activation-sized
+    buffer); `fresh`: grad is such a tensor (a conv backward's result, not a BatchNorm backward's, which may be
+    grad_out itself)."""
+    total = grads[index]
+    if total is None:
+        grads[index] = grad
+    elif index in owned:
+        total.add_(grad)
+    elif fresh:
+        grads[index] = grad.add_(total)
+    else:
+        grads[index] = total + grad
+    if fresh or total is not None:
+        owned.add(index)
 
 
 def _recompute(program, backend, values, ys, stats, flat, keep_last: bool = False) -> list:

@@ -124,8 +124,9 @@ def _eval_step(conv, bn, x, relu, dtype, backend, packs, name, needs_grad) -> St
         entry = packs[key] = (ops.pack_conv_bn(weight, scale, shift, stride=stride, padding=padding, backend=backend,
                                                copy=False) if fused_conv else (weight, scale, shift))
     if fused_conv:
-        kernel = _BACKENDS[entry.backend].bind_conv(entry, tuple(x.shape), relu)
-        return frozen_step(conv, bn, kernel, relu, dtype) if needs_grad else kernel
+        kernel_backend = _BACKENDS[entry.backend]
+        kernel = kernel_backend.bind_conv(entry, tuple(x.shape), relu)
+        return frozen_step(conv, bn, kernel, relu, dtype, kernel_backend.conv_backward) if needs_grad else kernel
     weight, scale, shift = entry
     epilogue = resolve(backend, x)
 

@@ -75,6 +75,13 @@ class Backend:
     def batch_norm_stats(self, y) -> tuple:
         return batch_norm_reference.stats(y)
 
+    def conv_backward(self, grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                      groups, output_mask) -> tuple:
+        """(dx, dW, d bias) as aten.convolution_backward computes them: the training and frozen-BN units' conv
+        backward. A backend with faster kernels for some convolutions overrides this."""
+        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed,
+                                                   output_padding, groups, output_mask)
+
     def batch_norm_apply(self, y, mean, invstd, weight, bias, residual, relu: bool) -> torch.Tensor:
         return batch_norm_reference.apply(y, mean, invstd, weight, bias, residual, relu)
 

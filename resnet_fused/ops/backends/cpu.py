@@ -19,6 +19,7 @@ import torch
 
 from ..registry import register_backend
 from ..validation import SUPPORTED_DTYPES
+from .cpu_conv_backward import conv_backward
 from .extension import EXTENSION_REASON, ExtensionBackend
 
 
@@ -168,6 +169,9 @@ class CpuBackend(ExtensionBackend):
             return torch.ops.resnet_fused.conv_bias_act.default(x, payload.weight, payload.bias, residual, pack.stride,
                                                                 pack.padding, relu)
         return self.bind_conv(pack, tuple(x.shape), relu)(x, residual)
+
+    # training and frozen-BN backward: matrix products where oneDNN's backward is slow (cpu_conv_backward.py)
+    conv_backward = staticmethod(conv_backward)
 
     def bind_conv(self, pack, input_shape, relu):
         payload, stride, padding = pack.payload, pack.stride, pack.padding

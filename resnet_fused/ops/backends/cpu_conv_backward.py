@@ -1,0 +1,110 @@
+"""The convolution backward of the "cpu" backend's training and frozen-BN units: matrix products (MKL through
+at::mm) where oneDNN's backward was measured slower, oneDNN (aten.convolution_backward) everywhere else.
+
+Channels_last tensors only: with g = dL/dy, P = N * Ho * Wo output positions and rows(t) a (N, C, H, W) tensor as
+its (N * H * W, C) matrix (a view of a channels_last tensor), W read as (Co, kh, kw, Ci):
+
+    1x1, stride s (padding 0), x_s = x[:, :, ::s, ::s]:
+        dW = rows(g)^T rows(x_s)                   (Co, Ci)
+        dx[:, :, ::s, ::s] = rows(g) W,  0 elsewhere
+    kh x kw, any stride and padding (weight only):
+        dW = rows(g)^T im2col(x)                   (Co, kh * kw * Ci): W's channels_last layout
+        im2col(x): (P, kh * kw * Ci), each output position's receptive field in x (zero padded), (kh, kw, Ci) order
+
+Every product sums in fp32 over P (dW) or Co (dx), as oneDNN's kernels do; results agree with them to fp32
+rounding. NCHW tensors stay with oneDNN: products on them need transposing copies (or one small product per image),
+and a resnet50 train step measured no faster with them (per-conv gains of 1.2-4.9x went into the copies).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+CL = torch.channels_last
+
+
+class GemmRule(NamedTuple):
+    """Which gradients of an fp32 channels_last convolution run as matrix products."""
+
+    pointwise: bool          # 1x1 convolutions (padding 0): dx and dW
+    max_im2col_rows: int     # other kernels: dW through im2col when the output has at most this many positions
+
+
+# Measured on 2 cores (Intel Xeon with AVX-512, fp32, channels_last), each candidate beside oneDNN in one process,
+# resnet50's shapes at batch 1 and 8, 128x128 and 224x224:
+#   1x1: dW 1.0-6.6x faster (batch 1 and the late, wide layers most: 2048 -> 512 at 7x7 batch 1 3.82 -> 0.58 ms),
+#     dx 0.9-2.4x (1024 -> 2048 stride 2 at 14x14 batch 8 17.0 -> 10.2 ms).
+#   3x3 dW: im2col + one product 1.3-2.3x faster at 64-128 output positions with 128-512 channels (512 channels at
+#     batch 2 8x8: 3.91 -> 2.22 ms), level at 512 positions, 1.5-2x slower from 2048 on.
+GEMM_RULE = GemmRule(pointwise=True, max_im2col_rows=256)
+
+
+def gemm_plan(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding, dilation, groups: int,
+              output_mask, rule: Optional[GemmRule] = None) -> Optional[tuple]:
+    """(dx as product, dW as product) for this convolution's backward under `rule` (GEMM_RULE if None), or None
+    where oneDNN runs all of it."""
+    rule = GEMM_RULE if rule is None else rule
+    if not (x.device.type == "cpu" and x.dtype == grad.dtype == weight.dtype == torch.float32 and groups == 1
+            and tuple(dilation) == (1, 1) and x.is_contiguous(memory_format=CL)
+            and grad.is_contiguous(memory_format=CL)):
+        return None
+    pointwise = rule.pointwise and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+    rows = grad.shape[0] * grad.shape[2] * grad.shape[3]
+    dx = bool(output_mask[0]) and pointwise
+    dw = bool(output_mask[1]) and (pointwise or rows <= rule.max_im2col_rows)
+    return (dx, dw) if dx or dw else None
+
+
+def conv_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+                  output_mask):
+    """aten.convolution_backward's signature and results: (dx, dW, d bias), each None where not asked for."""
+    plan = None if transposed else gemm_plan(grad, x, weight, padding, dilation, groups, output_mask)
+    if plan is None:
+        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed,
+                                                   output_padding, groups, output_mask)
+    by_gemm_x, by_gemm_w = plan
+    rest = [output_mask[0] and not by_gemm_x, output_mask[1] and not by_gemm_w, False]
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], 1, rest) if any(rest) else (None, None, None)
+    if by_gemm_x:
+        grad_x = _pointwise_grad_input(grad, x, weight, stride)
+    if by_gemm_w:
+        grad_w = _grad_weight(grad, x, weight, stride, padding)
+    grad_bias = grad.sum(dim=(0, 2, 3)) if output_mask[2] else None
+    return grad_x, grad_w, grad_bias
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _pointwise_grad_input(grad, x, weight, stride):
+    n, c_out, h_out, w_out = grad.shape
+    products = torch.mm(_rows(grad), weight.reshape(c_out, -1)).view(n, h_out, w_out, -1).permute(0, 3, 1, 2)
+    if tuple(stride) == (1, 1):
+        return products
+    grad_x = torch.zeros_like(x, memory_format=CL)
+    grad_x[:, :, ::stride[0], ::stride[1]] = products
+    return grad_x
+
+
+def _im2col(x: torch.Tensor, kernel_size: tuple, stride, padding, out_hw: tuple) -> torch.Tensor:
+    kh, kw = kernel_size
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    n_stride, h_stride, w_stride, c_stride = padded.stride()
+    windows = padded.as_strided((x.shape[0], out_hw[0], out_hw[1], kh, kw, x.shape[1]),
+                                (n_stride, h_stride * stride[0], w_stride * stride[1], h_stride, w_stride, c_stride))
+    return windows.reshape(-1, kh * kw * x.shape[1])
+
+
+def _grad_weight(grad, x, weight, stride, padding):
+    c_out, _, kh, kw = weight.shape
+    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):
+        return torch.mm(_rows(grad).t(), _rows(x[:, :, ::stride[0], ::stride[1]])).view(c_out, -1, 1, 1)
+    columns = _im2col(x, (kh, kw), stride, padding, grad.shape[2:])
+    grad_w = torch.mm(_rows(grad).t(), columns).view(c_out, kh, kw, -1).permute(0, 3, 1, 2)
+    # in the weight's own layout, so that autograd accumulates it without another copy
+    return grad_w.contiguous(memory_format=CL if weight.is_contiguous(memory_format=CL) else torch.contiguous_format)

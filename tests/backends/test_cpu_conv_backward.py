@@ -1,0 +1,135 @@
+"""The "cpu" backend's convolution backward (resnet_fused/ops/backends/cpu_conv_backward.py) against a float64
+aten.convolution_backward: 1x1 convolutions at stride 1 and 2 (input and weight gradients as matrix products),
+other kernels' weight gradient through im2col (3x3 at stride 1 and 2, the 7x7 stem, padding 0 and more, odd sizes,
+batch 1), every subset of the output mask, gradients in the weight's own memory format; the rule that picks the
+products and where it leaves oneDNN (NCHW and other strides, dtypes, groups, dilation, many output positions);
+the training and frozen-BN units calling it.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from resnet_fused.ops.backends import cpu_conv_backward as gemm
+from resnet_fused.ops.backends.cpu import CpuBackend
+
+CL = torch.channels_last
+EVERYTHING = gemm.GemmRule(pointwise=True, max_im2col_rows=10 ** 9)  # every eligible conv as products
+# (N, C_in, H, W, C_out, kernel, stride, padding)
+SHAPES = [
+    (1, 3, 7, 9, 5, 1, 1, 0),      # batch 1, odd sizes
+    (2, 16, 9, 7, 24, 1, 2, 0),    # strided 1x1 (the projection shortcut), odd input: ceil(H / 2) rows
+    (3, 8, 1, 1, 4, 1, 1, 0),      # 1x1 images
+    (2, 5, 9, 7, 3, 3, 1, 1),      # 3x3
+    (1, 4, 8, 5, 6, 3, 2, 1),      # strided 3x3, odd width
+    (2, 6, 5, 5, 4, 3, 2, 0),      # 3x3 without padding
+    (3, 3, 11, 13, 8, 7, 2, 3),    # the stem
+    (2, 4, 6, 6, 6, 1, 1, 1),      # a padded 1x1: its weight gradient through im2col, input gradient by oneDNN
+]
+
+
+def _case(shape, dtype=torch.float32, layout=CL, bias=False):
+    n, c_in, h, w, c_out, k, stride, padding = shape
+    x = torch.randn(n, c_in, h, w, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, k, k, dtype=torch.float64) / (c_in * k * k) ** 0.5
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding)
+    grad = torch.randn_like(y)
+    geometry = ([stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1)
+    doubles = (grad, x, weight)
+    tensors = tuple(t.to(dtype).contiguous(memory_format=layout) if layout is not None
+                    else t.to(dtype).transpose(2, 3).contiguous().transpose(2, 3) for t in doubles)
+    return tensors, doubles, [c_out] if bias else None, geometry
+
+
+def _truth(doubles, bias_sizes, geometry, mask):
+    return torch.ops.aten.convolution_backward(*doubles, bias_sizes, *geometry, mask)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mask", [m for m in itertools.product([True, False], repeat=3) if any(m)], ids=str)
+def test_matches_float64(shape, mask, monkeypatch):
+    monkeypatch.setattr(gemm, "GEMM_RULE", EVERYTHING)
+    tensors, doubles, bias_sizes, geometry = _case(shape, bias=mask[2])
+    plan = gemm.gemm_plan(*tensors, geometry[1], geometry[2], 1, mask)
+    assert (plan is not None and plan[1]) == mask[1]  # under this rule every weight gradient is a product
+    got = gemm.conv_backward(*tensors, bias_sizes, *geometry, list(mask))
+    truth = _truth(doubles, bias_sizes, geometry, list(mask))
+    for name, value, expected, wanted in zip(("grad_input", "grad_weight", "grad_bias"), got, truth, mask):
+        if not wanted:  # aten's own path may compute the weight gradient with the bias's anyway
+            continue
+        assert value.shape == expected.shape and value.dtype == torch.float32, name
+        scale = expected.abs().max().item()
+        assert (value.double() - expected).abs().max().item() <= 1e-5 * max(scale, 1.0), name
+        if name == "grad_input":
+            assert value.is_contiguous(memory_format=CL), "dx in x's layout"
+
+
+@pytest.mark.parametrize("weight_layout", [CL, torch.contiguous_format], ids=["channels_last", "contiguous"])
+def test_weight_gradient_in_the_weights_layout(weight_layout, monkeypatch):
+    """autograd accumulates a gradient whose strides match its parameter's without another copy"""
+    monkeypatch.setattr(gemm, "GEMM_RULE", EVERYTHING)
+    (grad, x, weight), _, _, geometry = _case(SHAPES[3])
+    weight = weight.contiguous(memory_format=weight_layout)
+    _, grad_weight, _ = gemm.conv_backward(grad, x, weight, None, *geometry, [False, True, False])
+    assert grad_weight.stride() == weight.stride()
+
+
+def _plan(shape, rule=gemm.GEMM_RULE, dtype=torch.float32, layout=CL, mask=(True, True, False), groups=1,
+          dilation=(1, 1)):
+    (grad, x, weight), _, _, geometry = _case(shape, dtype, layout)
+    return gemm.gemm_plan(grad, x, weight, geometry[1], dilation, groups, mask, rule)
+
+
+def test_rule():
+    small_3x3, large_3x3 = (2, 8, 8, 8, 8, 3, 1, 1), (8, 8, 16, 16, 8, 3, 1, 1)  # 128 and 2048 output positions
+    assert _plan(SHAPES[1]) == (True, True)                                  # 1x1: both gradients
+    assert _plan(SHAPES[1], mask=(False, True, True)) == (False, True)
+    assert _plan(small_3x3) == (False, True)                                 # few positions: dW by im2col
+    assert _plan(large_3x3) is None                                          # many: oneDNN
+    assert _plan(small_3x3, mask=(True, False, True)) is None                # dx of a 3x3: always oneDNN
+    assert _plan(SHAPES[1], rule=gemm.GemmRule(False, 0)) is None
+
+
+@pytest.mark.parametrize("case", ["nchw", "strided", "float64", "bfloat16", "groups", "dilation"])
+def test_leaves_to_onednn(case):
+    shape = SHAPES[1]
+    kwargs = {"nchw": dict(layout=torch.contiguous_format), "strided": dict(layout=None),
+              "float64": dict(dtype=torch.float64), "bfloat16": dict(dtype=torch.bfloat16), "groups": dict(groups=2),
+              "dilation": dict(dilation=(2, 2))}
+    assert _plan(shape, **kwargs[case]) is None
+
+
+def test_falls_back_with_the_same_results():
+    """a convolution the rule leaves to oneDNN gets aten's own results"""
+    (grad, x, weight), _, _, geometry = _case((8, 5, 9, 7, 3, 3, 1, 1))  # 504 output positions
+    mask = [True, True, False]
+    got = gemm.conv_backward(grad, x, weight, None, *geometry, mask)
+    expected = torch.ops.aten.convolution_backward(grad, x, weight, None, *geometry, mask)
+    for value, want in zip(got[:2], expected[:2]):
+        assert torch.equal(value, want)
+
+
+def test_backend_exposes_it():
+    assert CpuBackend.conv_backward is gemm.conv_backward
+
+
+@pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None, reason="the 'cpu' backend is not built here")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "frozen"])
+def test_fused_units_call_it(train, monkeypatch):
+    """a channels_last fused Bottleneck's backward goes through the backend's conv backward, for every conv"""
+    calls = []
+
+    def counting(*args):
+        calls.append(args[2].shape)
+        return gemm.conv_backward(*args)
+
+    monkeypatch.setattr(CpuBackend, "conv_backward", staticmethod(counting))
+    torch.manual_seed(0)
+    block = rf.Bottleneck(16, 4).train(train).to(memory_format=CL)
+    fused, _ = rf.fuse_model(block, backend="cpu")
+    fused.train(train)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=CL).requires_grad_()
+    fused(x).sum().backward()
+    assert sorted(calls) == sorted(m.weight.shape for m in block.modules() if isinstance(m, torch.nn.Conv2d))
