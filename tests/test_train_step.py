@@ -203,7 +203,7 @@ def _channels_last(model, x):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_channels_last_step_on_the_cpu_backend_matches_float64(family, mode):
     """A channels_last model and input, as the benchmarks train: the cpu backend's convolution backward runs as
-    matrix products there (ops/backends/cpu_conv_backward.py). Held to eager fp32 NCHW's error, not channels_last's."""
+    matrix products there (ops/backends/cpu_conv_products.py). Held to eager fp32 NCHW's error, not channels_last's."""
     model, x, target = _draw(family) if mode == "train" else _draw_frozen(family)
     fused, report = rf.fuse_model(_channels_last(copy.deepcopy(model), x)[0], backend="cpu")
     assert report.blocks, report

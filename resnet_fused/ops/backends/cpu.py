@@ -19,7 +19,7 @@ import torch
 
 from ..registry import register_backend
 from ..validation import SUPPORTED_DTYPES
-from .cpu_conv_backward import conv_backward
+from .cpu_conv_products import conv_backward, pointwise_conv
 from .extension import EXTENSION_REASON, ExtensionBackend
 
 
@@ -170,8 +170,14 @@ class CpuBackend(ExtensionBackend):
                                                                 pack.padding, relu)
         return self.bind_conv(pack, tuple(x.shape), relu)(x, residual)
 
-    # training and frozen-BN backward: matrix products where oneDNN's backward is slow (cpu_conv_backward.py)
+    # training and frozen-BN units: matrix products where oneDNN is slow with per-step weights (cpu_conv_products.py)
     conv_backward = staticmethod(conv_backward)
+
+    def conv_batch_norm_stats(self, x, weight, bias, stride, padding, dilation, groups):
+        y = pointwise_conv(x, weight, bias, stride, padding, dilation, groups)
+        if y is None:
+            return super().conv_batch_norm_stats(x, weight, bias, stride, padding, dilation, groups)
+        return (y, *self.batch_norm_stats(y))
 
     def bind_conv(self, pack, input_shape, relu):
         payload, stride, padding = pack.payload, pack.stride, pack.padding

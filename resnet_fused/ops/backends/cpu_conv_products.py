@@ -1,17 +1,19 @@
-"""The convolution backward of the "cpu" backend's training and frozen-BN units: matrix products (MKL through
-at::mm) where oneDNN's backward was measured slower, oneDNN (aten.convolution_backward) everywhere else.
+"""Convolutions of the "cpu" backend's training and frozen-BN units as matrix products (MKL through at::mm) where
+oneDNN's (aten.convolution and convolution_backward) were measured slower with weights that change every step;
+oneDNN everywhere else. (Inference convolves pre-packed weights: ops/backends/cpu.py.)
 
 Channels_last tensors only: with g = dL/dy, P = N * Ho * Wo output positions and rows(t) a (N, C, H, W) tensor as
 its (N * H * W, C) matrix (a view of a channels_last tensor), W read as (Co, kh, kw, Ci):
 
     1x1, stride s (padding 0), x_s = x[:, :, ::s, ::s]:
+        rows(y) = rows(x_s) W^T (+ bias)           (P, Co)
         dW = rows(g)^T rows(x_s)                   (Co, Ci)
         dx[:, :, ::s, ::s] = rows(g) W,  0 elsewhere
     kh x kw, any stride and padding (weight only):
         dW = rows(g)^T im2col(x)                   (Co, kh * kw * Ci): W's channels_last layout
         im2col(x): (P, kh * kw * Ci), each output position's receptive field in x (zero padded), (kh, kw, Ci) order
 
-Every product sums in fp32 over P (dW) or Co (dx), as oneDNN's kernels do; results agree with them to fp32
+Every product sums in fp32 over Ci (y), P (dW) or Co (dx), as oneDNN's kernels do; results agree with them to fp32
 rounding. NCHW tensors stay with oneDNN: products on them need transposing copies (or one small product per image),
 and a resnet50 train step measured no faster with them (per-conv gains of 1.2-4.9x went into the copies).
 """
@@ -29,17 +31,39 @@ CL = torch.channels_last
 class GemmRule(NamedTuple):
     """Which gradients of an fp32 channels_last convolution run as matrix products."""
 
-    pointwise: bool          # 1x1 convolutions (padding 0): dx and dW
+    pointwise: bool          # 1x1 convolutions (padding 0): y, dx and dW
     max_im2col_rows: int     # other kernels: dW through im2col when the output has at most this many positions
 
 
 # Measured on 2 cores (Intel Xeon with AVX-512, fp32, channels_last), each candidate beside oneDNN in one process,
 # resnet50's shapes at batch 1 and 8, 128x128 and 224x224:
-#   1x1: dW 1.0-6.6x faster (batch 1 and the late, wide layers most: 2048 -> 512 at 7x7 batch 1 3.82 -> 0.58 ms),
+#   1x1: y 0.9-1.8x faster (weights in the layout autograd trains them in, which oneDNN reorders per call), in sum
+#     73 -> 60 ms per resnet50 batch 8 128x128 forward; dW 1.0-6.6x faster (batch 1 and the late, wide layers most: 2048 -> 512 at 7x7 batch 1 3.82 -> 0.58 ms),
 #     dx 0.9-2.4x (1024 -> 2048 stride 2 at 14x14 batch 8 17.0 -> 10.2 ms).
 #   3x3 dW: im2col + one product 1.3-2.3x faster at 64-128 output positions with 128-512 channels (512 channels at
 #     batch 2 8x8: 3.91 -> 2.22 ms), level at 512 positions, 1.5-2x slower from 2048 on.
 GEMM_RULE = GemmRule(pointwise=True, max_im2col_rows=256)
+
+
+def _pointwise(weight: torch.Tensor, padding, rule: GemmRule) -> bool:
+    return rule.pointwise and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int) -> bool:
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and groups == 1
+            and tuple(dilation) == (1, 1) and x.is_contiguous(memory_format=CL))
+
+
+def pointwise_conv(x, weight, bias, stride, padding, dilation, groups) -> Optional[torch.Tensor]:
+    """aten.convolution(x, weight, bias, ...) as one product (channels_last), or None where oneDNN runs it."""
+    if not (_eligible(x, weight, dilation, groups) and _pointwise(weight, padding, GEMM_RULE)):
+        return None
+    x_s = x[:, :, ::stride[0], ::stride[1]]
+    n, _, h_out, w_out = x_s.shape
+    c_out = weight.shape[0]
+    weight = weight.reshape(c_out, -1).t()
+    rows = torch.mm(_rows(x_s), weight) if bias is None else torch.addmm(bias, _rows(x_s), weight)
+    return rows.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
 
 
 def gemm_plan(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding, dilation, groups: int,
@@ -47,11 +71,10 @@ def gemm_plan(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding
     """(dx as product, dW as product) for this convolution's backward under `rule` (GEMM_RULE if None), or None
     where oneDNN runs all of it."""
     rule = GEMM_RULE if rule is None else rule
-    if not (x.device.type == "cpu" and x.dtype == grad.dtype == weight.dtype == torch.float32 and groups == 1
-            and tuple(dilation) == (1, 1) and x.is_contiguous(memory_format=CL)
+    if not (_eligible(x, weight, dilation, groups) and grad.dtype == x.dtype
             and grad.is_contiguous(memory_format=CL)):
         return None
-    pointwise = rule.pointwise and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+    pointwise = _pointwise(weight, padding, rule)
     rows = grad.shape[0] * grad.shape[2] * grad.shape[3]
     dx = bool(output_mask[0]) and pointwise
     dw = bool(output_mask[1]) and (pointwise or rows <= rule.max_im2col_rows)

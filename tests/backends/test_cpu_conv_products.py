@@ -1,5 +1,6 @@
-"""The "cpu" backend's convolution backward (resnet_fused/ops/backends/cpu_conv_backward.py) against a float64
-aten.convolution_backward: 1x1 convolutions at stride 1 and 2 (input and weight gradients as matrix products),
+"""The "cpu" backend's training convolutions as matrix products (resnet_fused/ops/backends/cpu_conv_products.py)
+against float64 aten.convolution and convolution_backward: the 1x1 forward (stride 1 and 2, with and without bias)
+and the batch statistics taken from it; 1x1 convolutions at stride 1 and 2 (input and weight gradients as matrix products),
 other kernels' weight gradient through im2col (3x3 at stride 1 and 2, the 7x7 stem, padding 0 and more, odd sizes,
 batch 1), every subset of the output mask, gradients in the weight's own memory format; the rule that picks the
 products and where it leaves oneDNN (NCHW and other strides, dtypes, groups, dilation, many output positions);
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from resnet_fused.ops.backends import cpu_conv_backward as gemm
+from resnet_fused.ops.backends import cpu_conv_products as gemm
 from resnet_fused.ops.backends.cpu import CpuBackend
 
 CL = torch.channels_last
@@ -109,6 +110,42 @@ def test_falls_back_with_the_same_results():
     expected = torch.ops.aten.convolution_backward(grad, x, weight, None, *geometry, mask)
     for value, want in zip(got[:2], expected[:2]):
         assert torch.equal(value, want)
+
+
+POINTWISE = [s for s in SHAPES if s[5] == 1 and s[7] == 0]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", POINTWISE, ids=str)
+def test_pointwise_forward_matches_float64(shape, bias):
+    (_, x, weight), (_, x64, weight64), _, (stride, padding, dilation, *_) = _case(shape)
+    b64 = torch.randn(weight.shape[0], dtype=torch.float64) if bias else None
+    y = gemm.pointwise_conv(x, weight, None if b64 is None else b64.float(), stride, padding, dilation, 1)
+    expected = torch.nn.functional.conv2d(x64, weight64, b64, stride, padding)
+    assert y.shape == expected.shape and y.is_contiguous(memory_format=CL)
+    assert (y.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("case", ["3x3", "padded", "nchw", "float64", "groups"])
+def test_pointwise_forward_leaves_to_onednn(case):
+    shape = {"3x3": SHAPES[3], "padded": SHAPES[-1]}.get(case, SHAPES[1])
+    layout = torch.contiguous_format if case == "nchw" else CL
+    (_, x, weight), *_ = _case(shape, torch.float64 if case == "float64" else torch.float32, layout)
+    groups = 2 if case == "groups" else 1
+    if groups == 2:
+        weight = weight[:, : x.shape[1] // 2]
+    assert gemm.pointwise_conv(x, weight, None, [shape[6]] * 2, [shape[7]] * 2, [1, 1], groups) is None
+
+
+@pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None, reason="the 'cpu' backend is not built here")
+def test_batch_statistics_of_the_product():
+    """CpuBackend.conv_batch_norm_stats: y by the product, and its mean and biased variance"""
+    (_, x, weight), (_, x64, weight64), _, (stride, padding, dilation, *_) = _case(SHAPES[1])
+    y, mean, var = CpuBackend().conv_batch_norm_stats(x, weight, None, stride, padding, dilation, 1)
+    expected = torch.nn.functional.conv2d(x64, weight64, None, stride, padding)
+    assert (y.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(mean.double(), expected.mean(dim=(0, 2, 3)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(var.double(), expected.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-5)
 
 
 def test_backend_exposes_it():
