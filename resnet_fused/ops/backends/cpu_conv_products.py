@@ -38,8 +38,8 @@ class GemmRule(NamedTuple):
 # Measured on 2 cores (Intel Xeon with AVX-512, fp32, channels_last), each candidate beside oneDNN in one process,
 # resnet50's shapes at batch 1 and 8, 128x128 and 224x224:
 #   1x1: y 0.9-1.8x faster (weights in the layout autograd trains them in, which oneDNN reorders per call), in sum
-#     73 -> 60 ms per resnet50 batch 8 128x128 forward; dW 1.0-6.6x faster (batch 1 and the late, wide layers most: 2048 -> 512 at 7x7 batch 1 3.82 -> 0.58 ms),
-#     dx 0.9-2.4x (1024 -> 2048 stride 2 at 14x14 batch 8 17.0 -> 10.2 ms).
+#     73 -> 60 ms per resnet50 batch 8 128x128 forward; dW 1.0-6.6x faster (batch 1 and the late, wide layers most:
+#     2048 -> 512 at 7x7 batch 1 3.82 -> 0.58 ms); dx 0.9-2.4x (1024 -> 2048 stride 2 at 14x14 batch 8 17.0 -> 10.2 ms).
 #   3x3 dW: im2col + one product 1.3-2.3x faster at 64-128 output positions with 128-512 channels (512 channels at
 #     batch 2 8x8: 3.91 -> 2.22 ms), level at 512 positions, 1.5-2x slower from 2048 on.
 GEMM_RULE = GemmRule(pointwise=True, max_im2col_rows=256)
