@@ -2,9 +2,9 @@
 against float64 aten.convolution and convolution_backward: the 1x1 forward (stride 1 and 2, with and without bias)
 and the batch statistics taken from it; 1x1 convolutions at stride 1 and 2 (input and weight gradients as matrix
 products), other kernels' weight gradient through im2col (3x3 at stride 1 and 2, the 7x7 stem, padding 0 and more,
-odd sizes, batch 1), every subset of the output mask, gradients in the weight's own memory format; the rule that picks the
-products and where it leaves oneDNN (NCHW and other strides, dtypes, groups, dilation, many output positions);
-the training and frozen-BN units calling it.
+odd sizes, batch 1), every subset of the output mask, gradients in the weight's own memory format; the rule that
+picks the products and where it leaves oneDNN (NCHW and other strides, dtypes, groups, dilation, many output
+positions); the training and frozen-BN units calling it.
 """
 
 import itertools
