@@ -154,7 +154,8 @@ def skip_reason(provider: str, setting: Setting, config, *, kind: str) -> Option
                 return "max-autotune compiles for minutes per case: set RESNET_FUSED_BENCH_AUTOTUNE=1 to include it"
         if setting.device == "cuda" and os.environ.get("RESNET_FUSED_BENCH_COMPILE") != "all":
             if setting.dtype != BF16 or setting.batch != 256:
-                return "torch.compile on GPU runs at bf16 batch 256 only (RESNET_FUSED_BENCH_COMPILE=all for every case)"
+                return ("torch.compile on GPU runs at bf16 batch 256 only (RESNET_FUSED_BENCH_COMPILE=all for every "
+                        "case)")
             if kind == "conv":  # ~5 s of compile per layer; cuDNN's fused ops are the per-layer baseline
                 return "torch.compile on GPU runs for blocks and models only (RESNET_FUSED_BENCH_COMPILE=all for convs)"
         if setting.device == "cpu" and kind != "model":
@@ -272,5 +273,5 @@ def reference_model(name: str, setting: Setting, submodule: str = "") -> nn.Modu
 
 __all__ = ["BLOCK_CASES", "CPU_MODEL", "CPU_SMALL", "GPU_SETTINGS", "PROVIDERS", "RESNET50_CONVS", "Setting",
            "check_close", "compiled", "count_macs", "cudnn_conv_fn", "EagerConvBNAct", "fuse_for_benchmark",
-           "fused_backend_skip_reason", "fused_block", "model_runner", "layer_inputs", "model_bytes", "PackedConvBN", "random_conv_bn", "reference_model",
-           "run_case", "skip_reason", "split_graphed", "pytest"]
+           "fused_backend_skip_reason", "fused_block", "model_runner", "layer_inputs", "model_bytes", "PackedConvBN",
+           "random_conv_bn", "reference_model", "run_case", "skip_reason", "split_graphed", "pytest"]

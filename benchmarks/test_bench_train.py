@@ -89,15 +89,9 @@ def _record(benchmark, provider, setting, kind, case, x, extra):
                                 batch=x.shape[0], device_name=env["device"], torch=env["torch"], **extra)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("setting", TRAIN_SETTINGS, ids=lambda s: s.id)
-@pytest.mark.parametrize("model_name", ["resnet50", "resnet18"])
-def test_train_step(benchmark, request, model_name, setting, provider):
-    quick = benchmark_disabled(request.config)
-    reason = _skip_reason(provider, setting, quick)
-    if reason:
-        pytest.skip(reason)
-    batch, size = (2, 64) if quick else (setting.batch, TRAIN_SIZE[setting.device])
+def train_step(model_name: str, provider: str, setting: Setting, batch: int, size: int):
+    """(step, x, extra_info): one train step (forward, cross-entropy, backward, SGD with momentum) of the model as
+    `provider` runs it, with the bytes autograd saves during its forward in extra_info."""
     model, extra = _model(model_name, provider, setting, train=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=setting.device)
@@ -116,7 +110,24 @@ def test_train_step(benchmark, request, model_name, setting, provider):
     if provider != "torch.compile":  # compiled graphs save what AOTAutograd decides, not countable this way
         with autocast:
             extra["saved_bytes"], extra["saved_activation_bytes"] = saved_bytes(model, x)
-    _record(benchmark, provider, setting, "train", f"{model_name} {size}x{size} train step", x, extra)
+    return step, x, extra
+
+
+def train_case(model_name: str, size: int) -> str:
+    return f"{model_name} {size}x{size} train step"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("setting", TRAIN_SETTINGS, ids=lambda s: s.id)
+@pytest.mark.parametrize("model_name", ["resnet50", "resnet18"])
+def test_train_step(benchmark, request, model_name, setting, provider):
+    quick = benchmark_disabled(request.config)
+    reason = _skip_reason(provider, setting, quick)
+    if reason:
+        pytest.skip(reason)
+    batch, size = (2, 64) if quick else (setting.batch, TRAIN_SIZE[setting.device])
+    step, x, extra = train_step(model_name, provider, setting, batch, size)
+    _record(benchmark, provider, setting, "train", train_case(model_name, size), x, extra)
     _time(benchmark, request, step, setting.device == "cuda")
 
 
