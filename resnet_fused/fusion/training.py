@@ -9,10 +9,11 @@ for a lone unit); unit i appends value i + n_inputs:
     values += [act((y_i - mean_i) * invstd_i * gamma_i + beta_i (+ values[residual_i]))]
 
 and running_mean/var (unbiased var) and num_batches_tracked are updated as nn.BatchNorm2d does. The backend makes
-y_i and its statistics in one call (the "triton" backend in its conv kernel's epilogue, on channels_last inputs).
-Forward saves each y_i and the input; backward recomputes the values the convs and residuals read (elementwise, from y_i: no
-convolution is recomputed) and runs, unit by unit in reverse, the BatchNorm backward (ops.batch_norm_backward:
-reductions over centered values in fp32) and the conv backward.
+y_i and its statistics in one call (Backend.conv_batch_norm_stats: the "triton" backend in its conv kernel's
+epilogue, the "cpu" backend's 1x1 convs as one matrix product). Forward saves each y_i and the input; backward
+recomputes the values the convs and residuals read (elementwise, from y_i: no convolution is recomputed) and runs,
+unit by unit in reverse, the BatchNorm backward (ops.batch_norm_backward: reductions over centered values in fp32)
+and the backend's conv backward (Backend.conv_backward), summing a value's gradients in place where it can.
 
 A block's input that the previous fused block made (unmodified since) is not saved either: it is that block's
 output, recomputed from that block's saved tensors (Produced), so a run of fused blocks keeps its first input and
