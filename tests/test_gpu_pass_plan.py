@@ -127,10 +127,46 @@ def test_the_warmup_compiles_everything_the_later_steps_launch():
 
     jobs = warmup.jobs()
     made = jobs + [c for call in {j.call for j in jobs} for c in compiles.call_compiles(call)
-                   if c.kernel == "split_k_epilogue"]
+                   if c.kernel in compiles.SECONDARY]
     for step_name, calls in plan.step_calls().items():
         assert compiles.distinct_compiles(calls, already=made) == [], step_name
     assert all(job.config or job.kernel != "conv_bn_act" for job in jobs)  # each job compiles one config
+
+
+def test_train_calls_follow_the_triton_training_path():
+    """per distinct ResNet-50 conv: the conv with the statistics epilogue (autotuned, never split, plus the
+    statistics' combine), then BatchNorm apply and backward on its output with the conv's role"""
+    layers = workload.resnet50_layers()
+    calls = workload.train_calls(256, "bf16")
+    assert len(calls) == 3 * len(layers)
+    for layer, (conv, apply, backward) in zip(layers, zip(calls[0::3], calls[1::3], calls[2::3])):
+        assert conv.stats and not (conv.residual or conv.relu) and conv.config is None
+        out = (256, conv.shape.cout, conv.shape.ho, conv.shape.wo)
+        assert (apply.op, apply.shape, apply.residual, apply.relu) == ("apply", out, layer.residual, layer.relu)
+        assert (backward.op, backward.shape, backward.relu) == ("backward", out, layer.relu)
+    stats = compiles.call_compiles(calls[0])
+    assert [c.kernel for c in stats] == ["conv_bn_act"] * len(compiles.candidate_configs(calls[0])) + \
+        ["bn_stats_combine"]
+    assert all(c.split == 1 for c in stats)
+    plain = compiles.call_compiles(workload.ConvCall(calls[0].shape, "bf16", False, False))
+    assert not {c.key for c in stats} & {c.key for c in plain}  # STATS is a constexpr: its own binaries
+    assert [c.kernel for c in compiles.call_compiles(calls[2])] == ["bn_backward_partials", "bn_sum_partials",
+                                                                     "bn_grad_input"]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_warmup_launches_the_training_jobs(residual):
+    """the warm-up's launch of a train job runs the kernels it stands for (here in the interpreter, which runs
+    instead of compiling): the statistics conv with its forced config, and both BatchNorm passes"""
+    shape = workload.ConvShape("tiny", 2, 8, 5, 5, 16, 3, 1, 1)
+    conv = workload.ConvCall(shape, "fp32", False, False, config="32x64x64w4s4", stats=True)
+    jobs = [compiles.Compile("conv_bn_act", (), conv, conv.config)]
+    jobs += [compiles.Compile("bn_" + op, (), workload.BatchNormCall(op, (2, 16, 5, 5), "fp32", residual, True))
+             for op in ("apply", "backward")]
+    for job in jobs:
+        warmup.launch(job, device="cpu")
+    with pytest.raises(Exception, match="32x64x64w4s4|no Triton conv config"):
+        warmup.launch(compiles.Compile("conv_bn_act", (), conv, "nonexistent"), device="cpu")
 
 
 def test_forced_config_reaches_the_kernel():

@@ -5,8 +5,10 @@ specialization of each int argument: 1 becomes a constant, a multiple of 16 is m
 plain). A conv_bn_act launch that autotunes compiles every config that the kernel's own prune function keeps
 for its shape (tuning.prune over the autotuner's configs); with split K left to the launcher, also each of
 them with the split factor it would measure (split_k_candidate) and the split-K epilogue kernel. A launch with
-a forced config compiles that config only. Keys are built from the same shapes the run launches (workload.py),
-so the plan's counts and the warm-up's jobs are the run's compiles.
+a forced config compiles that config only; one with the statistics epilogue (training) never splits K and adds
+the statistics' combine kernel. The training BatchNorm passes (batch_norm.py: fixed blocks, no autotuning)
+compile per pointer dtype, flags, int specialization and reduction grid constants. Keys are built from the same
+shapes the run launches (workload.py), so the plan's counts and the warm-up's jobs are the run's compiles.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from collections import Counter
 from dataclasses import replace
 from typing import Dict, List, NamedTuple, Optional
 
+from resnet_fused.kernels.triton import batch_norm as bn_kernel
 from resnet_fused.kernels.triton import conv_bn_act as conv_kernel
 from resnet_fused.kernels.triton import tuning
 
-from .workload import ConvCall, ElementwiseCall
+from .workload import BatchNormCall, ConvCall, ElementwiseCall
 
 SM_COUNT = 132  # H100 SXM and H200: the split-K candidate depends on it
 MIN_SHAPES_PER_CONFIG = 3  # every autotune config is forced on at least this many shapes, in every dtype
 POINTER = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# kernels compiled by the launch of another (its job makes them too): the warm-up has no job of their own
+SECONDARY = ("split_k_epilogue", "bn_stats_combine", "bn_sum_partials", "bn_grad_input")
 
 
 def gpu_configs() -> list:
@@ -83,7 +88,7 @@ def conv_compile(call: ConvCall, config, split: int) -> Compile:
     k = s.kernel
     ints = (s.m, s.h, s.w, s.cin, s.ho, s.wo, s.cout, packed_rows(call) // (k * k), split)
     constexprs = (k, k, s.stride, s.padding, call.residual, call.relu, False, flat_k(call), False,
-                  "ieee" if call.precision == "ieee" else "tf32")
+                  "ieee" if call.precision == "ieee" else "tf32", call.stats)
     options = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
     key = (POINTER[call.dtype], tuple(map(int_spec, ints)), constexprs, options)
     return Compile("conv_bn_act", key, call, config_label(config), split)
@@ -105,11 +110,41 @@ def elementwise_compile(call: ElementwiseCall) -> Compile:
     return Compile(call.op, key, call)
 
 
+def _combine_key(channels: int, partials: int) -> tuple:
+    _, blocks = bn_kernel._combine_grid(channels)
+    return (int_spec(partials), int_spec(channels), tuple(sorted(blocks.items())))
+
+
+def stats_combine_compile(call: ConvCall) -> Compile:
+    # conv_kernel.statistics_partials on the GPU: one partial per tile of the smallest BLOCK_M of its configs
+    partials = -(-call.shape.m // min(config.kwargs["BLOCK_M"] for config in gpu_configs()))
+    return Compile("bn_stats_combine", _combine_key(call.shape.cout, partials), call)
+
+
+def batch_norm_compiles(call: BatchNormCall) -> List[Compile]:
+    n, c, h, w = call.shape
+    total, rows = n * c * h * w, n * h * w
+    flags = (POINTER[call.dtype], call.residual, call.relu, total > bn_kernel._INT32_LIMIT)
+    elementwise = (int_spec(total), int_spec(c), int_spec(h * w))
+    if call.op == "apply":
+        return [Compile("bn_apply", flags + elementwise, call)]
+    grid = bn_kernel.ReductionGrid(call.shape, channels_last=True)
+    partials_key = flags + (int_spec(rows), int_spec(c), int_spec(h * w), int_spec(grid.tiles),
+                            tuple(sorted(grid.constants().items())))
+    return [Compile("bn_backward_partials", partials_key, call),
+            Compile("bn_sum_partials", _combine_key(c, grid.partials), call),
+            Compile("bn_grad_input", flags + elementwise, call)]
+
+
 def call_compiles(call) -> List[Compile]:
     """Every compile one launch triggers (duplicates included)."""
     if isinstance(call, ElementwiseCall):
         return [elementwise_compile(call)]
+    if isinstance(call, BatchNormCall):
+        return batch_norm_compiles(call)
     configs = [config_by_label(call.config)] if call.config else candidate_configs(call)
+    if call.stats:
+        return [conv_compile(call, config, 1) for config in configs] + [stats_combine_compile(call)]
     if call.split_k is not None:
         splits = [call.split_k]
     else:

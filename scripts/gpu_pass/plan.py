@@ -29,6 +29,7 @@ def step_calls() -> Dict[str, list]:
         "racecheck": workload.sanitizer_calls("triton", "racecheck"),
         "headline": headline,
         "convs": workload.model_calls(256, workload.HEADLINE_DTYPE),
+        "train": workload.train_calls(256, workload.HEADLINE_DTYPE),
         "compile": workload.model_calls(256, workload.HEADLINE_DTYPE),
     }
 

@@ -48,7 +48,8 @@ STEPS: List[Step] = [
     Step("followup", "env", 15, "record device and versions (again: the machine may be a fresh one)"),
     Step("followup", "train", 80, "training path: the BatchNorm training kernels' GPU tests (triton, cuda), then "
                                   "the resnet50 bf16 batch 256 train step: eager NCHW and channels_last, cuda, then "
-                                  "triton with the time left (its compiles are not in the warm-up)"),
+                                  "triton with the time left (its compiles are in the main command's warm-up: "
+                                  "made already when the machine is still warm)"),
     Step("followup", "compile", 110, "torch.compile(mode='max-autotune') beside eager and cuDNN (triton, cuda too "
                                      "when the machine is still warm) at bf16 batch 256, then default torch.compile "
                                      "as time allows", elastic=True),

@@ -7,7 +7,8 @@
    counted from its JUnit XML.
 2. timing: benchmarks/test_bench_train.py's resnet50 train step (forward + backward + SGD, bf16 autocast, batch 256
    at 224x224) for eager NCHW, eager channels_last and the cuda backend, then the triton backend with the time left
-   (its conv kernels with the statistics epilogue compile on first use: the warm-up does not cover them);
+   (its conv kernels with the statistics epilogue and its BatchNorm kernels are in the main command's warm-up,
+   workload.train_calls; on a fresh machine they compile on first use);
    torch.compile is left to the compile step. Into pytest-benchmark JSON that the summary merges; the summary sets
    the fused ones against eager and the README's goal.
 Each part runs under what is left of the step's deadline (GPU_PASS_DEADLINE, set by scripts/gpu_validate.sh), the

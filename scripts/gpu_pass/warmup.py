@@ -52,28 +52,45 @@ def compile_only():
 
 
 def jobs() -> list:
-    """The distinct compiles of every later step, in the order the steps need them; the split-K epilogue is
-    compiled by the conv launch that uses it."""
+    """The distinct compiles of every later step, in the order the steps need them (the follow-up's train step
+    last); the split-K epilogue, the statistics' combine and the BatchNorm backward's second and third kernels
+    are compiled by the launch that uses them (compiles.SECONDARY), and get a job of their own only where no
+    other job's launch makes them (a call whose main kernel another call's binary already is)."""
     from . import workload
-    from .compiles import distinct_compiles
+    from .compiles import SECONDARY, call_compiles, distinct_compiles
 
     calls = workload.correctness_calls("triton", "cuda")  # the headline and per-conv calls are among these
-    return [c for c in distinct_compiles(calls) if c.kernel != "split_k_epilogue"]
+    calls += workload.train_calls(256, workload.HEADLINE_DTYPE)
+    distinct = distinct_compiles(calls)
+    primary = [c for c in distinct if c.kernel not in SECONDARY]
+    made = {(c.kernel, c.key) for job in primary for c in call_compiles(job.call) if c.kernel in SECONDARY}
+    return primary + [c for c in distinct if c.kernel in SECONDARY and (c.kernel, c.key) not in made]
 
 
-def launch(job) -> None:
-    """Make job's launch on fresh uninitialized CUDA tensors (compile-only within compile_only())."""
+def launch(job, device: str = "cuda") -> None:
+    """Make job's launch on fresh uninitialized tensors (compile-only within compile_only(); device "cpu": the
+    Triton interpreter runs it, for tests)."""
     import torch
 
     from resnet_fused.benchmarking.environment import DTYPES
-    from resnet_fused.kernels.triton import conv_bn_act as conv_kernel, elementwise
+    from resnet_fused.kernels.triton import batch_norm, conv_bn_act as conv_kernel, elementwise
 
-    from .compiles import config_by_label
+    from .compiles import candidate_configs, config_by_label, config_label
+    from .workload import BatchNormCall
 
     call = job.call
     dtype = DTYPES[call.dtype]
-    empty = lambda *shape, dtype=dtype: torch.empty(shape, dtype=dtype, device="cuda")  # noqa: E731
+    empty = lambda *shape, dtype=dtype: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
     cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    if isinstance(call, BatchNormCall):  # the BN's weight and bias; fp32 statistics
+        c = call.shape[1]
+        y, res = cl(empty(*call.shape)), cl(empty(*call.shape)) if call.residual else None
+        vectors = [empty(c, dtype=torch.float32) for _ in range(4)]  # mean, invstd, weight, bias
+        if call.op == "apply":
+            batch_norm.batch_norm_apply(y, *vectors, res, call.relu, channels_last=True)
+        else:
+            batch_norm.batch_norm_backward(cl(empty(*call.shape)), y, *vectors, res, call.relu, channels_last=True)
+        return
     if call.op != "conv_bn_act":
         x = cl(empty(*call.shape))
         if call.op == "add_relu":
@@ -88,10 +105,16 @@ def launch(job) -> None:
     res = cl(empty(s.batch, s.cout, s.ho, s.wo)) if call.residual else None
     packed = empty(conv_kernel.packed_rows(s.cin, s.kernel, s.kernel), s.cout)
     scale, shift = empty(s.cout, dtype=torch.float32), empty(s.cout, dtype=torch.float32)
+    # a job for a secondary kernel launches its call with any one config: the main binary is cached already
+    label = job.config or call.config or config_label(candidate_configs(call)[0])
+    if call.stats:
+        conv_kernel.conv_batch_norm_stats(x, packed, shift, cl(empty(s.batch, s.cout, s.ho, s.wo)), s.kernel,
+                                          s.kernel, s.stride, s.padding, config=config_by_label(label))
+        return
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=call.precision != "ieee"):
         conv_kernel.conv_bn_act(x, packed, scale, shift, res, cl(empty(s.batch, s.cout, s.ho, s.wo)), s.kernel,
                                 s.kernel, s.stride, s.padding, call.relu, split_k=job.split,
-                                config=config_by_label(job.config))
+                                config=config_by_label(label))
 
 
 def _worker_init() -> None:

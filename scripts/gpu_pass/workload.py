@@ -67,13 +67,14 @@ class ConvCall:
     config: Optional[str] = None
     split_k: Optional[int] = None
     precision: str = "tf32"
+    stats: bool = False  # the training path's conv_batch_norm_stats: batch statistics from the epilogue
 
     op = "conv_bn_act"
 
     @property
     def id(self) -> str:
         parts = [self.shape.name, f"b{self.shape.batch}", self.dtype,
-                 ("res" if self.residual else "nores") + ("_relu" if self.relu else "")]
+                 "stats" if self.stats else ("res" if self.residual else "nores") + ("_relu" if self.relu else "")]
         parts += [f"cfg={self.config}"] * (self.config is not None) + [f"split={self.split_k}"] * bool(self.split_k)
         return " ".join(parts + ["ieee"] * (self.precision == "ieee"))
 
@@ -92,6 +93,23 @@ class ElementwiseCall:
     def id(self) -> str:
         epilogue = ("res" if self.residual else "nores") + ("_relu" if self.relu else "")
         return " ".join([self.op, "x".join(map(str, self.shape)), self.dtype] + [epilogue] * (self.op == "bn_act"))
+
+
+@dataclass(frozen=True)
+class BatchNormCall:
+    """One training BatchNorm pass of the triton backend on a channels_last (N, C, H, W) conv output: "apply"
+    (normalize, + residual, ReLU) or "backward", with the BN's weight and bias."""
+
+    op: str
+    shape: Tuple[int, int, int, int]
+    dtype: str
+    residual: bool
+    relu: bool
+
+    @property
+    def id(self) -> str:
+        epilogue = ("res" if self.residual else "nores") + ("_relu" if self.relu else "")
+        return " ".join(["batch_norm_" + self.op, "x".join(map(str, self.shape)), self.dtype, epilogue])
 
 
 def _tiny_shapes() -> List[ConvShape]:
@@ -127,6 +145,20 @@ def layer_shape(layer, batch: int) -> ConvShape:
 def model_calls(batch: int, dtype: str) -> List[ConvCall]:
     """The conv launches of a fused ResNet-50 forward, one per distinct conv, with its role's epilogue."""
     return [ConvCall(layer_shape(layer, batch), dtype, layer.residual, layer.relu) for layer in resnet50_layers()]
+
+
+def train_calls(batch: int, dtype: str) -> list:
+    """The Triton launches of a fused ResNet-50 train step on the triton backend, one per distinct conv: the conv
+    with the statistics epilogue (autotuned), and the BatchNorm apply (forward, and again in backward's
+    recompute) and backward on its output, with its role's residual and ReLU."""
+    calls = []
+    for layer in resnet50_layers():
+        shape = layer_shape(layer, batch)
+        out = (batch, shape.cout, shape.ho, shape.wo)
+        calls += [ConvCall(shape, dtype, False, False, stats=True),
+                  BatchNormCall("apply", out, dtype, layer.residual, layer.relu),
+                  BatchNormCall("backward", out, dtype, layer.residual, layer.relu)]
+    return calls
 
 
 def small_shapes(device: str) -> List[ConvShape]:

@@ -285,6 +285,19 @@ def test_conv_epilogue_statistics_match_the_stored_output(dtype, case):
     assert_matches(var.cpu(), expected_var, dict(atol=1e-6, rtol=1e-5))
 
 
+def test_conv_epilogue_statistics_with_a_forced_tile_smaller_than_the_autotuners():
+    # A forced config (the GPU pass forces every GPU config; the interpreter autotunes over a 64-row tile only)
+    # writes one partial per tile of its own BLOCK_M: the workspace must hold them all (it held one per 64 rows,
+    # and a 16-row tile wrote four times as many: out of bounds, a heap corruption in the interpreter).
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=1)
+    m = 2 * 17 * 17
+    assert conv_kernel.statistics_partials(m, config) >= triton.cdiv(m, 16)
+    y, mean, var, _ = conv_with_stats((2, 16, 17, 17, 24, 3, 1, 1), torch.float32, 1.0, config=config)
+    true_var, true_mean = torch.var_mean(y.cpu().double(), dim=(0, 2, 3), correction=0)
+    assert_matches(mean.cpu(), true_mean.float(), dict(atol=1e-6, rtol=1e-5))
+    assert_matches(var.cpu(), true_var.float(), dict(atol=1e-6, rtol=1e-5))
+
+
 def test_conv_epilogue_statistics_with_fewer_tiles_than_slots(monkeypatch):
     # A tile larger than the smallest candidate's writes fewer partials than the workspace holds: the rest stay
     # empty (count 0, NaN here) and must be skipped. Large mean: the partials' pivots keep var exact.

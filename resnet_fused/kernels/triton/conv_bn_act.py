@@ -306,9 +306,11 @@ def conv_bn_act(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tenso
     return out
 
 
-def statistics_partials(m: int) -> int:
-    """Partials the epilogue's statistics may write for M output rows: one per tile of the smallest BLOCK_M."""
-    return triton.cdiv(m, min(config.kwargs["BLOCK_M"] for config in tuning.configs()))
+def statistics_partials(m: int, config=None) -> int:
+    """Partials the epilogue's statistics may write for M output rows: one per tile of the smallest BLOCK_M the
+    launch may use (the autotuner's configs, and a forced config, which may come from another set)."""
+    configs = tuning.configs() + ([] if config is None else [config])
+    return triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in configs))
 
 
 def conv_batch_norm_stats(x: torch.Tensor, weight_packed: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
@@ -321,7 +323,7 @@ def conv_batch_norm_stats(x: torch.Tensor, weight_packed: torch.Tensor, bias: to
     if m == 0:  # no values: NaN, as torch.var_mean
         nan = torch.full((c_out,), float("nan"), dtype=torch.float32, device=x.device)
         return out, nan, nan.clone()
-    workspace = stats_workspace(statistics_partials(m), c_out, x.device)
+    workspace = stats_workspace(statistics_partials(m, config), c_out, x.device)
     ones = torch.ones((c_out,), dtype=torch.float32, device=x.device)
     conv_bn_act(x, weight_packed, ones, bias, None, out, kernel_h, kernel_w, stride, padding, False, config=config,
                 statistics=workspace)
