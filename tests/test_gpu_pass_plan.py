@@ -154,6 +154,7 @@ def test_train_calls_follow_the_triton_training_path():
                                                                      "bn_grad_input"]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the warm-up launches on uninitialized memory
 @pytest.mark.parametrize("residual", [False, True])
 def test_warmup_launches_the_training_jobs(residual):
     """the warm-up's launch of a train job runs the kernels it stands for (here in the interpreter, which runs
