@@ -2,9 +2,9 @@
 against float64 aten.convolution and convolution_backward: the 1x1 forward (stride 1 and 2, with and without bias)
 and the batch statistics taken from it; 1x1 convolutions at stride 1 and 2 (input and weight gradients as matrix
 products), other kernels' weight gradient through im2col (3x3 at stride 1 and 2, the 7x7 stem, padding 0 and more,
-odd sizes, batch 1), every subset of the output mask, gradients in the weight's own memory format; the rule that
-picks the products and where it leaves oneDNN (NCHW and other strides, dtypes, groups, dilation, many output
-positions); the training and frozen-BN units calling it.
+odd sizes, batch 1), channels_last and NCHW, every subset of the output mask, gradients in the weight's own memory
+format; the rule that picks the products and where it leaves oneDNN (other strides, dtypes, groups, dilation, many
+output positions, small NCHW images); the training and frozen-BN units calling it.
 """
 
 import itertools
@@ -17,7 +17,8 @@ from resnet_fused.ops.backends import cpu_conv_products as gemm
 from resnet_fused.ops.backends.cpu import CpuBackend
 
 CL = torch.channels_last
-EVERYTHING = gemm.GemmRule(pointwise=True, max_im2col_rows=10 ** 9)  # every eligible conv as products
+# every eligible conv as products
+EVERYTHING = gemm.GemmRule(pointwise=True, min_nchw_pixels=0, max_im2col_rows=10 ** 9)
 # (N, C_in, H, W, C_out, kernel, stride, padding)
 SHAPES = [
     (1, 3, 7, 9, 5, 1, 1, 0),      # batch 1, odd sizes
@@ -48,13 +49,23 @@ def _truth(doubles, bias_sizes, geometry, mask):
     return torch.ops.aten.convolution_backward(*doubles, bias_sizes, *geometry, mask)
 
 
+LAYOUTS = {"channels_last": CL, "nchw": torch.contiguous_format}
+
+
+def _nchw_1x1(shape, layout) -> bool:
+    """an NCHW 1x1 conv (1x1 images are channels_last as well: they take that layout's products)"""
+    return layout == "nchw" and shape[5] == 1 and shape[7] == 0 and shape[2] * shape[3] > 1
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mask", [m for m in itertools.product([True, False], repeat=3) if any(m)], ids=str)
-def test_matches_float64(shape, mask, monkeypatch):
+def test_matches_float64(shape, mask, layout, monkeypatch):
     monkeypatch.setattr(gemm, "GEMM_RULE", EVERYTHING)
-    tensors, doubles, bias_sizes, geometry = _case(shape, bias=mask[2])
+    tensors, doubles, bias_sizes, geometry = _case(shape, layout=LAYOUTS[layout], bias=mask[2])
     plan = gemm.gemm_plan(*tensors, geometry[1], geometry[2], 1, mask)
-    assert (plan is not None and plan[1]) == mask[1]  # under this rule every weight gradient is a product
+    # under this rule every weight gradient is a product but an NCHW 1x1's (oneDNN's: no transposing copies)
+    assert (plan is not None and plan[1]) == (mask[1] and not _nchw_1x1(shape, layout))
     got = gemm.conv_backward(*tensors, bias_sizes, *geometry, list(mask))
     truth = _truth(doubles, bias_sizes, geometry, list(mask))
     for name, value, expected, wanted in zip(("grad_input", "grad_weight", "grad_bias"), got, truth, mask):
@@ -64,7 +75,7 @@ def test_matches_float64(shape, mask, monkeypatch):
         scale = expected.abs().max().item()
         assert (value.double() - expected).abs().max().item() <= 1e-5 * max(scale, 1.0), name
         if name == "grad_input":
-            assert value.is_contiguous(memory_format=CL), "dx in x's layout"
+            assert value.is_contiguous(memory_format=LAYOUTS[layout]), "dx in x's layout"
 
 
 @pytest.mark.parametrize("weight_layout", [CL, torch.contiguous_format], ids=["channels_last", "contiguous"])
@@ -90,7 +101,13 @@ def test_rule():
     assert _plan(small_3x3) == (False, True)                                 # few positions: dW by im2col
     assert _plan(large_3x3) is None                                          # many: oneDNN
     assert _plan(small_3x3, mask=(True, False, True)) is None                # dx of a 3x3: always oneDNN
-    assert _plan(SHAPES[1], rule=gemm.GemmRule(False, 0)) is None
+    assert _plan(SHAPES[1], rule=gemm.GemmRule(False, 0, 0)) is None
+    nchw = torch.contiguous_format
+    wide, small = (2, 16, 8, 8, 8, 1, 1, 0), (2, 16, 7, 7, 8, 1, 1, 0)  # 64 and 49 output pixels per image
+    assert _plan(wide, layout=nchw) == (True, False)                        # NCHW 1x1: dx product, dW oneDNN
+    assert _plan(small, layout=nchw) is None                                # small NCHW images: oneDNN
+    assert _plan(small) == (True, True)                                     # channels_last: always products
+    assert _plan(small_3x3, layout=nchw) == (False, True)                   # im2col in either layout
 
 
 @pytest.mark.parametrize("case", ["nchw", "strided", "float64", "bfloat16", "groups", "dilation"])
@@ -115,21 +132,23 @@ def test_falls_back_with_the_same_results():
 POINTWISE = [s for s in SHAPES if s[5] == 1 and s[7] == 0]
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", POINTWISE, ids=str)
-def test_pointwise_forward_matches_float64(shape, bias):
-    (_, x, weight), (_, x64, weight64), _, (stride, padding, dilation, *_) = _case(shape)
+def test_pointwise_forward_matches_float64(shape, bias, layout, monkeypatch):
+    monkeypatch.setattr(gemm, "GEMM_RULE", EVERYTHING)
+    (_, x, weight), (_, x64, weight64), _, (stride, padding, dilation, *_) = _case(shape, layout=LAYOUTS[layout])
     b64 = torch.randn(weight.shape[0], dtype=torch.float64) if bias else None
     y = gemm.pointwise_conv(x, weight, None if b64 is None else b64.float(), stride, padding, dilation, 1)
     expected = torch.nn.functional.conv2d(x64, weight64, b64, stride, padding)
-    assert y.shape == expected.shape and y.is_contiguous(memory_format=CL)
+    assert y.shape == expected.shape and y.is_contiguous(memory_format=LAYOUTS[layout])
     assert (y.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
-@pytest.mark.parametrize("case", ["3x3", "padded", "nchw", "float64", "groups"])
+@pytest.mark.parametrize("case", ["3x3", "padded", "small_nchw", "float64", "groups"])
 def test_pointwise_forward_leaves_to_onednn(case):
-    shape = {"3x3": SHAPES[3], "padded": SHAPES[-1]}.get(case, SHAPES[1])
-    layout = torch.contiguous_format if case == "nchw" else CL
+    shape = {"3x3": SHAPES[3], "padded": SHAPES[-1]}.get(case, SHAPES[1])  # SHAPES[1]: 20 output pixels
+    layout = torch.contiguous_format if case == "small_nchw" else CL
     (_, x, weight), *_ = _case(shape, torch.float64 if case == "float64" else torch.float32, layout)
     groups = 2 if case == "groups" else 1
     if groups == 2:

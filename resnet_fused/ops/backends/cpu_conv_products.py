@@ -1,21 +1,25 @@
-"""Convolutions of the "cpu" backend's training and frozen-BN units as matrix products (MKL through at::mm) where
-oneDNN's (aten.convolution and convolution_backward) were measured slower with weights that change every step;
-oneDNN everywhere else. (Inference convolves pre-packed weights: ops/backends/cpu.py.)
+"""Convolutions of the "cpu" backend's training and frozen-BN units as matrix products (MKL through at::mm/bmm)
+where oneDNN's (aten.convolution and convolution_backward) were measured slower with weights that change every
+step; oneDNN everywhere else. (Inference convolves pre-packed weights: ops/backends/cpu.py.)
 
-Channels_last tensors only: with g = dL/dy, P = N * Ho * Wo output positions and rows(t) a (N, C, H, W) tensor as
-its (N * H * W, C) matrix (a view of a channels_last tensor), W read as (Co, kh, kw, Ci):
+With g = dL/dy, P = N * Ho * Wo output positions, W read as (Co, kh, kw, Ci), x_s = x[:, :, ::s, ::s] for a 1x1
+conv of stride s (padding 0), and rows(t) a (N, C, H, W) tensor as its (N * H * W, C) matrix (a view of a
+channels_last tensor):
 
-    1x1, stride s (padding 0), x_s = x[:, :, ::s, ::s]:
-        rows(y) = rows(x_s) W^T (+ bias)           (P, Co)
-        dW = rows(g)^T rows(x_s)                   (Co, Ci)
-        dx[:, :, ::s, ::s] = rows(g) W,  0 elsewhere
-    kh x kw, any stride and padding (weight only):
+    channels_last:
+        rows(y) = rows(x_s) W^T (+ bias)           (P, Co)        1x1
+        dx[:, :, ::s, ::s] = rows(g) W, 0 elsewhere                1x1
+        dW = rows(g)^T rows(x_s)                   (Co, Ci)       1x1
+    NCHW (x[n] and g[n] are (C, H * W) matrices in place), where an image has enough output pixels:
+        y[n] = W x_s[n] (+ bias)                   (Co, Ho * Wo)  1x1
+        dx[n][:, ::s, ::s] = W^T g[n], 0 elsewhere                 1x1
+    either layout, kh x kw, any stride and padding (weight only), where the output has few positions:
         dW = rows(g)^T im2col(x)                   (Co, kh * kw * Ci): W's channels_last layout
         im2col(x): (P, kh * kw * Ci), each output position's receptive field in x (zero padded), (kh, kw, Ci) order
 
-Every product sums in fp32 over Ci (y), P (dW) or Co (dx), as oneDNN's kernels do; results agree with them to fp32
-rounding. NCHW tensors stay with oneDNN: products on them need transposing copies (or one small product per image),
-and a resnet50 train step measured no faster with them (per-conv gains of 1.2-4.9x went into the copies).
+Every product sums in fp32 over Ci (y), Co (dx) or P (dW), as oneDNN's kernels do; results agree with them to fp32
+rounding. An NCHW 1x1 weight gradient stays with oneDNN: as a product it needs transposing copies of g and x, and
+a resnet50 step measured no faster with them.
 """
 
 from __future__ import annotations
@@ -26,44 +30,62 @@ import torch
 import torch.nn.functional as F
 
 CL = torch.channels_last
+NCHW = torch.contiguous_format
 
 
 class GemmRule(NamedTuple):
-    """Which gradients of an fp32 channels_last convolution run as matrix products."""
+    """Which parts of an fp32 convolution run as matrix products."""
 
-    pointwise: bool          # 1x1 convolutions (padding 0): y, dx and dW
+    pointwise: bool          # 1x1 convolutions (padding 0): y, dx and (channels_last) dW
+    min_nchw_pixels: int     # ... on NCHW tensors from this many output pixels per image
     max_im2col_rows: int     # other kernels: dW through im2col when the output has at most this many positions
 
 
-# Measured on 2 cores (Intel Xeon with AVX-512, fp32, channels_last), each candidate beside oneDNN in one process,
-# resnet50's shapes at batch 1 and 8, 128x128 and 224x224:
-#   1x1: y 0.9-1.8x faster (weights in the layout autograd trains them in, which oneDNN reorders per call), in sum
-#     73 -> 60 ms per resnet50 batch 8 128x128 forward; dW 1.0-6.6x faster (batch 1 and the late, wide layers most:
-#     2048 -> 512 at 7x7 batch 1 3.82 -> 0.58 ms); dx 0.9-2.4x (1024 -> 2048 stride 2 at 14x14 batch 8 17.0 -> 10.2 ms).
+# Measured on 2 cores (Intel Xeon with AVX-512, fp32), each candidate beside oneDNN in one process, resnet50's shapes
+# at batch 1 and 8, 128x128 and 224x224:
+#   1x1 channels_last: y 0.9-1.8x faster (weights in the layout autograd trains them in, which oneDNN reorders per
+#     call), in sum 73 -> 60 ms per resnet50 batch 8 128x128 forward; dW 1.0-6.6x faster (batch 1 and the late,
+#     wide layers most: 2048 -> 512 at 7x7 batch 1 3.82 -> 0.58 ms); dx 0.9-2.4x (1024 -> 2048 stride 2 at 14x14
+#     batch 8 17.0 -> 10.2 ms).
+#   1x1 NCHW, batch 8 128x128: y and dx 1.0-6.2x faster from 8x8 pixels up (64 -> 256 at 32x32: y 7.67 -> 1.25 ms;
+#     256 -> 64: dx 7.45 -> 1.25 ms), in sum 89 -> 54 ms (y) and 100 -> 62 ms (dx) per step; 0.6-0.9x at 4x4.
 #   3x3 dW: im2col + one product 1.3-2.3x faster at 64-128 output positions with 128-512 channels (512 channels at
 #     batch 2 8x8: 3.91 -> 2.22 ms), level at 512 positions, 1.5-2x slower from 2048 on.
-GEMM_RULE = GemmRule(pointwise=True, max_im2col_rows=256)
+GEMM_RULE = GemmRule(pointwise=True, min_nchw_pixels=64, max_im2col_rows=256)
 
 
-def _pointwise(weight: torch.Tensor, padding, rule: GemmRule) -> bool:
-    return rule.pointwise and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+def _layout(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int):
+    """channels_last or NCHW where products may run (CPU, fp32, groups 1, no dilation, a dense layout), else None."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and groups == 1
+            and tuple(dilation) == (1, 1)):
+        return None
+    if x.is_contiguous(memory_format=CL):
+        return CL
+    return NCHW if x.is_contiguous() else None
 
 
-def _eligible(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int) -> bool:
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and groups == 1
-            and tuple(dilation) == (1, 1) and x.is_contiguous(memory_format=CL))
+def _pointwise(layout, weight: torch.Tensor, padding, out_pixels: int, rule: GemmRule) -> bool:
+    return (rule.pointwise and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+            and (layout == CL or out_pixels >= rule.min_nchw_pixels))
 
 
 def pointwise_conv(x, weight, bias, stride, padding, dilation, groups) -> Optional[torch.Tensor]:
-    """aten.convolution(x, weight, bias, ...) as one product (channels_last), or None where oneDNN runs it."""
-    if not (_eligible(x, weight, dilation, groups) and _pointwise(weight, padding, GEMM_RULE)):
+    """aten.convolution(x, weight, bias, ...) as one product, in x's layout, or None where oneDNN runs it."""
+    layout = _layout(x, weight, dilation, groups)
+    if layout is None:
         return None
     x_s = x[:, :, ::stride[0], ::stride[1]]
     n, _, h_out, w_out = x_s.shape
+    if not _pointwise(layout, weight, padding, h_out * w_out, GEMM_RULE):
+        return None
     c_out = weight.shape[0]
-    weight = weight.reshape(c_out, -1).t()
-    rows = torch.mm(_rows(x_s), weight) if bias is None else torch.addmm(bias, _rows(x_s), weight)
-    return rows.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
+    weight = weight.reshape(c_out, -1)
+    if layout == CL:
+        rows = torch.mm(_rows(x_s), weight.t()) if bias is None else torch.addmm(bias, _rows(x_s), weight.t())
+        return rows.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
+    weights, images = weight.expand(n, *weight.shape), x_s.reshape(n, x.shape[1], h_out * w_out)
+    y = torch.bmm(weights, images) if bias is None else torch.baddbmm(bias.view(1, c_out, 1), weights, images)
+    return y.view(n, c_out, h_out, w_out)
 
 
 def gemm_plan(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding, dilation, groups: int,
@@ -71,13 +93,14 @@ def gemm_plan(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding
     """(dx as product, dW as product) for this convolution's backward under `rule` (GEMM_RULE if None), or None
     where oneDNN runs all of it."""
     rule = GEMM_RULE if rule is None else rule
-    if not (_eligible(x, weight, dilation, groups) and grad.dtype == x.dtype
-            and grad.is_contiguous(memory_format=CL)):
+    layout = _layout(x, weight, dilation, groups)
+    if layout is None or grad.dtype != x.dtype or not grad.is_contiguous(memory_format=layout):
         return None
-    pointwise = _pointwise(weight, padding, rule)
+    one_by_one = tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+    pointwise = _pointwise(layout, weight, padding, grad.shape[2] * grad.shape[3], rule)
     rows = grad.shape[0] * grad.shape[2] * grad.shape[3]
     dx = bool(output_mask[0]) and pointwise
-    dw = bool(output_mask[1]) and (pointwise or rows <= rule.max_im2col_rows)
+    dw = bool(output_mask[1]) and ((pointwise and layout == CL) or (not one_by_one and rows <= rule.max_im2col_rows))
     return (dx, dw) if dx or dw else None
 
 
@@ -106,10 +129,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _pointwise_grad_input(grad, x, weight, stride):
     n, c_out, h_out, w_out = grad.shape
-    products = torch.mm(_rows(grad), weight.reshape(c_out, -1)).view(n, h_out, w_out, -1).permute(0, 3, 1, 2)
+    weight = weight.reshape(c_out, -1)
+    if x.is_contiguous(memory_format=CL):
+        products = torch.mm(_rows(grad), weight).view(n, h_out, w_out, -1).permute(0, 3, 1, 2)
+    else:
+        products = torch.bmm(weight.t().expand(n, *weight.t().shape), grad.reshape(n, c_out, h_out * w_out))
+        products = products.view(n, -1, h_out, w_out)
     if tuple(stride) == (1, 1):
         return products
-    grad_x = torch.zeros_like(x, memory_format=CL)
+    grad_x = torch.zeros_like(x)
     grad_x[:, :, ::stride[0], ::stride[1]] = products
     return grad_x
 
@@ -125,7 +153,7 @@ def _im2col(x: torch.Tensor, kernel_size: tuple, stride, padding, out_hw: tuple)
 
 def _grad_weight(grad, x, weight, stride, padding):
     c_out, _, kh, kw = weight.shape
-    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):
+    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):  # channels_last only (gemm_plan)
         return torch.mm(_rows(grad).t(), _rows(x[:, :, ::stride[0], ::stride[1]])).view(c_out, -1, 1, 1)
     columns = _im2col(x, (kh, kw), stride, padding, grad.shape[2:])
     grad_w = torch.mm(_rows(grad).t(), columns).view(c_out, kh, kw, -1).permute(0, 3, 1, 2)
