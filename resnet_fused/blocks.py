@@ -34,10 +34,11 @@ from .fusion.eligibility import (call_override_reason, global_module_hooks, has_
 from .fusion.plan import ModuleShortcut, ResidualPlan, Unit
 from .fusion.unit import decide
 from .models.resnet import BasicBlock, Bottleneck
+from .ops.donation import donating
 from .ops.registry import _check_name
 
 __all__ = ["FusedBottleneck", "FusedBasicBlock", "FusedResidualBlock", "FusedConvBNAct", "AbsorbedBatchNorm2d",
-           "AbsorbedReLU"]
+           "AbsorbedReLU", "FusedSequential"]
 
 _BINDINGS = "_bindings"
 
@@ -416,3 +417,26 @@ class FusedConvBNAct(_Bound, nn.Conv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn={'absorbed' if self.absorbed_bn is not None else None}, " \
                                       f"relu={self.fused_relu}, backend={self.backend!r}"
+
+
+class FusedSequential(nn.Sequential):
+    """An nn.Sequential of fused blocks (fuse_model makes one of each plain nn.Sequential that holds two fused blocks
+    or more, by class: same children, same keys): without autograd, each fused block's output, which only the next
+    block reads, is donated to that block (ops/donation.py), so its last unit may write into it in place of a fresh
+    buffer. A block with hooks, whose hooks could keep its input or output, gets and gives nothing. Otherwise the
+    forward of nn.Sequential."""
+
+    def forward(self, input):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or global_module_hooks():
+            return super().forward(input)
+        owned = False  # input: a fused block's output that nothing else holds
+        for module in self:
+            fused = isinstance(module, _FusedResidual) and not has_hooks(module)
+            if owned and fused:
+                with donating(input):
+                    input = module(input)
+            else:
+                input = module(input)
+            owned = fused
+        return input
+

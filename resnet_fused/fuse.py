@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
-                     FusedBottleneck, FusedConvBNAct, FusedResidualBlock, _FusedResidual, downsample_shortcut)
+                     FusedBottleneck, FusedConvBNAct, FusedResidualBlock, FusedSequential, _FusedResidual,
+                     downsample_shortcut)
 from .fusion.analysis import _steps_of_module, ambient_context, find_chains, match_residual, node_kind, trace_shallow
 from .fusion.bytecode import reached_descendants
 from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks, kernel_unsupported_reason
@@ -155,6 +156,8 @@ class _Fuser:
             if _has_convs(module):
                 self.report.left.append(LeftItem(name, type(module).__name__, trace_error))
         self.visit_children(module, name)
+        if type(module) is nn.Sequential and sum(isinstance(m, _FusedResidual) for m in module) >= 2:
+            module.__class__ = FusedSequential  # its blocks hand their outputs on without a copy (no autograd)
         return module
 
     def visit_children(self, module: nn.Module, name: str) -> None:

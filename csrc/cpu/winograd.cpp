@@ -1,8 +1,9 @@
 // Winograd F(4x4, 3x3) convolution on the CPU (fp32, 3x3 kernel, stride 1, padding 1, channels_last), with the
 // conv_bias_act epilogue fused into its output transform:
 //
-//   conv3x3_winograd(x, u, bias, residual, relu, position_major):
-//                        y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual))
+//   conv3x3_winograd(x, u, bias, residual, relu, position_major, into_residual):
+//                        y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual)), in the residual's buffer
+//                        if into_residual (and that buffer is dense channels_last)
 //   winograd_weight(w):  u = the transformed weight, made once per pack
 //
 // Per 4x4 output tile, with d the 6x6 input tile around it (zero outside x) and w[k, c] the 3x3 kernel (Lavin and
@@ -231,7 +232,8 @@ at::Tensor workspace(int64_t floats) {
 }
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
-                                const std::optional<at::Tensor>& residual, bool relu, bool position_major) {
+                                const std::optional<at::Tensor>& residual, bool relu, bool position_major,
+                                bool into_residual) {
   check_activation("conv3x3_winograd", "x", x);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "conv3x3_winograd: x must be float32, got ", x.scalar_type());
   TORCH_CHECK(u.dim() == 3 && u.size(0) == kPositions && u.size(1) == x.size(1) && u.scalar_type() == at::kFloat &&
@@ -243,7 +245,10 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   check_residual("conv3x3_winograd", residual, {n, c_out, h, w}, at::kFloat);
   TORCH_CHECK(c_in > 0 && h > 0 && w > 0, "conv3x3_winograd: x must have non-zero C_in, height and width, got shape ",
               x.sizes());
-  at::Tensor y = at::empty({n, c_out, h, w}, x.options().memory_format(kCL));
+  // into_residual: the caller's residual is dead after this call, so y takes its buffer where that is dense
+  // channels_last (each output is read from it, once, just before it is written there).
+  const bool in_place = into_residual && residual.has_value() && residual->is_contiguous(kCL);
+  at::Tensor y = in_place ? *residual : at::empty({n, c_out, h, w}, x.options().memory_format(kCL));
   if (y.numel() == 0) return y;
   const Tiles g{n, h, w, (h + kOut - 1) / kOut, (w + kOut - 1) / kOut};
   const at::Tensor xc = x.contiguous(kCL);

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from ..ops.donation import donating
 from ..ops.registry import get_backend
 from . import changes
 from ..ops.registry import resolve
@@ -123,9 +124,12 @@ def execute(block: torch.nn.Module, plan: ResidualPlan, x: torch.Tensor, choose:
         head, main = main[:plan.shortcut.after], main[plan.shortcut.after:]
         out = run(head, x)
         identity = block.get_submodule(plan.shortcut.name)(x)
-        x = out
+        with donating(None):  # its output may be x itself, which a module may also keep: never overwritten
+            return run(main, out, residual=identity, promote=plan.promote)
     else:
         identity = run(plan.shortcut, x)
+        with donating(identity):  # the shortcut units' own output: nothing reads it after the last unit
+            return run(main, x, residual=identity, promote=plan.promote)
     return run(main, x, residual=identity, promote=plan.promote)
 
 
@@ -150,7 +154,8 @@ def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: Dec
             identity = module(x)
             for step in middle:
                 y = step(y, None)
-            return last(y, identity)
+            with donating(None):  # its output may be x itself, which a module may also keep: never overwritten
+                return last(y, identity)
         return forward
 
     short = steps[:len(shortcut)] if shortcut else ()
@@ -163,7 +168,10 @@ def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: Dec
         y = x
         for step in middle:
             y = step(y, None)
-        return last(y, identity)
+        if not short:
+            return last(y, identity)
+        with donating(identity):  # the shortcut units' own output: nothing reads it after the last unit
+            return last(y, identity)
     return forward
 
 

@@ -118,7 +118,7 @@ def test_packed_path_takes_the_rules_layout(batch, size, monkeypatch):
     winograd = torch.ops.resnet_fused.conv3x3_winograd.default
 
     class Recording:
-        default = staticmethod(lambda *args: calls.append(args[-1]) or winograd(*args))
+        default = staticmethod(lambda *args: calls.append(args[5]) or winograd(*args))  # position_major
 
     monkeypatch.setattr(torch.ops.resnet_fused, "conv3x3_winograd", Recording)
     monkeypatch.setattr(cpu_backend, "WINOGRAD_RULE", cpu_backend.WinogradRule(1, 100))

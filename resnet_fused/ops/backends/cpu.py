@@ -17,6 +17,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..donation import donated
+from ..geometry import conv_output_shape
 from ..registry import register_backend
 from ..validation import SUPPORTED_DTYPES
 from .cpu_conv_products import conv_backward, pointwise_conv
@@ -141,6 +143,20 @@ def _onednn_weight(pack, input_shape) -> torch.Tensor:
     return weight
 
 
+def _unambiguous_channels_last(t: torch.Tensor) -> bool:
+    """channels_last and not also NCHW-contiguous (C > 1 and more than one pixel): oneDNN's in-place binary
+    post-op takes only such tensors."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _writes_into_residual(pack, input_shape) -> bool:
+    """Whether the bound call of this oneDNN pack may write a donated residual in place: x of `input_shape` is
+    unambiguously channels_last (C_in > 1, more than one pixel) and convolves in its own dtype (the residual then
+    has the output's dtype and shape: the call checks its dtype and layout)."""
+    n, c, h, w = input_shape
+    return c > 1 and h * w > 1 and pack.dtype == pack.payload.weight.dtype
+
+
 class CpuBackend(ExtensionBackend):
     name = "cpu"
     device_type = "cpu"
@@ -185,12 +201,26 @@ class CpuBackend(ExtensionBackend):
             op, (weight, scale, shift) = torch.ops.resnet_fused.conv_bn_act.default, payload
             return lambda x, residual: op(x, weight, scale, shift, residual, stride, padding, relu)
         weight, bias = _onednn_weight(pack, input_shape), payload.bias
+        out_shape = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, stride, padding)
         if not weight.is_mkldnn:
             winograd = torch.ops.resnet_fused.conv3x3_winograd.default
             position_major = _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles
-            return lambda x, residual: winograd(x, weight, bias, residual, relu, position_major)
+            # a donated residual (ops/donation.py) takes the output; the op checks its layout
+            return lambda x, residual: winograd(x, weight, bias, residual, relu, position_major,
+                                                donated(residual) and residual.shape == out_shape)
         op = torch.ops.resnet_fused.conv_bias_act.default
-        return lambda x, residual: op(x, weight, bias, residual, stride, padding, relu)
+        if not _writes_into_residual(pack, input_shape):
+            return lambda x, residual: op(x, weight, bias, residual, stride, padding, relu)
+        # oneDNN's binary post-op in place: y = relu?(conv(x) + bias + residual) stored in the residual's buffer
+        into = torch.ops.mkldnn._convolution_pointwise_.binary
+        pads, strides, unary = [padding] * 2, [stride] * 2, "relu" if relu else None
+
+        def call(x, residual):
+            if (donated(residual) and residual.shape == out_shape and residual.dtype == x.dtype == pack.dtype
+                    and _unambiguous_channels_last(residual) and _unambiguous_channels_last(x)):
+                return into(residual, x, weight, bias, pads, strides, [1, 1], 1, "add", None, unary, [], None)
+            return op(x, weight, bias, residual, stride, padding, relu)
+        return call
 
 
 register_backend(CpuBackend())
