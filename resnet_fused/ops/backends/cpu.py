@@ -153,7 +153,7 @@ def _writes_into_residual(pack, input_shape) -> bool:
     """Whether the bound call of this oneDNN pack may write a donated residual in place: x of `input_shape` is
     unambiguously channels_last (C_in > 1, more than one pixel) and convolves in its own dtype (the residual then
     has the output's dtype and shape: the call checks its dtype and layout)."""
-    n, c, h, w = input_shape
+    _, c, h, w = input_shape
     return c > 1 and h * w > 1 and pack.dtype == pack.payload.weight.dtype
 
 
@@ -201,23 +201,25 @@ class CpuBackend(ExtensionBackend):
             op, (weight, scale, shift) = torch.ops.resnet_fused.conv_bn_act.default, payload
             return lambda x, residual: op(x, weight, scale, shift, residual, stride, padding, relu)
         weight, bias = _onednn_weight(pack, input_shape), payload.bias
-        out_shape = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, stride, padding)
         if not weight.is_mkldnn:
             winograd = torch.ops.resnet_fused.conv3x3_winograd.default
             position_major = _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles
-            # a donated residual (ops/donation.py) takes the output; the op checks its layout
-            return lambda x, residual: winograd(x, weight, bias, residual, relu, position_major,
-                                                donated(residual) and residual.shape == out_shape)
+            # a donated residual (ops/donation.py) takes the output; the op checks its shape and layout
+            return lambda x, residual: winograd(x, weight, bias, residual, relu, position_major, donated(residual))
         op = torch.ops.resnet_fused.conv_bias_act.default
         if not _writes_into_residual(pack, input_shape):
             return lambda x, residual: op(x, weight, bias, residual, stride, padding, relu)
         # oneDNN's binary post-op in place: y = relu?(conv(x) + bias + residual) stored in the residual's buffer
         into = torch.ops.mkldnn._convolution_pointwise_.binary
         pads, strides, unary = [padding] * 2, [stride] * 2, "relu" if relu else None
+        out_shape = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, stride, padding)
 
+        # A donated residual is the block's own tensor in the unit's compute dtype (unit.decide passes x and residual
+        # converted, and a converted residual is a new tensor, never the donated one): only its shape and layout are
+        # asked here, as oneDNN's in-place post-op writes the output through it.
         def call(x, residual):
-            if (donated(residual) and residual.shape == out_shape and residual.dtype == x.dtype == pack.dtype
-                    and _unambiguous_channels_last(residual) and _unambiguous_channels_last(x)):
+            if (donated(residual) and residual.shape == out_shape and _unambiguous_channels_last(residual)
+                    and _unambiguous_channels_last(x)):
                 return into(residual, x, weight, bias, pads, strides, [1, 1], 1, "add", None, unary, [], None)
             return op(x, weight, bias, residual, stride, padding, relu)
         return call
