@@ -15,8 +15,10 @@
 //
 // Statistics read y once; backward reads its inputs twice (a reduction, then the elementwise grad_y; with a
 // residual and ReLU the reduction writes g, which the second pass reads in place of grad_out and the residual).
-// Reductions work per chunk, small enough to stay in L1: in NCHW some planes (or a piece of one) of one channel, in
-// channels_last a strip of rows one group of channels wide. Statistics read a chunk twice while it is cached: first
+// Reductions work per chunk, small enough to stay cached: in NCHW some planes (or a piece of one) of one channel, in
+// channels_last a strip of rows up to kSpanChannels channels wide, read row by row (contiguous runs, which the
+// hardware prefetcher follows; a strip one vector wide, 1 KiB apart per row, ran the backward's reduction at half
+// eager's speed), summed into per-channel arrays. Statistics read a chunk twice while it is cached: first
 // for a provisional mean m0, then for the centered sums s1 = sum (y - m0) and s2 = sum (y - m0)^2, which give the
 // chunk's mean m0 + s1/n and M2 = s2 - s1^2/n even where |mean| >> std (a chunk whose fp32 sums are not finite is
 // redone in fp64). Chunks are combined in a fixed order in fp64 (statistics: the count-weighted mean of chunk means,
@@ -52,6 +54,7 @@ constexpr int64_t kLanes = FVec::size();
 constexpr int64_t kMaxGroup = 2 * kLanes;
 constexpr int64_t kChunkValues = 4096;     // values per NCHW chunk (16 KiB of fp32)
 constexpr int64_t kStripRows = 128;        // rows per channels_last chunk
+constexpr int64_t kSpanChannels = 256;     // channels per channels_last chunk (its sums: one L1-resident array each)
 constexpr int64_t kTaskBytes = 64 * 1024;  // least input per parallel task
 constexpr int kChains = 4;                 // independent accumulators per reduction
 
@@ -212,9 +215,9 @@ void for_each_group(const Geometry& g, const ChannelTable& t, const Body& body) 
 // How the reductions cut a tensor into chunks, and the fixed order in which a channel's chunks combine.
 // NCHW: a chunk is `planes` consecutive planes of one channel (or, for planes larger than a chunk, a piece of one),
 // values [first, first + length) of each. channels_last: a chunk is a strip, kStripRows rows (fewer in the last
-// block) by one group of channels; its results go to slot block * C + c.
+// block) by kSpanChannels channels (fewer in the last span); its results go to slot block * C + c.
 struct Chunking {
-  Chunking(const Geometry& g, int64_t group) : g(g), group(group) {
+  explicit Chunking(const Geometry& g) : g(g), group(kSpanChannels) {
     if (g.channels_last) {
       blocks = (g.batch * g.plane + kStripRows - 1) / kStripRows;
       strips = (g.channels + group - 1) / group;
@@ -290,11 +293,30 @@ inline void plane_groups(const PlaneChunk& ch, const F& f) {
     if (tail) f(std::integral_constant<int, 0>{}, base + full * kGroup, tail);
   }
 }
-// f(u, offset, count) over the rows of a strip chunk.
+// f(j, offset, count) over the rows of a strip chunk, row by row, j the group's index in the strip (its place in
+// the strip's per-channel arrays: channels j * kGroup on).
 template <typename T, typename F>
 inline void strip_groups(const StripChunk& ch, const F& f) {
-  unrolled<kUnroll<T>>(ch.rows, [&](auto u, int64_t r) { f(u, ch.first + r * ch.stride, ch.channels); });
+  constexpr int64_t kGroup = Lanes<T>::kGroup;
+  for (int64_t r = 0; r < ch.rows; ++r) {
+    const int64_t base = ch.first + r * ch.stride;
+    for (int64_t j = 0; j * kGroup < ch.channels; ++j) {
+      f(j, base + j * kGroup, std::min(kGroup, ch.channels - j * kGroup));
+    }
+  }
 }
+
+// Per-channel fp32 sums of one strip (kSpanChannels wide), zeroed; `add` adds a group's parts at its index.
+struct StripSums {
+  alignas(64) float v[kSpanChannels] = {};
+  template <int kParts>
+  void add(int64_t j, const FVec* parts) {
+    for (int k = 0; k < kParts; ++k) {
+      float* at = v + (j * kParts + k) * kLanes;
+      (FVec::loadu(at) + parts[k]).store(at);
+    }
+  }
+};
 
 // ---- stats -------------------------------------------------------------------------------------------------------
 
@@ -355,40 +377,33 @@ void plane_moments(const T* y, const PlaneChunk& ch, double* mean, double* m2) {
 template <typename T>
 void strip_moments(const T* y, const StripChunk& ch, double* mean, double* m2) {
   using L = Lanes<T>;
-  constexpr int kN = kUnroll<T> * L::kParts;
-  Accumulators<kN> sum, s1, s2;
-  strip_groups<T>(ch, [&](auto u, int64_t at, int64_t count) {
+  StripSums sum, s1, s2;
+  strip_groups<T>(ch, [&](int64_t j, int64_t at, int64_t count) {
     FVec v[L::kParts];
     L::load(y + at, count, v);
-    for (int k = 0; k < L::kParts; ++k) sum[u * L::kParts + k] = sum[u * L::kParts + k] + v[k];
+    sum.add<L::kParts>(j, v);
   });
+  alignas(64) float m0[kSpanChannels];
   const FVec n(static_cast<float>(ch.rows));
-  FVec m0[L::kParts];
-  for (int k = 0; k < L::kParts; ++k) m0[k] = sum.sum(k, L::kParts) / n;
-  strip_groups<T>(ch, [&](auto u, int64_t at, int64_t count) {
-    FVec v[L::kParts];
+  for (int64_t i = 0; i < kSpanChannels; i += kLanes) (FVec::loadu(sum.v + i) / n).store(m0 + i);
+  strip_groups<T>(ch, [&](int64_t j, int64_t at, int64_t count) {
+    FVec v[L::kParts], d[L::kParts], dd[L::kParts];
     L::load(y + at, count, v);  // missing lanes: v = 0 = m0
     for (int k = 0; k < L::kParts; ++k) {
-      const FVec d = v[k] - m0[k];
-      const int a = u * L::kParts + k;
-      s1[a] = s1[a] + d;
-      s2[a] = at::vec::fmadd(d, d, s2[a]);
+      d[k] = v[k] - FVec::loadu(m0 + (j * L::kParts + k) * kLanes);
+      dd[k] = d[k] * d[k];
     }
+    s1.add<L::kParts>(j, d);
+    s2.add<L::kParts>(j, dd);
   });
-  float lane_m0[kMaxGroup] = {}, lane_s1[kMaxGroup] = {}, lane_s2[kMaxGroup] = {};
-  for (int k = 0; k < L::kParts; ++k) {
-    m0[k].store(lane_m0 + k * kLanes);
-    s1.sum(k, L::kParts).store(lane_s1 + k * kLanes);
-    s2.sum(k, L::kParts).store(lane_s2 + k * kLanes);
-  }
   const double rows = static_cast<double>(ch.rows);
   for (int64_t j = 0; j < ch.channels; ++j) {
-    if (!std::isfinite(lane_m0[j]) || !std::isfinite(lane_s2[j])) {
+    if (!std::isfinite(m0[j]) || !std::isfinite(s2.v[j])) {
       exact_moments(y, ch.first + j, ch.rows, 1, ch.stride, mean + j, m2 + j);
     } else {
-      const double c1 = lane_s1[j];
-      mean[j] = lane_m0[j] + c1 / rows;
-      m2[j] = lane_s2[j] - c1 * c1 / rows;
+      const double c1 = s1.v[j];
+      mean[j] = m0[j] + c1 / rows;
+      m2[j] = s2.v[j] - c1 * c1 / rows;
     }
   }
 }
@@ -400,7 +415,7 @@ void stats(const T* y, const Geometry& g, float* mean, float* var) {
     std::fill(var, var + g.channels, std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  const Chunking ch(g, Lanes<T>::kGroup);
+  const Chunking ch(g);
   std::vector<double> chunk_mean(ch.slots()), chunk_m2(ch.slots());
   for_each_chunk<T>(
       ch, [&](const PlaneChunk& c, int64_t slot) { plane_moments(y, c, &chunk_mean[slot], &chunk_m2[slot]); },
@@ -480,7 +495,7 @@ void grad_sums(const T* grad_out, const T* y, const T* residual, T* grad_residua
                const ChannelTable& t, float* grad_weight, float* grad_bias) {
   using L = Lanes<T>;
   constexpr int kN = kUnroll<T> * L::kParts;
-  const Chunking ch(g, L::kGroup);
+  const Chunking ch(g);
   std::vector<double> sum_g(ch.slots()), sum_gx(ch.slots());
   auto accumulate = [&](const auto& select, Accumulators<kN>& acc_g, Accumulators<kN>& acc_gx, auto u, int64_t at,
                         int64_t count) {
@@ -502,15 +517,16 @@ void grad_sums(const T* grad_out, const T* y, const T* residual, T* grad_residua
         sum_gx[slot] = lane_sum(acc_gx.sum(0, 1));
       },
       [&](const StripChunk& c, int64_t slot) {
-        const LaneChannels select(t, c.c0);
-        Accumulators<kN> acc_g, acc_gx;
-        strip_groups<T>(c, [&](auto u, int64_t at, int64_t count) { accumulate(select, acc_g, acc_gx, u, at, count); });
-        float lanes_g[kMaxGroup] = {}, lanes_gx[kMaxGroup] = {};
-        for (int k = 0; k < L::kParts; ++k) {
-          acc_g.sum(k, L::kParts).store(lanes_g + k * kLanes);
-          acc_gx.sum(k, L::kParts).store(lanes_gx + k * kLanes);
-        }
-        for (int64_t j = 0; j < c.channels; ++j) sum_g[slot + j] = lanes_g[j], sum_gx[slot + j] = lanes_gx[j];
+        StripSums acc_g, acc_gx;
+        strip_groups<T>(c, [&](int64_t j, int64_t at, int64_t count) {
+          const LaneChannels select(t, c.c0 + j * L::kGroup);
+          FVec gv[L::kParts], xhat[L::kParts];
+          grad_terms<T, kRelu, kResidual>(grad_out, y, residual, grad_residual, at, count, select, gv, xhat);
+          for (int k = 0; k < L::kParts; ++k) xhat[k] = gv[k] * xhat[k];  // lanes past the strip: never read
+          acc_g.add<L::kParts>(j, gv);
+          acc_gx.add<L::kParts>(j, xhat);
+        });
+        for (int64_t j = 0; j < c.channels; ++j) sum_g[slot + j] = acc_g.v[j], sum_gx[slot + j] = acc_gx.v[j];
       });
   at::parallel_for(0, g.channels, grain_for(ch.per_channel() * 32), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {

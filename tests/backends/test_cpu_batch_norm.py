@@ -31,7 +31,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 # (N, C, H, W): partial vector groups; channels_last rows past one strip (128); batch 1; 1x1 spatial; a plane
 # longer than one NCHW chunk (4096 values).
-SHAPES = [(2, 3, 5, 7), (2, 17, 9, 9), (1, 67, 4, 6), (5, 67, 1, 1), (1, 3, 65, 66)]
+# channels_last chunks are 128 rows by 256 channels: (3, 259, 7, 9) has two of each, the last ones partial
+SHAPES = [(2, 3, 5, 7), (2, 17, 9, 9), (1, 67, 4, 6), (5, 67, 1, 1), (1, 3, 65, 66), (3, 259, 7, 9)]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 # Kernel vs reference, both computing in fp32 and rounding to the dtype once: relative to the output's max.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -103,9 +104,10 @@ def test_stats_match_float64(shape, channels_last, dtype, offset):
     torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(4, 67, 33, 35), (2, 300, 15, 13)], ids=["67ch", "300ch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_stats_do_not_depend_on_the_thread_count(channels_last):
-    y = activation((4, 67, 33, 35), torch.float32, channels_last, mean=3.0)
+def test_stats_do_not_depend_on_the_thread_count(channels_last, shape):
+    y = activation(shape, torch.float32, channels_last, mean=3.0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
