@@ -64,7 +64,8 @@ def _count(y) -> int:
 
 @torch.no_grad()
 def update_running_stats(bn, mean, var, count: int) -> None:
-    """As _BatchNorm.forward + F.batch_norm do: count the batch, then blend in mean and unbiased var."""
+    """As _BatchNorm.forward + F.batch_norm do: count the batch, then blend in mean and unbiased var (both buffers
+    in two in-place list ops where they are fp32: this runs once per unit per step)."""
     if not (bn.training and bn.track_running_stats):
         return
     if bn.num_batches_tracked is not None:
@@ -73,8 +74,13 @@ def update_running_stats(bn, mean, var, count: int) -> None:
     if bn.running_mean is None or bn.running_var is None:
         return
     unbiased = var * (count / (count - 1))
-    bn.running_mean.copy_(factor * mean + (1.0 - factor) * bn.running_mean.float())
-    bn.running_var.copy_(factor * unbiased + (1.0 - factor) * bn.running_var.float())
+    running = [bn.running_mean, bn.running_var]
+    if all(r.dtype == torch.float32 for r in running):
+        torch._foreach_mul_(running, 1.0 - factor)
+        torch._foreach_add_(running, [mean, unbiased], alpha=factor)
+    else:
+        bn.running_mean.copy_(factor * mean + (1.0 - factor) * bn.running_mean.float())
+        bn.running_var.copy_(factor * unbiased + (1.0 - factor) * bn.running_var.float())
 
 
 def _params(flat, index):

@@ -88,7 +88,10 @@ def test_weight_gradient_in_the_weights_layout(weight_layout, monkeypatch):
     assert grad_weight.stride() == weight.stride()
 
 
-def _plan(shape, rule=gemm.GEMM_RULE, dtype=torch.float32, layout=CL, mask=(True, True, False), groups=1,
+INTEL, AMD = gemm.GEMM_RULES["GenuineIntel"], gemm.GEMM_RULES["AuthenticAMD"]
+
+
+def _plan(shape, rule=INTEL, dtype=torch.float32, layout=CL, mask=(True, True, False), groups=1,
           dilation=(1, 1)):
     (grad, x, weight), _, _, geometry = _case(shape, dtype, layout)
     return gemm.gemm_plan(grad, x, weight, geometry[1], dilation, groups, mask, rule)
@@ -108,6 +111,23 @@ def test_rule():
     assert _plan(small, layout=nchw) is None                                # small NCHW images: oneDNN
     assert _plan(small) == (True, True)                                     # channels_last: always products
     assert _plan(small_3x3, layout=nchw) == (False, True)                   # im2col in either layout
+
+
+def test_amd_rule_keeps_large_pointwise_convs_with_onednn():
+    at_bound, past_bound = (8, 16, 8, 8, 8, 1, 1, 0), (8, 16, 9, 8, 8, 1, 1, 0)  # 512 and 576 output positions
+    assert _plan(at_bound, rule=AMD) == (True, True)
+    assert _plan(past_bound, rule=AMD) is None
+    assert _plan(past_bound, rule=AMD, layout=torch.contiguous_format) == (True, False)  # NCHW: as on Intel
+    assert _plan((8, 8, 8, 8, 8, 3, 1, 1), rule=AMD) is None                            # 3x3 dW: as on Intel
+    assert _plan((2, 8, 8, 8, 8, 3, 1, 1), rule=AMD) == (False, True)
+
+
+def test_pointwise_forward_follows_the_rule(monkeypatch):
+    (_, x, weight), _, _, (stride, padding, dilation, *_) = _case((8, 16, 9, 8, 8, 1, 1, 0))
+    monkeypatch.setattr(gemm, "GEMM_RULE", AMD)
+    assert gemm.pointwise_conv(x, weight, None, stride, padding, dilation, 1) is None
+    monkeypatch.setattr(gemm, "GEMM_RULE", INTEL)
+    assert gemm.pointwise_conv(x, weight, None, stride, padding, dilation, 1) is not None
 
 
 @pytest.mark.parametrize("case", ["nchw", "strided", "float64", "bfloat16", "groups", "dilation"])

@@ -22,6 +22,7 @@ from ..geometry import conv_output_shape
 from ..registry import register_backend
 from ..validation import SUPPORTED_DTYPES
 from .cpu_conv_products import conv_backward, pointwise_conv
+from .cpu_info import cpu_vendor
 from .extension import EXTENSION_REASON, ExtensionBackend
 
 
@@ -95,20 +96,6 @@ class WinogradRule(NamedTuple):
 # Other CPUs take the EPYC rule, the more conservative one.
 WINOGRAD_RULES = {"GenuineIntel": WinogradRule(8, math.inf), "AuthenticAMD": WinogradRule(48, 256)}
 DEFAULT_WINOGRAD_RULE = WINOGRAD_RULES["AuthenticAMD"]
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor string (x86 Linux: 'GenuineIntel', 'AuthenticAMD'), or '' where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 WINOGRAD_RULE = WINOGRAD_RULES.get(cpu_vendor(), DEFAULT_WINOGRAD_RULE)
 
 

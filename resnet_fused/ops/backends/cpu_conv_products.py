@@ -24,10 +24,13 @@ a resnet50 step measured no faster with them.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .cpu_info import cpu_vendor
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -36,9 +39,10 @@ NCHW = torch.contiguous_format
 class GemmRule(NamedTuple):
     """Which parts of an fp32 convolution run as matrix products."""
 
-    pointwise: bool          # 1x1 convolutions (padding 0): y, dx and (channels_last) dW
-    min_nchw_pixels: int     # ... on NCHW tensors from this many output pixels per image
-    max_im2col_rows: int     # other kernels: dW through im2col when the output has at most this many positions
+    pointwise: bool            # 1x1 convolutions (padding 0): y, dx and (channels_last) dW
+    min_nchw_pixels: int       # ... on NCHW tensors from this many output pixels per image
+    max_im2col_rows: int       # other kernels: dW through im2col when the output has at most this many positions
+    max_pointwise_rows: float = math.inf  # 1x1 on channels_last tensors: up to this many output positions
 
 
 # Measured on 2 cores (Intel Xeon with AVX-512, fp32), each candidate beside oneDNN in one process, resnet50's shapes
@@ -51,7 +55,13 @@ class GemmRule(NamedTuple):
 #     256 -> 64: dx 7.45 -> 1.25 ms), in sum 89 -> 54 ms (y) and 100 -> 62 ms (dx) per step; 0.6-0.9x at 4x4.
 #   3x3 dW: im2col + one product 1.3-2.3x faster at 64-128 output positions with 128-512 channels (512 channels at
 #     batch 2 8x8: 3.91 -> 2.22 ms), level at 512 positions, 1.5-2x slower from 2048 on.
-GEMM_RULE = GemmRule(pointwise=True, min_nchw_pixels=64, max_im2col_rows=256)
+#   AMD EPYC (Zen 4, AVX-512), the same way at batch 8 128x128, channels_last: MKL's products 0.8-0.9x oneDNN's speed
+#     from 1024 output positions up (256 -> 128 at 32x32: y 2.48 -> 2.93 ms, dx 2.58 -> 2.97, dW 2.87 -> 3.29), level
+#     at 512, 1.1-2.1x faster at 128 (1024 -> 2048 stride 2 at 8x8: y 5.75 -> 3.37, dW 6.58 -> 3.11; 2048 -> 512 at
+#     4x4: y 2.87 -> 1.52, dW 3.01 -> 1.48); NCHW level (0.7-1.6x per conv, in sum 36.2 -> 31.0 ms y, 42.7 -> 41.7 dx).
+GEMM_RULES = {"GenuineIntel": GemmRule(pointwise=True, min_nchw_pixels=64, max_im2col_rows=256),
+              "AuthenticAMD": GemmRule(pointwise=True, min_nchw_pixels=64, max_im2col_rows=256, max_pointwise_rows=512)}
+GEMM_RULE = GEMM_RULES.get(cpu_vendor(), GEMM_RULES["GenuineIntel"])
 
 
 def _layout(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int):
@@ -64,9 +74,10 @@ def _layout(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int):
     return NCHW if x.is_contiguous() else None
 
 
-def _pointwise(layout, weight: torch.Tensor, padding, out_pixels: int, rule: GemmRule) -> bool:
-    return (rule.pointwise and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
-            and (layout == CL or out_pixels >= rule.min_nchw_pixels))
+def _pointwise(layout, weight: torch.Tensor, padding, batch: int, out_pixels: int, rule: GemmRule) -> bool:
+    if not (rule.pointwise and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)):
+        return False
+    return batch * out_pixels <= rule.max_pointwise_rows if layout == CL else out_pixels >= rule.min_nchw_pixels
 
 
 def pointwise_conv(x, weight, bias, stride, padding, dilation, groups) -> Optional[torch.Tensor]:
@@ -76,7 +87,7 @@ def pointwise_conv(x, weight, bias, stride, padding, dilation, groups) -> Option
         return None
     x_s = x[:, :, ::stride[0], ::stride[1]]
     n, _, h_out, w_out = x_s.shape
-    if not _pointwise(layout, weight, padding, h_out * w_out, GEMM_RULE):
+    if not _pointwise(layout, weight, padding, n, h_out * w_out, GEMM_RULE):
         return None
     c_out = weight.shape[0]
     weight = weight.reshape(c_out, -1)
@@ -97,7 +108,7 @@ def gemm_plan(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding
     if layout is None or grad.dtype != x.dtype or not grad.is_contiguous(memory_format=layout):
         return None
     one_by_one = tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
-    pointwise = _pointwise(layout, weight, padding, grad.shape[2] * grad.shape[3], rule)
+    pointwise = _pointwise(layout, weight, padding, grad.shape[0], grad.shape[2] * grad.shape[3], rule)
     rows = grad.shape[0] * grad.shape[2] * grad.shape[3]
     dx = bool(output_mask[0]) and pointwise
     dw = bool(output_mask[1]) and ((pointwise and layout == CL) or (not one_by_one and rows <= rule.max_im2col_rows))
