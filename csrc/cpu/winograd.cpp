@@ -13,10 +13,14 @@
 //
 // The sum over c is 36 matrix products, one per tile position p = (i, j) of the 6x6 transformed tiles:
 //   V[p]: (tiles, C) = (B^T d B)[i, j] of every input tile;  U[p]: (C, K) = (G w G^T)[i, j];  M[p] = V[p] @ U[p]
-// run as one batched GEMM (at::bmm). V and M are stored either position-major, (36, tiles, C), where the GEMMs read
-// dense matrices and each tile's transform writes 36 runs of C values far apart, or tile-major, (tiles, 36, C), where
-// the transform writes one dense run per tile and the GEMMs read strided views. Which is faster was measured to differ
-// between CPUs: the caller picks (`position_major`; the "cpu" backend's rule and its measurements are in
+// run as one batched GEMM: at::bmm (MKL) with u = winograd_weight(w), or oneDNN where u is winograd_weight(w) as the
+// (36 K, C, 1, 1) weight of a 1x1 convolution of 36 groups, reordered by mkldnn::_reorder_convolution_weight for it
+// (an opaque mkldnn tensor; the "cpu" backend makes it once per input shape): with tile-major buffers the 36 products
+// are that convolution over an image of `tiles` pixels whose channels are a tile's 36 positions x C. V and M are
+// stored either position-major, (36, tiles, C), where the GEMMs read dense matrices and each tile's transform writes
+// 36 runs of C values far apart, or tile-major, (tiles, 36, C), where the transform writes one dense run per tile and
+// the GEMMs read strided views. Which is faster was measured to differ between CPUs: the caller picks
+// (`position_major`, and the products through u; the "cpu" backend's rule and its measurements are in
 // resnet_fused/ops/backends/cpu.py). A 3x3 convolution costs 9 multiply-adds per output and input channel; here the
 // GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over activation-sized buffers. Rounding: each output
 // sums transformed terms whose magnitudes exceed the result's (A and B hold entries up to 8 and 5), so the fp32 error
@@ -27,6 +31,7 @@
 // time (GCC/Clang target_clones), since the extension itself is built for baseline x86-64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
@@ -197,7 +202,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
               "a (C_out, C_in, 3, 3) tensor, got shape ", weight.sizes());
   TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point(), "winograd_weight: weight must be a "
               "floating-point CPU tensor, got ", weight.scalar_type(), " on ", weight.device());
-  // G w G^T in float64, rounded once to fp32: (K, C, 6, 6) -> (6, 6, C, K) -> (36, C, K).
+  // G w G^T in float64, rounded once to fp32, as (36, C, K).
   const at::Tensor g = at::tensor({1.0 / 4, 0.0, 0.0,                     //
                                    -1.0 / 6, -1.0 / 6, -1.0 / 6,          //
                                    -1.0 / 6, 1.0 / 6, -1.0 / 6,           //
@@ -206,8 +211,9 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
                                    0.0, 0.0, 1.0},
                                   at::kDouble)
                            .view({kIn, 3});
-  const at::Tensor u = at::matmul(at::matmul(g, weight.to(at::kDouble)), g.t());
-  return u.permute({2, 3, 1, 0}).reshape({kPositions, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
+  // One product: (G (x) G)[(a, b), (i, j)] = G[a, i] G[b, j] against the weight as (3 * 3, C * K).
+  const at::Tensor taps = weight.to(at::kDouble).permute({2, 3, 1, 0}).reshape({9, weight.size(1) * weight.size(0)});
+  return at::mm(at::kron(g, g), taps).view({kPositions, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
 }
 
 // V and M, from a buffer kept per thread between calls: fresh multi-megabyte buffers are page-faulted in (and zeroed
@@ -231,16 +237,44 @@ at::Tensor workspace(int64_t floats) {
   return at::from_blob(kept.get(), {floats}, options);
 }
 
+// M = the 36 products of tile-major V by oneDNN: a 1x1 convolution of 36 groups over a (1, 36 C, 1, tiles)
+// channels_last image (V's memory as it lies), whose channels_last output (1, 36 K, 1, tiles) is tile-major M.
+at::Tensor onednn_products(const at::Tensor& v_buffer, const at::Tensor& u, int64_t tiles, int64_t c_in) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                               c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                               std::optional<c10::string_view>)>();
+  const int64_t channels = kPositions * c_in;
+  const at::Tensor image = v_buffer.as_strided({1, channels, 1, tiles}, {tiles * channels, 1, tiles * channels,
+                                                                         channels});
+  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  at::Tensor m = op.call(image, u, std::nullopt, zeros, ones, ones, kPositions, "none", no_scalars, std::nullopt);
+  return m.is_contiguous(kCL) ? m : m.contiguous(kCL);
+}
+
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                                 const std::optional<at::Tensor>& residual, bool relu, bool position_major,
                                 bool into_residual) {
   check_activation("conv3x3_winograd", "x", x);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "conv3x3_winograd: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == kPositions && u.size(1) == x.size(1) && u.scalar_type() == at::kFloat &&
-                  u.device().is_cpu(),
-              "conv3x3_winograd: u must be a float32 CPU tensor of shape (36, ", x.size(1), ", C_out) from "
-              "winograd_weight, got ", u.scalar_type(), " of shape ", u.sizes());
-  const int64_t n = x.size(0), h = x.size(2), w = x.size(3), c_in = x.size(1), c_out = u.size(2);
+  const bool onednn = u.is_mkldnn();
+  if (onednn) {
+    TORCH_CHECK(u.dim() == 4 && u.size(0) % kPositions == 0 && u.size(1) == x.size(1) && u.size(2) == 1 &&
+                    u.size(3) == 1 && u.scalar_type() == at::kFloat && !position_major,
+                "conv3x3_winograd: a oneDNN u must be a grouped 1x1 weight (36 C_out, ", x.size(1),
+                ", 1, 1), with tile-major buffers (position_major false); got shape ", u.sizes(),
+                ", position_major ", position_major);
+  } else {
+    TORCH_CHECK(u.dim() == 3 && u.size(0) == kPositions && u.size(1) == x.size(1) && u.scalar_type() == at::kFloat &&
+                    u.device().is_cpu(),
+                "conv3x3_winograd: u must be a float32 CPU tensor of shape (36, ", x.size(1), ", C_out) from "
+                "winograd_weight, got ", u.scalar_type(), " of shape ", u.sizes());
+  }
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3), c_in = x.size(1);
+  const int64_t c_out = onednn ? u.size(0) / kPositions : u.size(2);
   check_channel_vector("conv3x3_winograd", "bias", bias, c_out);
   check_residual("conv3x3_winograd", residual, {n, c_out, h, w}, at::kFloat);
   TORCH_CHECK(c_in > 0 && h > 0 && w > 0, "conv3x3_winograd: x must have non-zero C_in, height and width, got shape ",
@@ -256,16 +290,22 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const at::Tensor rc = residual.has_value() ? residual->contiguous(kCL) : at::Tensor();
   const int64_t tiles = g.count();
   const Layout v_layout = Layout::of(position_major, tiles, c_in), m_layout = Layout::of(position_major, tiles, c_out);
-  const at::Tensor space = workspace(kPositions * tiles * (c_in + c_out));
+  // oneDNN makes M itself; the bmm writes it into the workspace beside V
+  const at::Tensor space = workspace(kPositions * tiles * (c_in + (onednn ? 0 : c_out)));
   const at::Tensor v_buffer = space.narrow(0, 0, kPositions * tiles * c_in);
-  const at::Tensor m_buffer = space.narrow(0, kPositions * tiles * c_in, kPositions * tiles * c_out);
   const float* x_ptr = xc.const_data_ptr<float>();
   float* v_ptr = v_buffer.mutable_data_ptr<float>();
   at::parallel_for(0, tiles, tile_grain(c_in), [&](int64_t begin, int64_t end) {
     input_transform(x_ptr, v_ptr, g, v_layout, c_in, begin, end);
   });
-  at::Tensor m = m_buffer.as_strided({kPositions, tiles, c_out}, {m_layout.position, m_layout.tile, 1});
-  at::bmm_out(m, v_buffer.as_strided({kPositions, tiles, c_in}, {v_layout.position, v_layout.tile, 1}), u);
+  at::Tensor m_buffer;
+  if (onednn) {
+    m_buffer = onednn_products(v_buffer, u, tiles, c_in);
+  } else {
+    m_buffer = space.narrow(0, kPositions * tiles * c_in, kPositions * tiles * c_out);
+    at::Tensor m = m_buffer.as_strided({kPositions, tiles, c_out}, {m_layout.position, m_layout.tile, 1});
+    at::bmm_out(m, v_buffer.as_strided({kPositions, tiles, c_in}, {v_layout.position, v_layout.tile, 1}), u);
+  }
   const float* m_ptr = m_buffer.const_data_ptr<float>();
   const float* b_ptr = bc.const_data_ptr<float>();
   const float* r_ptr = rc.defined() ? rc.const_data_ptr<float>() : nullptr;
@@ -281,5 +321,10 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("winograd_weight", &resnet_fused::cpu::winograd_weight_cpu);
+  m.impl("conv3x3_winograd", &resnet_fused::cpu::conv3x3_winograd_cpu);
+}
+
+// u packed for oneDNN (an opaque mkldnn tensor) dispatches here
+TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
   m.impl("conv3x3_winograd", &resnet_fused::cpu::conv3x3_winograd_cpu);
 }

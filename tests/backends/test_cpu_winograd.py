@@ -1,10 +1,10 @@
 """The "cpu" backend's Winograd F(4x4, 3x3) path (csrc/cpu/winograd.cpp) against the fp32 oracle.
 
 The op itself over partial tiles (H, W not multiples of 4), channel counts off the 16-lane block, batch > 1, both
-buffer layouts (position-major and tile-major, each at few and many tiles), NCHW and channels_last inputs, residual
-and ReLU on and off; the packed path choosing it (and its layout) by this CPU's rule for fp32 3x3 stride-1 convs with
-enough tiles (and not for the others), with one transformed weight per pack; where a NaN input goes; argument
-errors.
+buffer layouts (position-major and tile-major, each at few and many tiles), the products by MKL or by oneDNN (a
+36-group 1x1 convolution), NCHW and channels_last inputs, residual and ReLU on and off; the packed path choosing it
+(its layout and its products) by this CPU's rule for fp32 3x3 stride-1 convs with enough tiles (and not for the
+others), with one transform per pack; where a NaN input goes; argument errors.
 """
 
 import math
@@ -15,6 +15,7 @@ import torch
 
 import resnet_fused as rf
 from resnet_fused.ops.backends import cpu as cpu_backend
+from resnet_fused.ops.backends.cpu import WinogradRule, WinogradWeight
 from tests.oracle import assert_matches, ref_conv_bn_act
 
 pytestmark = pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None,
@@ -50,6 +51,26 @@ def test_winograd_op_matches_oracle(shape, residual, relu, channels_last, positi
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
     expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, relu)
     assert_matches(y, expected, torch.float32)
+
+
+def onednn_u(weight, x_shape):
+    """The transform as oneDNN's products read it: a 36-group 1x1 weight, reordered for x's tile count."""
+    return cpu_backend._grouped_products_weight(TRANSFORM(weight), x_shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_winograd_op_with_onednn_products_matches_oracle(shape, residual, relu, channels_last):
+    x, weight, bias, res = conv_inputs(shape, residual, channels_last)
+    u = onednn_u(weight, x.shape)
+    assert u.is_mkldnn
+    y = WINOGRAD(x, u, bias, res, relu, False)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, relu)
+    assert_matches(y, expected, torch.float32)
+    torch.testing.assert_close(y, WINOGRAD(x, TRANSFORM(weight), bias, res, relu, False), rtol=1e-5, atol=1e-5)
 
 
 def test_winograd_results_survive_later_calls():
@@ -107,33 +128,39 @@ def test_packed_path_takes_winograd_where_it_pays(batch, size):
     with torch.inference_mode():
         y = rf.ops.conv_bn_act_packed(x, pack, res, relu=True)
     expected_winograd = batch * math.ceil(size / 4) ** 2 >= cpu_backend.WINOGRAD_RULE.min_tiles
-    assert [not w.is_mkldnn for w in _prepared(pack)] == [expected_winograd]
+    assert [isinstance(w, WinogradWeight) for w in _prepared(pack)] == [expected_winograd]
     assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, res, 1, 1, True), torch.float32)
 
 
+@pytest.mark.parametrize("onednn_products", [False, True], ids=["mkl", "onednn"])
 @pytest.mark.parametrize("batch,size", [(1, 28), (20, 16)])
-def test_packed_path_takes_the_rules_layout(batch, size, monkeypatch):
-    # The bound call passes the layout that this CPU's rule gives for its tile count (49 and 320 tiles).
+def test_packed_path_takes_the_rules_layout_and_products(batch, size, onednn_products, monkeypatch):
+    # The bound call passes the layout and the products that the rule gives for its tile count (49 and 320 tiles):
+    # MKL's position-major up to 100 tiles here, oneDNN's always tile-major.
     calls = []
     winograd = torch.ops.resnet_fused.conv3x3_winograd.default
 
     class Recording:
-        default = staticmethod(lambda *args: calls.append(args[5]) or winograd(*args))  # position_major
+        default = staticmethod(lambda *args: calls.append((args[1].is_mkldnn, args[5])) or winograd(*args))
 
     monkeypatch.setattr(torch.ops.resnet_fused, "conv3x3_winograd", Recording)
-    monkeypatch.setattr(cpu_backend, "WINOGRAD_RULE", cpu_backend.WinogradRule(1, 100))
+    monkeypatch.setattr(cpu_backend, "WINOGRAD_RULE", WinogradRule(1, 100, onednn_products))
     weight = torch.randn(16, 16, 3, 3) / 12
-    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), padding=1, backend="cpu")
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+    pack = rf.ops.pack_conv_bn(weight, scale, shift, padding=1, backend="cpu")
+    x = torch.randn(batch, 16, size, size)
     with torch.inference_mode():
-        rf.ops.conv_bn_act_packed(torch.randn(batch, 16, size, size), pack)
-    assert calls == [batch * math.ceil(size / 4) ** 2 <= 100]
+        y = rf.ops.conv_bn_act_packed(x, pack)
+    position_major = not onednn_products and batch * math.ceil(size / 4) ** 2 <= 100
+    assert calls == [(onednn_products, position_major)]
+    assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, None, 1, 1, True), torch.float32)
 
 
-@pytest.mark.parametrize("vendor,rule", [("GenuineIntel", cpu_backend.WinogradRule(8, math.inf)),
-                                         ("AuthenticAMD", cpu_backend.WinogradRule(48, 256)),
-                                         ("", cpu_backend.WinogradRule(48, 256))])
+@pytest.mark.parametrize("vendor,rule", [("GenuineIntel", WinogradRule(8, math.inf)),
+                                         ("AuthenticAMD", WinogradRule(16, 0, onednn_products=True)),
+                                         ("", WinogradRule(16, 0, onednn_products=True))])
 def test_winograd_rule_per_vendor(vendor, rule):
-    # The measured rules (cpu.py), and the conservative one where the vendor is unknown.
+    # The measured rules (cpu.py), and the EPYC's where the vendor is unknown.
     assert cpu_backend.WINOGRAD_RULES.get(vendor, cpu_backend.DEFAULT_WINOGRAD_RULE) == rule
 
 
@@ -144,7 +171,7 @@ def test_one_transformed_weight_per_pack():
         for batch in (3, 4, 5):
             rf.ops.conv_bn_act_packed(torch.randn(batch, 16, 16, 16), pack)
     prepared = _prepared(pack)
-    assert len(prepared) == 3 and all(w is prepared[0] for w in prepared)
+    assert len(prepared) == 3 and all(w.transform is prepared[0].transform for w in prepared)
 
 
 @pytest.mark.parametrize("dtype,stride,padding", [(torch.bfloat16, 1, 1), (torch.float32, 2, 1),
@@ -155,7 +182,7 @@ def test_other_convs_stay_on_onednn(dtype, stride, padding):
                               backend="cpu")
     with torch.inference_mode():
         rf.ops.conv_bn_act_packed(torch.randn(4, 16, 32, 32).to(dtype), pack)
-    assert all(w.is_mkldnn for w in _prepared(pack))
+    assert not any(isinstance(w, WinogradWeight) for w in _prepared(pack))
 
 
 def test_winograd_argument_errors():
@@ -169,5 +196,11 @@ def test_winograd_argument_errors():
         WINOGRAD(x, u, bias[:8], None, True, True)
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
         WINOGRAD(x, u, bias, torch.randn(1, 16, 4, 4), True, True)
+    grouped = onednn_u(weight, x.shape)
+    with pytest.raises(RuntimeError, match=r"a oneDNN u must be a grouped 1x1 weight \(36 C_out, 16, 1, 1\), with "
+                                           "tile-major buffers"):
+        WINOGRAD(x, grouped, bias, None, True, True)
+    with pytest.raises(RuntimeError, match=r"a oneDNN u must be a grouped 1x1 weight \(36 C_out, 8, 1, 1\)"):
+        WINOGRAD(x[:, :8], grouped, bias, None, True, False)
     with pytest.raises(RuntimeError, match=r"weight must be a \(C_out, C_in, 3, 3\) tensor"):
         TRANSFORM(torch.randn(16, 16, 1, 1))

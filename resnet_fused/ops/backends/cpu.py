@@ -6,8 +6,9 @@ weight and the epilogue as oneDNN post-ops.
 Its pack is the folded weight w * scale[c] (channels_last) and the folded shift as the conv bias, both in the
 convolution's dtype (x's, or fp32 for bf16/fp16 on a CPU without native kernels for them), run by the internal op
 conv_bias_act: nothing is re-laid-out per call. fp32 3x3 stride-1 convs over enough output tiles run as Winograd
-F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd). A fold that is not finite runs
-unfolded, as the public conv_bn_act (CpuUnfoldedPack).
+F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd), its 36 products by MKL or oneDNN as
+measured per CPU vendor (WINOGRAD_RULES). A fold that is not finite runs unfolded, as the public conv_bn_act
+(CpuUnfoldedPack).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class CpuConvPack(NamedTuple):
     """The BN fold applied once: weight * scale[c] (x's dtype, channels_last) and bias = shift (x's dtype).
 
     `onednn_weights` holds the same weight reordered into oneDNN's blocked layout (opaque mkldnn tensors), one
-    per input shape, made on first use (or, for convs that run as Winograd, its transform): without it oneDNN
+    per input shape, made on first use (or, for convs that run as Winograd, a WinogradWeight): without it oneDNN
     reorders the weight on every call, which dominates small-spatial layers (batch 1, late stages). The layout
     depends on the input shape: one chosen without it was measured 10-20x slower on some 1x1 convs at 14x14.
     Autograd and torch.compile take `weight` instead.
@@ -82,7 +83,17 @@ class WinogradRule(NamedTuple):
     N * ceil(H / 4) * ceil(W / 4)."""
 
     min_tiles: int                   # fewer tiles: oneDNN
-    position_major_max_tiles: float  # more tiles: tile-major buffers
+    position_major_max_tiles: float  # more tiles: tile-major buffers (with MKL's products)
+    onednn_products: bool = False    # the 36 products by oneDNN (tile-major) instead of MKL's batched GEMM
+
+
+class WinogradWeight(NamedTuple):
+    """A Winograd conv's prepared weight: the transform G w G^T, (36, C_in, C_out), made once per pack, and what the
+    products read: the transform itself (MKL), or for oneDNN's products the transform as the weight of a 36-group 1x1
+    convolution, reordered for this input shape."""
+
+    transform: torch.Tensor
+    products: torch.Tensor
 
 
 # Measured per conv, each candidate interleaved with the others in one process (2 cores, fp32, resnet50's 3x3 shapes
@@ -93,8 +104,16 @@ class WinogradRule(NamedTuple):
 #     260.8 -> 254.7, batch 1 level (there the 4x larger transformed weights are read from memory).
 #   AMD EPYC (AVX-512): Winograd 1.6-2.3x faster at 56x56, 28x28 and 14x14, 2.4x slower at 7x7 (batch 8's 32 tiles);
 #     position-major 1.1-1.6x faster up to 256 tiles, 1.0-1.6x slower beyond (56x56 at batch 2-8).
-# Other CPUs take the EPYC rule, the more conservative one.
-WINOGRAD_RULES = {"GenuineIntel": WinogradRule(8, math.inf), "AuthenticAMD": WinogradRule(48, 256)}
+#   Then with the 36 products by oneDNN (a grouped 1x1 convolution) instead of MKL, whose batched GEMM runs at about
+#     half this CPU's FLOP/s peak: the Winograd conv 1.0-1.5x faster than with MKL's (512 channels at 7x7, batch 8:
+#     5.70 -> 3.75 ms; 256 at 14x14, batch 8: 5.25 -> 4.10), so 1.9x faster than oneDNN's direct convolution at 7x7
+#     batch 8 and 2.1x at 14x14 batch 1 (0.97 -> 0.45 ms), 0.9x at 7x7 batch 1 (4 tiles). Whole models against the
+#     MKL rule (48 tiles, position-major up to 256), each its own fused model, interleaved: resnet50 batch 1
+#     44.2 -> 40.6 ms, batch 8 301.2 -> 279.4; resnet18 batch 1 15.8 -> 14.9, batch 8 111.9 -> 96.2 (from 8 or 32
+#     tiles instead of 16: within 1-4%). MKL on Intel: kept as measured there.
+# Other CPUs take the EPYC rule.
+WINOGRAD_RULES = {"GenuineIntel": WinogradRule(8, math.inf),
+                  "AuthenticAMD": WinogradRule(16, 0, onednn_products=True)}
 DEFAULT_WINOGRAD_RULE = WINOGRAD_RULES["AuthenticAMD"]
 WINOGRAD_RULE = WINOGRAD_RULES.get(cpu_vendor(), DEFAULT_WINOGRAD_RULE)
 
@@ -109,18 +128,29 @@ def _runs_winograd(pack, input_shape) -> bool:
             and pack.payload.weight.dtype == torch.float32 and _tiles(input_shape) >= WINOGRAD_RULE.min_tiles)
 
 
-def _onednn_weight(pack, input_shape) -> torch.Tensor:
+def _grouped_products_weight(transform: torch.Tensor, input_shape) -> torch.Tensor:
+    """The transform (36, C_in, C_out) as the weight of a 1x1 convolution of 36 groups over the tile-major buffer
+    seen as a (1, 36 C_in, 1, tiles) image, reordered by oneDNN for it."""
+    positions, c_in, c_out = transform.shape
+    grouped = transform.permute(0, 2, 1).reshape(positions * c_out, c_in, 1, 1).contiguous()
+    image = [1, positions * c_in, 1, _tiles(input_shape)]
+    return torch.ops.mkldnn._reorder_convolution_weight(grouped, [0, 0], [1, 1], [1, 1], positions, image)
+
+
+def _onednn_weight(pack, input_shape):
     """The pack's weight prepared for inputs of `input_shape`: oneDNN's blocked layout (an mkldnn tensor), reordered
-    once per shape, or for a Winograd conv the transformed weight (a dense (36, C_in, C_out) tensor, one per pack,
-    shared by its input shapes)."""
+    once per shape, or for a Winograd conv a WinogradWeight (its transform made once per pack, shared by its input
+    shapes)."""
     payload = pack.payload
     key = tuple(input_shape)
     weight = payload.onednn_weights.get(key)
     if weight is None:
         if _runs_winograd(pack, input_shape):
-            weight = next((w for w in payload.onednn_weights.values() if not w.is_mkldnn), None)
-            if weight is None:
-                weight = torch.ops.resnet_fused.winograd_weight.default(payload.weight)
+            made = next((w for w in payload.onednn_weights.values() if isinstance(w, WinogradWeight)), None)
+            transform = made.transform if made is not None else \
+                torch.ops.resnet_fused.winograd_weight.default(payload.weight)
+            products = _grouped_products_weight(transform, key) if WINOGRAD_RULE.onednn_products else transform
+            weight = WinogradWeight(transform, products)
         else:
             weight = torch.ops.mkldnn._reorder_convolution_weight(payload.weight.contiguous(), [pack.padding] * 2,
                                                                   [pack.stride] * 2, [1, 1], 1, list(key))
@@ -188,11 +218,12 @@ class CpuBackend(ExtensionBackend):
             op, (weight, scale, shift) = torch.ops.resnet_fused.conv_bn_act.default, payload
             return lambda x, residual: op(x, weight, scale, shift, residual, stride, padding, relu)
         weight, bias = _onednn_weight(pack, input_shape), payload.bias
-        if not weight.is_mkldnn:
-            winograd = torch.ops.resnet_fused.conv3x3_winograd.default
-            position_major = _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles
+        if isinstance(weight, WinogradWeight):
+            winograd, products = torch.ops.resnet_fused.conv3x3_winograd.default, weight.products
+            # oneDNN's products read tile-major buffers
+            position_major = not products.is_mkldnn and _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles
             # a donated residual (ops/donation.py) takes the output; the op checks its shape and layout
-            return lambda x, residual: winograd(x, weight, bias, residual, relu, position_major, donated(residual))
+            return lambda x, residual: winograd(x, products, bias, residual, relu, position_major, donated(residual))
         op = torch.ops.resnet_fused.conv_bias_act.default
         if not _writes_into_residual(pack, input_shape):
             return lambda x, residual: op(x, weight, bias, residual, stride, padding, relu)
