@@ -164,14 +164,30 @@ def test_winograd_rule_per_vendor(vendor, rule):
     assert cpu_backend.WINOGRAD_RULES.get(vendor, cpu_backend.DEFAULT_WINOGRAD_RULE) == rule
 
 
-def test_one_transformed_weight_per_pack():
-    weight = torch.randn(16, 16, 3, 3) / 12
-    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), padding=1, backend="cpu")
+@pytest.mark.parametrize("onednn_products", [False, True], ids=["mkl", "onednn"])
+def test_one_transform_per_pack(onednn_products, monkeypatch):
+    # The transform is made once; later input shapes reuse it (MKL) or reorder another shape's weight (oneDNN), and
+    # every shape's results match the oracle.
+    made = []
+
+    class Counting:
+        default = staticmethod(lambda weight: made.append(1) or TRANSFORM(weight))
+
+    monkeypatch.setattr(torch.ops.resnet_fused, "winograd_weight", Counting)
+    monkeypatch.setattr(cpu_backend, "WINOGRAD_RULE", WinogradRule(1, math.inf, onednn_products))
+    weight = torch.randn(16, 24, 3, 3) / 12
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+    pack = rf.ops.pack_conv_bn(weight, scale, shift, padding=1, backend="cpu")
     with torch.inference_mode():
         for batch in (3, 4, 5):
-            rf.ops.conv_bn_act_packed(torch.randn(batch, 16, 16, 16), pack)
+            x = torch.randn(batch, 24, 16, 12)
+            expected = ref_conv_bn_act(x, weight, scale, shift, None, 1, 1, True)
+            assert_matches(rf.ops.conv_bn_act_packed(x, pack), expected, torch.float32)
     prepared = _prepared(pack)
-    assert len(prepared) == 3 and all(w.transform is prepared[0].transform for w in prepared)
+    assert len(made) == 1 and len(prepared) == 3 and all(isinstance(w, WinogradWeight) for w in prepared)
+    assert all(w.products.is_mkldnn == onednn_products for w in prepared)
+    if not onednn_products:
+        assert all(w.products is prepared[0].products for w in prepared)
 
 
 @pytest.mark.parametrize("dtype,stride,padding", [(torch.bfloat16, 1, 1), (torch.float32, 2, 1),

@@ -88,11 +88,11 @@ class WinogradRule(NamedTuple):
 
 
 class WinogradWeight(NamedTuple):
-    """A Winograd conv's prepared weight: the transform G w G^T, (36, C_in, C_out), made once per pack, and what the
-    products read: the transform itself (MKL), or for oneDNN's products the transform as the weight of a 36-group 1x1
-    convolution, reordered for this input shape."""
+    """A Winograd conv's prepared weight, what its 36 products read: the transform G w G^T, (36, C_in, C_out), for
+    MKL's (one per pack, shared by its input shapes), or for oneDNN's the transform as the weight of a 36-group 1x1
+    convolution, reordered for the input shape (each shape's made from another's, not from a kept transform: at 512
+    channels each copy is 38 MB)."""
 
-    transform: torch.Tensor
     products: torch.Tensor
 
 
@@ -137,6 +137,22 @@ def _grouped_products_weight(transform: torch.Tensor, input_shape) -> torch.Tens
     return torch.ops.mkldnn._reorder_convolution_weight(grouped, [0, 0], [1, 1], [1, 1], positions, image)
 
 
+def _winograd_weight(pack, input_shape) -> WinogradWeight:
+    """The transform, made once per pack: a later shape reuses it (MKL) or reorders another shape's weight (oneDNN)."""
+    onednn = WINOGRAD_RULE.onednn_products
+    made = next((w.products for w in pack.payload.onednn_weights.values()
+                 if isinstance(w, WinogradWeight) and w.products.is_mkldnn == onednn), None)
+    if not onednn:
+        return WinogradWeight(made if made is not None else
+                              torch.ops.resnet_fused.winograd_weight.default(pack.payload.weight))
+    if made is not None:  # (36 C_out, C_in, 1, 1) back to (36, C_in, C_out)
+        dense = made.to_dense()
+        transform = dense.view(36, -1, dense.shape[1]).transpose(1, 2)
+    else:
+        transform = torch.ops.resnet_fused.winograd_weight.default(pack.payload.weight)
+    return WinogradWeight(_grouped_products_weight(transform, input_shape))
+
+
 def _onednn_weight(pack, input_shape):
     """The pack's weight prepared for inputs of `input_shape`: oneDNN's blocked layout (an mkldnn tensor), reordered
     once per shape, or for a Winograd conv a WinogradWeight (its transform made once per pack, shared by its input
@@ -146,11 +162,7 @@ def _onednn_weight(pack, input_shape):
     weight = payload.onednn_weights.get(key)
     if weight is None:
         if _runs_winograd(pack, input_shape):
-            made = next((w for w in payload.onednn_weights.values() if isinstance(w, WinogradWeight)), None)
-            transform = made.transform if made is not None else \
-                torch.ops.resnet_fused.winograd_weight.default(payload.weight)
-            products = _grouped_products_weight(transform, key) if WINOGRAD_RULE.onednn_products else transform
-            weight = WinogradWeight(transform, products)
+            weight = _winograd_weight(pack, key)
         else:
             weight = torch.ops.mkldnn._reorder_convolution_weight(payload.weight.contiguous(), [pack.padding] * 2,
                                                                   [pack.stride] * 2, [1, 1], 1, list(key))
@@ -219,7 +231,7 @@ class CpuBackend(ExtensionBackend):
             return lambda x, residual: op(x, weight, scale, shift, residual, stride, padding, relu)
         weight, bias = _onednn_weight(pack, input_shape), payload.bias
         if isinstance(weight, WinogradWeight):
-            winograd, products = torch.ops.resnet_fused.conv3x3_winograd.default, weight.products
+            winograd, (products,) = torch.ops.resnet_fused.conv3x3_winograd.default, weight
             # oneDNN's products read tile-major buffers
             position_major = not products.is_mkldnn and _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles
             # a donated residual (ops/donation.py) takes the output; the op checks its shape and layout
