@@ -155,8 +155,7 @@ def _winograd_weight(pack, input_shape) -> WinogradWeight:
 
 def _onednn_weight(pack, input_shape):
     """The pack's weight prepared for inputs of `input_shape`: oneDNN's blocked layout (an mkldnn tensor), reordered
-    once per shape, or for a Winograd conv a WinogradWeight (its transform made once per pack, shared by its input
-    shapes)."""
+    once per shape, or for a Winograd conv a WinogradWeight (its transform made once per pack)."""
     payload = pack.payload
     key = tuple(input_shape)
     weight = payload.onednn_weights.get(key)
