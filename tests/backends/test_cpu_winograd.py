@@ -99,13 +99,15 @@ def test_winograd_results_survive_later_calls():
         assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, True), torch.float32)
 
 
-def test_winograd_nan_fills_the_tiles_that_read_it():
+@pytest.mark.parametrize("onednn_products", [False, True], ids=["mkl", "onednn"])
+def test_winograd_nan_fills_the_tiles_that_read_it(onednn_products):
     # Every transformed value mixes the whole 6x6 input tile, so a NaN input makes NaN of every output of the 4x4
     # tiles whose input tile holds it (eager: its 3x3 neighbourhood), and the ReLU keeps it. x[2, 2] lies only in
     # tile (0, 0)'s input rows and columns -1 .. 4.
     x, weight, bias, _ = conv_inputs((1, 16, 8, 8, 16), False, True)
     x[0, 3, 2, 2] = float("nan")
-    y = WINOGRAD(x, TRANSFORM(weight), bias, None, True, True)
+    u = onednn_u(weight, x.shape) if onednn_products else TRANSFORM(weight)
+    y = WINOGRAD(x, u, bias, None, True, not onednn_products)
     tile = torch.zeros_like(y, dtype=torch.bool)
     tile[:, :, :4, :4] = True
     assert torch.equal(torch.isnan(y), tile)
