@@ -128,13 +128,21 @@ def _runs_winograd(pack, input_shape) -> bool:
             and pack.payload.weight.dtype == torch.float32 and _tiles(input_shape) >= WINOGRAD_RULE.min_tiles)
 
 
+_POSITIONS = 36  # of a 6x6 transformed tile: the 36 products
+
+
+def _reorder_grouped(grouped: torch.Tensor, input_shape) -> torch.Tensor:
+    """A (36 C_out, C_in, 1, 1) weight of a 36-group 1x1 convolution reordered by oneDNN for the tile-major buffer of
+    inputs of `input_shape`, seen as a (1, 36 C_in, 1, tiles) image."""
+    image = [1, _POSITIONS * grouped.shape[1], 1, _tiles(input_shape)]
+    return torch.ops.mkldnn._reorder_convolution_weight(grouped, [0, 0], [1, 1], [1, 1], _POSITIONS, image)
+
+
 def _grouped_products_weight(transform: torch.Tensor, input_shape) -> torch.Tensor:
-    """The transform (36, C_in, C_out) as the weight of a 1x1 convolution of 36 groups over the tile-major buffer
-    seen as a (1, 36 C_in, 1, tiles) image, reordered by oneDNN for it."""
-    positions, c_in, c_out = transform.shape
-    grouped = transform.permute(0, 2, 1).reshape(positions * c_out, c_in, 1, 1).contiguous()
-    image = [1, positions * c_in, 1, _tiles(input_shape)]
-    return torch.ops.mkldnn._reorder_convolution_weight(grouped, [0, 0], [1, 1], [1, 1], positions, image)
+    """The transform (36, C_in, C_out) as that grouped weight, reordered for `input_shape`."""
+    _, c_in, c_out = transform.shape
+    return _reorder_grouped(transform.permute(0, 2, 1).reshape(_POSITIONS * c_out, c_in, 1, 1).contiguous(),
+                            input_shape)
 
 
 def _winograd_weight(pack, input_shape) -> WinogradWeight:
@@ -142,15 +150,11 @@ def _winograd_weight(pack, input_shape) -> WinogradWeight:
     onednn = WINOGRAD_RULE.onednn_products
     made = next((w.products for w in pack.payload.onednn_weights.values()
                  if isinstance(w, WinogradWeight) and w.products.is_mkldnn == onednn), None)
-    if not onednn:
-        return WinogradWeight(made if made is not None else
-                              torch.ops.resnet_fused.winograd_weight.default(pack.payload.weight))
-    if made is not None:  # (36 C_out, C_in, 1, 1) back to (36, C_in, C_out)
-        dense = made.to_dense()
-        transform = dense.view(36, -1, dense.shape[1]).transpose(1, 2)
-    else:
+    if made is None:
         transform = torch.ops.resnet_fused.winograd_weight.default(pack.payload.weight)
-    return WinogradWeight(_grouped_products_weight(transform, input_shape))
+        return WinogradWeight(_grouped_products_weight(transform, input_shape) if onednn else transform)
+    # MKL's transform serves every shape; oneDNN's grouped weight, back in plain layout, is reordered for this one
+    return WinogradWeight(_reorder_grouped(made.to_dense(), input_shape) if onednn else made)
 
 
 def _onednn_weight(pack, input_shape):
