@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import batch_norm_reference
+from .conv_backward import convolution_backward
 from .pack import ConvBNPack
 
 # "auto" tries these in order for a tensor's device type, skipping the unavailable ones; "torch" is last everywhere
@@ -78,9 +79,10 @@ class Backend:
     def conv_backward(self, grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
                       groups, output_mask) -> tuple:
         """(dx, dW, d bias) as aten.convolution_backward computes them: the training and frozen-BN units' conv
-        backward. A backend with faster kernels for some convolutions overrides this."""
-        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed,
-                                                   output_padding, groups, output_mask)
+        backward (around a oneDNN fault: conv_backward.py). A backend with faster kernels for some convolutions
+        overrides this."""
+        return convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                                    groups, output_mask)
 
     def batch_norm_apply(self, y, mean, invstd, weight, bias, residual, relu: bool) -> torch.Tensor:
         return batch_norm_reference.apply(y, mean, invstd, weight, bias, residual, relu)

@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..conv_backward import convolution_backward
 from .cpu_info import cpu_vendor
 
 CL = torch.channels_last
@@ -120,11 +121,11 @@ def conv_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transp
     """aten.convolution_backward's signature and results: (dx, dW, d bias), each None where not asked for."""
     plan = None if transposed else gemm_plan(grad, x, weight, padding, dilation, groups, output_mask)
     if plan is None:
-        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed,
-                                                   output_padding, groups, output_mask)
+        return convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                                    groups, output_mask)
     by_gemm_x, by_gemm_w = plan
     rest = [output_mask[0] and not by_gemm_x, output_mask[1] and not by_gemm_w, False]
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+    grad_x, grad_w, _ = convolution_backward(
         grad, x, weight, None, stride, padding, dilation, False, [0, 0], 1, rest) if any(rest) else (None, None, None)
     if by_gemm_x:
         grad_x = _pointwise_grad_input(grad, x, weight, stride)

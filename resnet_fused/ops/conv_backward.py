@@ -1,0 +1,40 @@
+"""aten.convolution_backward for the fused units, around a oneDNN fault on the CPU.
+
+On an AMD EPYC (Zen 3, AVX2; torch 2.14.1) aten.convolution_backward gives a wrong weight gradient (relative error
+0.1-1) for an fp32 1x1 convolution of stride 2 over a channels_last input with 2 to 7 input channels, and may corrupt
+the heap doing it (glibc then aborts: "malloc(): smallbin double linked list corrupted"); NCHW inputs, stride 1, 8 or
+more channels, bf16 and fp16 are right. The fused modules hand channels_last tensors on, so such a unit (a tiny
+model's projection shortcut) would reach it. There a 1x1 convolution of stride s is computed as what it is, the
+stride-1 convolution of the subsampled input x[:, :, ::s, ::s], whose input gradient goes back to those positions
+(0 elsewhere): the same sums, in a form oneDNN computes right.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FEW_CHANNELS = 8  # from here on oneDNN's kernels were right
+
+
+def _strided_pointwise_with_few_channels(x, weight, stride, padding, dilation, transposed, groups) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not transposed and groups == 1
+            and x.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+            and tuple(dilation) == (1, 1) and tuple(stride) != (1, 1) and x.shape[1] < _FEW_CHANNELS)
+
+
+def convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+                         output_mask) -> tuple:
+    """(dx, dW, d bias) as aten.convolution_backward computes them (same signature)."""
+    if not _strided_pointwise_with_few_channels(x, weight, stride, padding, dilation, transposed, groups):
+        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed,
+                                                   output_padding, groups, output_mask)
+    rows, cols = stride
+    x_s = x[:, :, ::rows, ::cols]
+    grad_x_s, grad_w, grad_bias = torch.ops.aten.convolution_backward(
+        grad, x_s.contiguous(memory_format=torch.channels_last), weight, bias_sizes, [1, 1], padding, dilation,
+        False, [0, 0], groups, output_mask)
+    grad_x = None
+    if grad_x_s is not None:
+        grad_x = torch.zeros_like(x)
+        grad_x[:, :, ::rows, ::cols] = grad_x_s
+    return grad_x, grad_w, grad_bias
