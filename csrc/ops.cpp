@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu/batch_norm.h"
+#include "cpu/block_cache.h"
 #include "cpu/conv_dtype.h"
 #include "conv_plan_binding.h"
 
@@ -50,5 +51,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_batch_norm_isa", &resnet_fused::cpu::batch_norm_isa,
         "The instruction set the CPU training BatchNorm kernels run with here: 'avx512', 'avx2' or 'default' (the "
         "widest this build has that ATen's own dispatch allows; ATEN_CPU_CAPABILITY lowers it).");
+  m.def("cpu_cache_scope", &resnet_fused::cpu::block_cache_scope, pybind11::arg("on"),
+        "Turn the CPU block cache on or off for this thread's allocations; returns the previous state.");
+  m.def(
+      "cpu_cache_info",
+      [] {
+        const auto info = resnet_fused::cpu::block_cache_info();
+        pybind11::dict d;
+        d["cached_bytes"] = info.cached_bytes;
+        d["in_use_bytes"] = info.in_use_bytes;
+        d["limit_bytes"] = info.limit_bytes;
+        d["hits"] = info.hits;
+        d["misses"] = info.misses;
+        d["installed"] = info.installed;
+        return d;
+      },
+      "The CPU block cache's counters.");
+  m.def("cpu_cache_set_limit", &resnet_fused::cpu::block_cache_set_limit, pybind11::arg("limit_bytes"));
+  m.def("cpu_cache_empty", &resnet_fused::cpu::block_cache_empty);
   resnet_fused::register_conv_plan(m);  // the CUDA kernels' plan, for tests and reports (CPU build too)
 }

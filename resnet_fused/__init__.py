@@ -19,4 +19,5 @@ __version__ = "0.1.0"
 from .blocks import FusedBasicBlock, FusedBottleneck  # noqa: E402
 from .fuse import FuseReport, fuse_model  # noqa: E402
 from .graphs import CUDAGraphed, cuda_graphed  # noqa: E402
+from .ops.cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit  # noqa: E402,F401
 from .packed_conv import PackedConvBN  # noqa: E402

@@ -34,6 +34,7 @@ from .fusion.eligibility import (call_override_reason, global_module_hooks, has_
 from .fusion.plan import ModuleShortcut, ResidualPlan, Unit
 from .fusion.unit import decide
 from .models.resnet import BasicBlock, Bottleneck
+from .ops.cpu_cache import block_cached
 from .ops.donation import donating
 from .ops.registry import _check_name
 
@@ -142,6 +143,7 @@ class _FusedResidual(_Bound):
         units = plan.main + (plan.shortcut if isinstance(plan.shortcut, tuple) else ())
         return [(self.get_submodule(u.conv), self.get_submodule(u.bn) if u.bn else None) for u in units]
 
+    @block_cached  # its activations from the CPU block cache (ops/cpu_cache.py): no page faults after the first call
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             bindings = self.__dict__.get(_BINDINGS)
@@ -395,6 +397,7 @@ class FusedConvBNAct(_Bound, nn.Conv2d):
     def _units(self) -> list:
         return [(self, self.absorbed_bn)]
 
+    @block_cached
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             bindings = self.__dict__.get(_BINDINGS)

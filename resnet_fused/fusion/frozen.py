@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops.cpu_cache import block_cached
 from ..ops.folding import folded_scale_shift
 from .vjp import differentiable_vjp
 
@@ -41,6 +42,7 @@ class _FrozenUnit(torch.autograd.Function):
         return out
 
     @staticmethod
+    @block_cached
     def backward(ctx, grad_out):
         x, weight, scale, shift, out, residual = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.batch_norm_reference import output_format
+from ..ops.cpu_cache import block_cached
 from .vjp import differentiable_vjp
 
 
@@ -160,6 +161,7 @@ class _Program(torch.autograd.Function):
         return out
 
     @staticmethod
+    @block_cached  # the recomputed values and gradients from the CPU block cache, as the forward's activations
     def backward(ctx, grad_out):
         program, backend, n_inputs, source = ctx.program, ctx.backend, ctx.n_inputs, ctx.source
         saved = ctx.saved_tensors
