@@ -19,8 +19,11 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
 #include <atomic>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -59,7 +62,13 @@ class BlockCache {
       }
       ++misses_;
     }
-    c10::DataPtr backing = base->allocate(n);  // outside the lock: it may take a while (or throw)
+    c10::DataPtr backing;
+    try {
+      backing = base->allocate(n);  // outside the lock: it may take a while (or throw)
+    } catch (const c10::Error&) {
+      empty();  // out of memory with blocks cached for other sizes: free them and try once more
+      backing = base->allocate(n);
+    }
     std::lock_guard<std::mutex> lock(mutex_);
     return hand_out(Block{n, std::move(backing)});
   }
@@ -74,8 +83,12 @@ class BlockCache {
       Block block = std::move(it->second);
       in_use_.erase(it);
       in_use_bytes_ -= static_cast<int64_t>(block.bytes);
-      cached_ += static_cast<int64_t>(block.bytes);
-      free_.push_back(std::move(block));
+      try {
+        free_.push_back(std::move(block));
+      } catch (const std::bad_alloc&) {
+        return true;  // not cached: freed as it leaves this scope (a deleter must not throw)
+      }
+      cached_ += static_cast<int64_t>(free_.back().bytes);
       evict_to(limit_, to_free);
     }
     return true;
@@ -99,11 +112,19 @@ class BlockCache {
     evict_to(0, to_free);
   }
 
+  // Held across fork(), so that a child never inherits it locked by a thread that does not exist there (its first
+  // free would hang).
+  void lock_for_fork() { mutex_.lock(); }
+  void unlock_after_fork() { mutex_.unlock(); }
+
  private:
   void* hand_out(Block block) {
     void* p = block.backing.get();
-    in_use_bytes_ += static_cast<int64_t>(block.bytes);
-    in_use_.emplace(p, std::move(block));
+    const size_t bytes = block.bytes;
+    // An address already handed out means a block was freed behind the cache's back (another allocator installed
+    // after it that does not forward frees): handing it out twice would be a use after free.
+    TORCH_INTERNAL_ASSERT(in_use_.emplace(p, std::move(block)).second, "block cache: address handed out twice");
+    in_use_bytes_ += static_cast<int64_t>(bytes);
     return p;
   }
 
@@ -113,6 +134,7 @@ class BlockCache {
     for (int64_t cached = cached_; cached > target && drop < free_.size(); ++drop) {
       cached -= static_cast<int64_t>(free_[drop].bytes);
     }
+    to_free.reserve(to_free.size() + drop);  // before anything moves: nothing below throws
     for (size_t i = 0; i < drop; ++i) {
       cached_ -= static_cast<int64_t>(free_[i].bytes);
       to_free.push_back(std::move(free_[i]));
@@ -132,7 +154,8 @@ BlockCache& cache() {
   return *instance;
 }
 
-c10::DeleterFnPtr g_base_raw_delete = nullptr;  // the previous allocator's, set when the cache is installed
+// The previous allocator's, set when the cache is installed (before any thread can reach delete_any).
+std::atomic<c10::DeleterFnPtr> g_base_raw_delete{nullptr};
 
 void delete_cached(void* p) {
   const bool ours = cache().give_back(p);
@@ -140,7 +163,7 @@ void delete_cached(void* p) {
 }
 
 void delete_any(void* p) {
-  if (!cache().give_back(p)) g_base_raw_delete(p);
+  if (!cache().give_back(p)) g_base_raw_delete.load(std::memory_order_acquire)(p);
 }
 
 class CachingCpuAllocator final : public c10::Allocator {
@@ -172,7 +195,9 @@ bool installed() {
     c10::Allocator* base = c10::GetCPUAllocator();
     // Without a raw deleter of the previous allocator, the oneDNN glue's frees could not be forwarded.
     if (base == nullptr || base->raw_deleter() == nullptr) return false;
-    g_base_raw_delete = base->raw_deleter();
+    g_base_raw_delete.store(base->raw_deleter(), std::memory_order_release);
+    pthread_atfork([] { cache().lock_for_fork(); }, [] { cache().unlock_after_fork(); },
+                   [] { cache().unlock_after_fork(); });
     auto* allocator = new CachingCpuAllocator(base);
     c10::SetCPUAllocator(allocator, /*priority=*/0);  // an allocator installed at a higher priority keeps its place
     g_installed = c10::GetCPUAllocator() == allocator;
