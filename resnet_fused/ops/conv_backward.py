@@ -1,12 +1,13 @@
 """aten.convolution_backward for the fused units, around a oneDNN fault on the CPU.
 
 On an AMD EPYC (Zen 3, AVX2; torch 2.14.1) aten.convolution_backward gives a wrong weight gradient (relative error
-0.1-1) for an fp32 1x1 convolution of stride 2 over a channels_last input with 2 to 7 input channels, and may corrupt
-the heap doing it (glibc then aborts: "malloc(): smallbin double linked list corrupted"); NCHW inputs, stride 1, 8 or
-more channels, bf16 and fp16 are right. The fused modules hand channels_last tensors on, so such a unit (a tiny
-model's projection shortcut) would reach it. There a 1x1 convolution of stride s is computed as what it is, the
-stride-1 convolution of the subsampled input x[:, :, ::s, ::s], whose input gradient goes back to those positions
-(0 elsewhere): the same sums, in a form oneDNN computes right.
+0.1-1) for an fp32 1x1 convolution of stride 2 over a channels_last input with 2-5 or 7 input channels, and may
+corrupt the heap doing it (glibc then aborts: "malloc(): smallbin double linked list corrupted"); NCHW inputs, stride
+1, 8 or more channels, bf16 and fp16 are right (and 6 was, in the probes: every count below 8 takes the way round).
+The fused modules hand channels_last tensors on, so such a unit (a tiny model's projection shortcut) would reach it.
+There a 1x1 convolution of stride s is computed as what it is, the stride-1 convolution of the subsampled input
+x[:, :, ::s, ::s], whose input gradient goes back to those positions (0 elsewhere): the same sums, in a form oneDNN
+computes right.
 """
 
 from __future__ import annotations
