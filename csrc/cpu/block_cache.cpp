@@ -96,7 +96,7 @@ class BlockCache {
 
   BlockCacheInfo info() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_, in_use_bytes_, limit_, hits_, misses_, true};
+    return {cached_, in_use_bytes_, limit_, hits_, misses_, /*installed=*/false};  // block_cache_info sets it
   }
 
   void set_limit(int64_t bytes) {

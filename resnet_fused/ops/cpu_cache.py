@@ -11,27 +11,28 @@ freeing the oldest beyond it; `empty_cpu_cache()` frees them all, `set_cpu_cache
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from .. import _extension
 
 
-def _scope() -> Optional[Callable[[bool], bool]]:
-    """The extension's per-thread switch, or None without the extension."""
+def _extension_module():
+    """resnet_fused._C, or None where the extension is not built (then nothing is cached)."""
     if _extension.load() is not None:
         return None
     from .. import _C
 
-    return _C.cpu_cache_scope
+    return _C
 
 
 def block_cached(method: Callable) -> Callable:
     """`method` run with the CPU block cache on for the calling thread (restored after)."""
-    scope = _scope()
-    if scope is None:
+    module = _extension_module()
+    if module is None:
         return method
+    scope = module.cpu_cache_scope
 
     @functools.wraps(method)
     def run(*args, **kwargs):
@@ -49,26 +50,23 @@ def cpu_cache_info() -> dict:
     """The cache's counters: cached_bytes (freed blocks kept), in_use_bytes (blocks handed out, not yet freed),
     limit_bytes, hits, misses, and installed (False until a fused module first runs, or where another CPU allocator
     outranks the cache: then nothing is cached)."""
-    if _extension.load() is not None:
+    module = _extension_module()
+    if module is None:
         return {"cached_bytes": 0, "in_use_bytes": 0, "limit_bytes": 0, "hits": 0, "misses": 0, "installed": False}
-    from .. import _C
-
-    return _C.cpu_cache_info()
+    return module.cpu_cache_info()
 
 
 def set_cpu_cache_limit(limit_bytes: int) -> None:
     """Keep at most `limit_bytes` of freed blocks cached (the oldest are freed first); 0 turns caching off."""
     if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
         raise ValueError(f"set_cpu_cache_limit: limit_bytes must be an int >= 0, got {limit_bytes!r}")
-    if _extension.load() is None:
-        from .. import _C
-
-        _C.cpu_cache_set_limit(limit_bytes)
+    module = _extension_module()
+    if module is not None:
+        module.cpu_cache_set_limit(limit_bytes)
 
 
 def empty_cpu_cache() -> None:
     """Free every cached block (blocks in use are kept, and cached again when freed)."""
-    if _extension.load() is None:
-        from .. import _C
-
-        _C.cpu_cache_empty()
+    module = _extension_module()
+    if module is not None:
+        module.cpu_cache_empty()
