@@ -39,3 +39,11 @@ def test_train(tmp_path):
 def test_train_is_fp32_only():
     with pytest.raises(SystemExit):
         side_by_side.parse_args(["--train", "--dtypes", "bf16"])
+
+
+def test_each_turn_starts_with_an_untimed_run():
+    calls = []
+    times, _ = side_by_side.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2,
+                                        runs=3)
+    assert calls == (["a"] * 4 + ["b"] * 4) * 2
+    assert [len(v) for v in times.values()] == [6, 6]

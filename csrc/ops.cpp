@@ -16,6 +16,7 @@
 #include "cpu/batch_norm.h"
 #include "cpu/block_cache.h"
 #include "cpu/conv_dtype.h"
+#include "cpu/conv_gemm_op.h"
 #include "conv_plan_binding.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
@@ -34,6 +35,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("winograd_weight(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor bias, Tensor(a!)? residual, bool relu, bool position_major, "
         "bool into_residual=False) -> Tensor");
+  // Internal (CPU only): the "cpu" backend's implicit-GEMM convolution for fp32 (csrc/cpu/conv_gemm.h), y =
+  // conv2d(x, w, stride, padding) + bias[c] (+ residual), ReLU if relu, where packed = conv_gemm_weight(w);
+  // into_residual as for conv3x3_winograd.
+  m.def("conv_gemm_weight(Tensor weight) -> Tensor");
+  m.def("conv_gemm(Tensor x, Tensor packed, Tensor bias, Tensor(a!)? residual, int[2] kernel_size, int stride, "
+        "int padding, bool relu, bool into_residual=False) -> Tensor");
   m.def("batch_norm_stats(Tensor y) -> (Tensor, Tensor)");
   m.def("batch_norm_apply(Tensor y, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
         "bool relu) -> Tensor");
@@ -51,6 +58,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_batch_norm_isa", &resnet_fused::cpu::batch_norm_isa,
         "The instruction set the CPU training BatchNorm kernels run with here: 'avx512', 'avx2' or 'default' (the "
         "widest this build has that ATen's own dispatch allows; ATEN_CPU_CAPABILITY lowers it).");
+  m.def("cpu_conv_gemm_available", &resnet_fused::cpu::conv_gemm_available,
+        "Whether the CPU implicit-GEMM convolution (conv_gemm) runs here: an x86-64 build, AVX2 and FMA, and ATen's "
+        "dispatch allowing AVX2.");
   m.def("cpu_cache_scope", &resnet_fused::cpu::block_cache_scope, pybind11::arg("on"),
         "Turn the CPU block cache on or off for this thread's allocations; returns the previous state.");
   m.def(

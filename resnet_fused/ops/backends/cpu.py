@@ -7,8 +7,9 @@ Its pack is the folded weight w * scale[c] (channels_last) and the folded shift 
 convolution's dtype (x's, or fp32 for bf16/fp16 on a CPU without native kernels for them), run by the internal op
 conv_bias_act: nothing is re-laid-out per call. fp32 3x3 stride-1 convs over enough output tiles run as Winograd
 F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd), its 36 products by MKL or oneDNN as
-measured per CPU vendor (WINOGRAD_RULES). A fold that is not finite runs unfolded, as the public conv_bn_act
-(CpuUnfoldedPack).
+measured per CPU vendor (WINOGRAD_RULES); on CPUs whose widest vector unit is AVX2, fp32 1x1 convs run as the
+extension's own implicit GEMM (csrc/cpu/conv_gemm.h, the internal op conv_gemm; CONV_GEMM_RULES). A fold that is not
+finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class CpuUnfoldedPack(NamedTuple):
     shift: torch.Tensor
 
 
+class ConvGemmWeight(NamedTuple):
+    """A conv's weight packed for the implicit GEMM (conv_gemm_weight: 16-channel panels), made once per pack and
+    shared by its input shapes."""
+
+    packed: torch.Tensor
+
+
 _ONEDNN_SHAPES_PER_PACK = 4  # distinct input shapes kept per pack (bounds memory when shapes vary)
 
 
@@ -111,11 +119,52 @@ class WinogradWeight(NamedTuple):
 #     MKL rule (48 tiles, position-major up to 256), each its own fused model, interleaved: resnet50 batch 1
 #     44.2 -> 40.6 ms, batch 8 301.2 -> 279.4; resnet18 batch 1 15.8 -> 14.9, batch 8 111.9 -> 96.2 (from 8 or 32
 #     tiles instead of 16: within 1-4%). MKL on Intel: kept as measured there.
+#   AMD EPYC (Zen 3, AVX2 only), each rule its own fused model, all made before any ran (making one re-binds the
+#     others at their next call): this rule against from 4 tiles, from 48, MKL's products from 8 (the Xeon's rule) and
+#     no Winograd: resnet50 batch 1 1.000 / 0.985 / 0.932 / 0.933 / 0.889x, batch 8 1.000 / 0.961 / 0.812 / 0.851 /
+#     0.786x.
 # Other CPUs take the EPYC rule.
 WINOGRAD_RULES = {"GenuineIntel": WinogradRule(8, math.inf),
                   "AuthenticAMD": WinogradRule(16, 0, onednn_products=True)}
 DEFAULT_WINOGRAD_RULE = WINOGRAD_RULES["AuthenticAMD"]
 WINOGRAD_RULE = WINOGRAD_RULES.get(cpu_vendor(), DEFAULT_WINOGRAD_RULE)
+
+
+class ConvGemmRule(NamedTuple):
+    """Which fp32 convs run as the implicit GEMM (csrc/cpu/conv_gemm.h: AVX2 6x16 register tiles, the epilogue in
+    registers) instead of oneDNN: 1x1 convs (padding 0, any stride) with at least this many input channels."""
+
+    min_pointwise_in_channels: float
+
+
+# Measured per conv on 2 cores of an AMD EPYC (Zen 3, AVX2 only; oneDNN runs its AVX2 kernels there), each against
+# oneDNN's conv with the same fused epilogue, alternating in one process, ResNet-50's 1x1 shapes: batch 1 1.09-1.26x
+# faster from 128 input channels (0.96x at 64); batch 8 1.00-1.14x, 1.6x at 7x7, 0.84-0.94x at 64 input channels.
+# Inside resnet50 at batch 1 those convs ran 1.05-1.33x faster; whole models 1.036x (batch 1) and 1.032x (batch 8).
+# Its 3x3 convs level with oneDNN's (0.89-1.08x) and the 7x7 stem slower (0.6-0.75x): those stay on oneDNN. CPUs
+# with AVX-512 keep oneDNN's AVX-512 kernels (measured as fast as ONNX Runtime's on a Zen 4 EPYC); keyed by ATen's
+# CPU capability.
+CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128)}
+NO_CONV_GEMM = ConvGemmRule(math.inf)
+
+
+def _conv_gemm_rule() -> ConvGemmRule:
+    try:
+        from ... import _C
+
+        available = _C.cpu_conv_gemm_available()
+    except ImportError:
+        available = False
+    return CONV_GEMM_RULES.get(torch.backends.cpu.get_cpu_capability(), NO_CONV_GEMM) if available else NO_CONV_GEMM
+
+
+CONV_GEMM_RULE = _conv_gemm_rule()
+
+
+def _runs_conv_gemm(pack, input_shape) -> bool:
+    return (pack.kernel_size == (1, 1) and pack.padding == 0 and pack.dtype == torch.float32
+            and pack.payload.weight.dtype == torch.float32
+            and input_shape[1] >= CONV_GEMM_RULE.min_pointwise_in_channels)
 
 
 def _tiles(input_shape) -> int:
@@ -157,14 +206,22 @@ def _winograd_weight(pack, input_shape) -> WinogradWeight:
     return WinogradWeight(_reorder_grouped(made.to_dense(), input_shape) if onednn else made)
 
 
+def _conv_gemm_weight(pack) -> ConvGemmWeight:
+    made = next((w for w in pack.payload.onednn_weights.values() if isinstance(w, ConvGemmWeight)), None)
+    return made or ConvGemmWeight(torch.ops.resnet_fused.conv_gemm_weight.default(pack.payload.weight))
+
+
 def _onednn_weight(pack, input_shape):
     """The pack's weight prepared for inputs of `input_shape`: oneDNN's blocked layout (an mkldnn tensor), reordered
-    once per shape, or for a Winograd conv a WinogradWeight (its transform made once per pack)."""
+    once per shape, for a Winograd conv a WinogradWeight (its transform made once per pack), or for the implicit GEMM
+    a ConvGemmWeight (packed once per pack)."""
     payload = pack.payload
     key = tuple(input_shape)
     weight = payload.onednn_weights.get(key)
     if weight is None:
-        if _runs_winograd(pack, input_shape):
+        if _runs_conv_gemm(pack, input_shape):
+            weight = _conv_gemm_weight(pack)
+        elif _runs_winograd(pack, input_shape):
             weight = _winograd_weight(pack, key)
         else:
             weight = torch.ops.mkldnn._reorder_convolution_weight(payload.weight.contiguous(), [pack.padding] * 2,
@@ -233,6 +290,10 @@ class CpuBackend(ExtensionBackend):
             op, (weight, scale, shift) = torch.ops.resnet_fused.conv_bn_act.default, payload
             return lambda x, residual: op(x, weight, scale, shift, residual, stride, padding, relu)
         weight, bias = _onednn_weight(pack, input_shape), payload.bias
+        if isinstance(weight, ConvGemmWeight):
+            gemm, kernel_size = torch.ops.resnet_fused.conv_gemm.default, list(pack.kernel_size)
+            return lambda x, residual: gemm(x, weight.packed, bias, residual, kernel_size, stride, padding, relu,
+                                            donated(residual))
         if isinstance(weight, WinogradWeight):
             winograd, (products,) = torch.ops.resnet_fused.conv3x3_winograd.default, weight
             # oneDNN's products read tile-major buffers

@@ -1,0 +1,62 @@
+// The implicit-GEMM convolution's shapes, blocking and kernel entry points (isa/conv_gemm_avx2.cpp has the kernel,
+// conv_gemm.cpp binds it to tensors). fp32, channels_last, groups 1, dilation 1:
+//
+//   y[m, j] = act( sum_k A[m, k] * B[k, j] + bias[j] (+ residual[m, j]) )
+//
+// with m = (n, oh, ow) an output pixel, j an output channel, k = (dy, dx, c) a kernel tap and input channel,
+// A[m, k] = x[n, oh * stride - padding + dy, ow * stride - padding + dx, c] (0 outside x) and
+// B[k, j] = w[j, c, dy, dx].
+// A is read straight from x where it is x itself (1x1, stride 1, padding 0: row m is pixel m's channels), else from
+// A gathered once per call (im2col; for a strided 1x1 conv the subsampled pixels). B is packed once per weight into panels of kCols output channels,
+// [ceil(C_out / kCols)][K][kCols], zero past C_out.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace resnet_fused::cpu::conv_gemm {
+
+constexpr int64_t kRows = 6;    // output pixels per micro-tile: 12 ymm accumulators with kCols = 16
+constexpr int64_t kCols = 16;   // output channels per micro-tile (two 8-float vectors)
+constexpr int64_t kDepth = 256; // K per block: a B micro-panel (kDepth x kCols floats, 16 KiB) stays in L1
+
+struct Geometry {
+  int64_t batch, in_h, in_w, in_channels, kernel_h, kernel_w, stride, padding, out_h, out_w, out_channels;
+  int64_t rows() const { return batch * out_h * out_w; }
+  int64_t depth() const { return kernel_h * kernel_w * in_channels; }
+  bool reads_x_directly() const { return kernel_h == 1 && kernel_w == 1 && stride == 1 && padding == 0; }
+};
+
+inline int64_t packed_weight_numel(int64_t out_channels, int64_t depth) {
+  return (out_channels + kCols - 1) / kCols * kCols * depth;
+}
+
+// The work split into tasks of `rows` x `cols` outputs (multiples of kRows and kCols), each computed by one thread
+// over all of K. Few pixels (batch 1, late stages): one row block, so that each thread reads the weight columns of
+// its tasks once, and 64 columns per task so that there are tasks for every thread; many pixels: blocks of about 60
+// rows (A's block stays in L2 while the task walks its 128 columns). Measured on 2 cores of an AMD EPYC (Zen 3)
+// against 48/96/198 rows and 64/128/256 columns over ResNet-50's 1x1 shapes at batch 1 and 8. Fewer tasks than
+// threads (few pixels and few channels): the rows split further.
+struct Blocking {
+  int64_t rows, cols, row_blocks, col_blocks;
+  int64_t tasks() const { return row_blocks * col_blocks; }
+};
+
+inline Blocking blocking(const Geometry& g, int64_t threads) {
+  auto ceil_div = [](int64_t v, int64_t by) { return (v + by - 1) / by; };
+  const int64_t m = g.rows(), n = g.out_channels;
+  int64_t row_blocks = m <= 256 ? 1 : ceil_div(m, 60);
+  const int64_t cols = row_blocks == 1 ? 64 : 128, col_blocks = ceil_div(n, cols);
+  if (row_blocks * col_blocks < threads) row_blocks = std::min(ceil_div(m, kRows), ceil_div(threads, col_blocks));
+  const int64_t rows = ceil_div(ceil_div(m, row_blocks), kRows) * kRows;
+  return {rows, cols, ceil_div(m, rows), col_blocks};
+}
+
+#ifdef RESNET_FUSED_X86_KERNELS  // setup.py builds isa/ kernels on x86-64 only
+// Tasks [begin, end) of `blocking` (AVX2 + FMA) on A, (rows() x depth()) row-major. residual may be nullptr; y may
+// be residual (each output is read from it once, just before it is written there).
+void run_tasks_avx2(const float* a, const Geometry& g, const float* packed_weight, const float* bias,
+                    const float* residual, float* y, bool relu, const Blocking& blocking, int64_t begin, int64_t end);
+#endif
+
+}  // namespace resnet_fused::cpu::conv_gemm

@@ -1,0 +1,145 @@
+// The implicit-GEMM convolution (math in ../conv_gemm.h) for AVX2 + FMA: a 6 x 16 register tile, 12 ymm
+// accumulators fed by one broadcast of A and two loads of B per k. setup.py compiles this file on x86-64 with
+// -mavx2 -mfma. Each output accumulates over k in order with one fused multiply-add per term.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../conv_gemm.h"
+
+namespace resnet_fused::cpu::conv_gemm {
+namespace {
+
+// What the last K block does to the tile before storing it: + bias (+ residual), ReLU.
+struct Epilogue {
+  const float* bias;      // nullptr: not the last K block, the tile is stored as it is
+  const float* residual;  // row stride ldc, may be nullptr
+  bool relu;
+};
+
+// c[r, 0:16] = (acc ? acc[r, 0:16] : 0) + sum_{k < depth} a[r * lda + k] * b[k * 16 + 0:16] for r < ROWS, then
+// the epilogue. Not inlined: in its own function the 12 accumulators, b's two vectors and the broadcast fit the
+// 16 ymm registers and the six row pointers fit the general registers.
+template <int ROWS>
+__attribute__((noinline)) void micro_tile(const float* a, int64_t lda, const float* b, int64_t depth,
+                                          const float* acc, int64_t ld_acc, float* c, int64_t ldc, const Epilogue& e) {
+  static_assert(ROWS >= 1 && ROWS <= kRows && kCols == 16, "a 6 x 16 tile of two ymm columns");
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero, c30 = zero, c31 = zero,
+         c40 = zero, c41 = zero, c50 = zero, c51 = zero;
+#define RF_LOAD(r) \
+  if (ROWS > r) { c##r##0 = _mm256_loadu_ps(acc + r * ld_acc); c##r##1 = _mm256_loadu_ps(acc + r * ld_acc + 8); }
+  if (acc) { RF_LOAD(0) RF_LOAD(1) RF_LOAD(2) RF_LOAD(3) RF_LOAD(4) RF_LOAD(5) }
+#undef RF_LOAD
+  const float* a0 = a;            // rows 0-2: a0, a0 + lda, a0 + 2 lda
+  const float* a3 = a + 3 * lda;  // rows 3-5
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    b += kCols;
+#define RF_STEP(r, p)                                  \
+  if (ROWS > r) {                                      \
+    const __m256 ar = _mm256_broadcast_ss(p);          \
+    c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);        \
+    c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);        \
+  }
+    RF_STEP(0, a0) RF_STEP(1, a0 + lda) RF_STEP(2, a0 + 2 * lda) RF_STEP(3, a3) RF_STEP(4, a3 + lda)
+    RF_STEP(5, a3 + 2 * lda)
+#undef RF_STEP
+    ++a0;
+    ++a3;
+  }
+  if (e.bias) {
+    const __m256 bias0 = _mm256_loadu_ps(e.bias), bias1 = _mm256_loadu_ps(e.bias + 8);
+#define RF_EPILOGUE(r)                                                              \
+  if (ROWS > r) {                                                                   \
+    c##r##0 = _mm256_add_ps(c##r##0, bias0);                                        \
+    c##r##1 = _mm256_add_ps(c##r##1, bias1);                                        \
+    if (e.residual) {                                                               \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(e.residual + r * ldc));      \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(e.residual + r * ldc + 8));  \
+    }                                                                               \
+    if (e.relu) { /* max(0, v): a NaN v stays NaN, as in eager's ReLU */          \
+      c##r##0 = _mm256_max_ps(zero, c##r##0);                                       \
+      c##r##1 = _mm256_max_ps(zero, c##r##1);                                       \
+    }                                                                               \
+  }
+    RF_EPILOGUE(0) RF_EPILOGUE(1) RF_EPILOGUE(2) RF_EPILOGUE(3) RF_EPILOGUE(4) RF_EPILOGUE(5)
+#undef RF_EPILOGUE
+  }
+#define RF_STORE(r) \
+  if (ROWS > r) { _mm256_storeu_ps(c + r * ldc, c##r##0); _mm256_storeu_ps(c + r * ldc + 8, c##r##1); }
+  RF_STORE(0) RF_STORE(1) RF_STORE(2) RF_STORE(3) RF_STORE(4) RF_STORE(5)
+#undef RF_STORE
+}
+
+void micro_tile_rows(int64_t rows, const float* a, int64_t lda, const float* b, int64_t depth, const float* acc,
+                     int64_t ld_acc, float* c, int64_t ldc, const Epilogue& e) {
+  switch (rows) {
+    case 6: return micro_tile<6>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
+    case 5: return micro_tile<5>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
+    case 4: return micro_tile<4>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
+    case 3: return micro_tile<3>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
+    case 2: return micro_tile<2>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
+    default: return micro_tile<1>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
+  }
+}
+
+// The last K block of a tile whose columns end before 16 (a channel count that is not a multiple of 16): through a
+// 6 x 16 scratch tile, then the epilogue in scalar code on the columns that exist.
+void partial_tile(int64_t rows, int64_t cols, const float* a, int64_t lda, const float* b, int64_t depth,
+                  const float* acc, int64_t ld_acc, float* c, int64_t ldc, const Epilogue& e) {
+  alignas(32) float scratch[kRows * kCols];
+  micro_tile_rows(rows, a, lda, b, depth, acc, ld_acc, scratch, kCols, Epilogue{nullptr, nullptr, false});
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = scratch[r * kCols + j] + e.bias[j] + (e.residual ? e.residual[r * ldc + j] : 0.f);
+      c[r * ldc + j] = e.relu ? std::max(v, 0.f) : v;  // std::max(NaN, 0) is NaN
+    }
+}
+
+}  // namespace
+
+void run_tasks_avx2(const float* a_all, const Geometry& g, const float* packed_weight, const float* bias,
+                    const float* residual, float* y, bool relu, const Blocking& blocking, int64_t begin, int64_t end) {
+  const int64_t m_all = g.rows(), n_all = g.out_channels, k_all = g.depth();
+  const bool blocked_k = k_all > kDepth;
+  // The sums of the K blocks before the last, per task: never in y, which may be the residual's buffer.
+  std::vector<float> partial(blocked_k ? blocking.rows * blocking.cols : 0);
+  const int64_t ld_partial = blocking.cols;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t m0 = task / blocking.col_blocks * blocking.rows, m1 = std::min(m_all, m0 + blocking.rows);
+    const int64_t n0 = task % blocking.col_blocks * blocking.cols, n1 = std::min(n_all, n0 + blocking.cols);
+    for (int64_t k0 = 0; k0 < k_all; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, k_all - k0);
+      const bool first = k0 == 0, last = k0 + depth == k_all;
+      const float* a_block = a_all + m0 * k_all + k0;
+      const int64_t lda = k_all;
+      for (int64_t j = n0; j < n1; j += kCols) {
+        const float* b = packed_weight + j * k_all + k0 * kCols;  // panel j / kCols, from row k0
+        const int64_t cols = std::min(kCols, n1 - j);
+        for (int64_t i = m0; i < m1; i += kRows) {
+          const int64_t rows = std::min(kRows, m1 - i);
+          const float* a = a_block + (i - m0) * lda;
+          // the partial sums' tile: 16 columns always lie within the task's block of `cols` (a multiple of 16)
+          float* part = blocked_k ? partial.data() + (i - m0) * ld_partial + (j - n0) : nullptr;
+          const float* acc = first ? nullptr : part;
+          if (!last) {
+            micro_tile_rows(rows, a, lda, b, depth, acc, ld_partial, part, ld_partial,
+                            Epilogue{nullptr, nullptr, false});
+            continue;
+          }
+          const Epilogue e{bias + j, residual ? residual + i * n_all + j : nullptr, relu};
+          float* c = y + i * n_all + j;
+          if (cols == kCols)
+            micro_tile_rows(rows, a, lda, b, depth, acc, ld_partial, c, n_all, e);
+          else
+            partial_tile(rows, cols, a, lda, b, depth, acc, ld_partial, c, n_all, e);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace resnet_fused::cpu::conv_gemm

@@ -1,0 +1,223 @@
+"""The "cpu" backend's implicit-GEMM convolution (csrc/cpu/conv_gemm.h, isa/conv_gemm_avx2.cpp) against the fp32
+oracle.
+
+The op itself: 1x1 convs read straight from x and strided or larger kernels through the gathered A, channel counts
+off the 16-column panel, pixel counts off the 6-row tile and past one row block, K past one 256-deep block (the
+partial sums kept out of the residual's buffer when the output goes there), padding, batch 1, a 7x7 stem, residual
+and ReLU on and off, NCHW inputs, bitwise the same on 1-3 threads; where NaN goes through the ReLU; the packed path
+choosing it by this CPU's rule (one packed weight per pack, other convs and dtypes left to oneDNN, a fused bottleneck
+against eager); the rule per ATen CPU capability; argument errors.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from resnet_fused import _C
+from resnet_fused.blocks import FusedBottleneck
+from resnet_fused.models.resnet import Bottleneck
+from resnet_fused.ops.backends import cpu as cpu_backend
+from resnet_fused.ops.backends.cpu import ConvGemmRule, ConvGemmWeight, WinogradWeight
+from tests.oracle import assert_matches, ref_conv_bn_act
+
+pytestmark = pytest.mark.skipif(
+    rf.available_backends("cpu")["cpu"] is not None or not _C.cpu_conv_gemm_available(),
+    reason="the 'cpu' backend's implicit GEMM needs the extension on an x86-64 CPU with AVX2 and FMA")
+
+CL = torch.channels_last
+GEMM = torch.ops.resnet_fused.conv_gemm.default
+PACK = torch.ops.resnet_fused.conv_gemm_weight.default
+# (N, C_in, H, W, C_out, kernel, stride, padding)
+SHAPES = [
+    (1, 128, 7, 7, 64, 1, 1, 0),      # one row block, whole panels
+    (3, 37, 9, 11, 43, 1, 1, 0),      # 297 pixels: several row blocks, the last short; 43 = 2 panels + 11 columns
+    (2, 300, 5, 6, 17, 1, 2, 0),      # strided 1x1 (gathered A); K = 300: two K blocks; one partial panel
+    (1, 600, 4, 4, 40, 1, 1, 0),      # K = 600: three K blocks, the partial sums over a partial panel
+    (1, 16, 20, 20, 32, 1, 1, 0),     # batch 1, 400 pixels
+    (2, 5, 13, 11, 24, 3, 2, 1),      # 3x3 stride 2, taps in the padding
+    (1, 3, 23, 23, 16, 7, 2, 3),      # the stem's kernel, stride and padding
+    (4, 64, 3, 2, 1, 3, 1, 2),        # padding 2 around a 3x2 image, one output channel
+    (1, 1, 1, 1, 1, 1, 1, 0),         # one of everything
+    (2, 40, 10, 9, 33, 3, 1, 1),      # K = 360 from taps: a K block ends inside a tap
+    (1, 200, 4, 4, 16, 1, 1, 0),      # one 16-column task: its 16 rows split between the threads
+]
+
+
+def _ids(shapes):
+    return ["x".join(map(str, s)) for s in shapes]
+
+
+def conv_inputs(shape, residual, channels_last=True):
+    n, cin, h, w, cout, k, stride, padding = shape
+    x = torch.randn(n, cin, h, w)
+    x = x.contiguous(memory_format=CL) if channels_last else x
+    weight = torch.randn(cout, cin, k, k) / (k * k * cin) ** 0.5
+    bias = torch.randn(cout)
+    out_h, out_w = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    res = torch.randn(n, cout, out_h, out_w).contiguous(memory_format=CL) if residual else None
+    return x, weight, bias, res
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_conv_gemm_matches_oracle(shape, residual, relu):
+    x, weight, bias, res = conv_inputs(shape, residual)
+    k, stride, padding = shape[5:]
+    y = GEMM(x, PACK(weight), bias, res, [k, k], stride, padding, relu)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, stride, padding, relu)
+    assert_matches(y, expected, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=_ids([SHAPES[1], SHAPES[3]]))
+def test_nchw_input(shape):
+    x, weight, bias, res = conv_inputs(shape, True, channels_last=False)
+    y = GEMM(x, PACK(weight), bias, res, [1, 1], shape[6], 0, True)
+    assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, shape[6], 0, True), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[9]], ids=_ids([SHAPES[0], SHAPES[3], SHAPES[9]]))
+def test_into_residual_writes_the_residuals_buffer(shape):
+    # With K past one block the partial sums must not go through y: here y is the residual, read in the last block.
+    x, weight, bias, res = conv_inputs(shape, True)
+    k, stride, padding = shape[5:]
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, stride, padding, True)
+    y = GEMM(x, PACK(weight), bias, res, [k, k], stride, padding, True, True)
+    assert y.data_ptr() == res.data_ptr()
+    assert_matches(y, expected, torch.float32)
+
+
+def test_into_residual_takes_only_a_dense_channels_last_buffer():
+    x, weight, bias, res = conv_inputs(SHAPES[0], True)
+    nchw = res.contiguous()
+    before = nchw.clone()
+    y = GEMM(x, PACK(weight), bias, nchw, [1, 1], 1, 0, True, True)
+    assert y.data_ptr() != nchw.data_ptr() and torch.equal(nchw, before)
+    assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 0, True), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[10]], ids=_ids([SHAPES[1], SHAPES[3], SHAPES[10]]))
+def test_results_do_not_depend_on_the_thread_count(shape):
+    # Each output is summed by one thread over all of K in order, however the tasks split.
+    x, weight, bias, res = conv_inputs(shape, True)
+    k, stride, padding = shape[5:]
+    packed, threads = PACK(weight), torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            outputs.append(GEMM(x, packed, bias, res, [k, k], stride, padding, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+def test_nan_goes_through_the_relu():
+    # Eager: conv(NaN) is NaN in every output channel of that pixel, and ReLU keeps NaN. Columns 0-31 come from
+    # whole 16-column panels, 32-42 from the partial one.
+    x, weight, bias, _ = conv_inputs(SHAPES[1], False)
+    x[1, 3, 4, 5] = float("nan")
+    y = GEMM(x, PACK(weight), bias, None, [1, 1], 1, 0, True)
+    expected = torch.zeros_like(y, dtype=torch.bool)
+    expected[1, :, 4, 5] = True
+    assert torch.equal(torch.isnan(y), expected)
+
+
+def _prepared(pack):
+    return list(pack.payload.onednn_weights.values())
+
+
+@pytest.fixture
+def gemm_everywhere(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(1))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_packed_path_takes_the_gemm_for_1x1_convs(stride, gemm_everywhere):
+    weight = torch.randn(24, 40, 1, 1) / 7
+    scale, shift = torch.rand(24) + 0.5, torch.randn(24)
+    pack = rf.ops.pack_conv_bn(weight, scale, shift, stride=stride, backend="cpu")
+    with torch.inference_mode():
+        for batch in (1, 3):
+            x = torch.randn(batch, 40, 9, 7).contiguous(memory_format=CL)
+            res = torch.randn(batch, 24, 9 // stride + 9 % stride, 7 // stride + 7 % stride)
+            y = rf.ops.conv_bn_act_packed(x, pack, res, relu=True)
+            assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, res, stride, 0, True), torch.float32)
+    prepared = _prepared(pack)
+    assert len(prepared) == 2 and all(isinstance(w, ConvGemmWeight) for w in prepared)
+    assert prepared[0] is prepared[1]  # packed once, shared by the input shapes
+
+
+@pytest.mark.parametrize("dtype,kernel,padding", [(torch.bfloat16, 1, 0), (torch.float32, 3, 1),
+                                                  (torch.float32, 1, 1)], ids=["bf16", "3x3", "padded_1x1"])
+def test_other_convs_stay_where_they_were(dtype, kernel, padding, gemm_everywhere):
+    weight = (torch.randn(16, 16, kernel, kernel) / 12).to(dtype)
+    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), padding=padding, backend="cpu")
+    with torch.inference_mode():
+        rf.ops.conv_bn_act_packed(torch.randn(2, 16, 8, 8).to(dtype), pack)
+    assert not any(isinstance(w, ConvGemmWeight) for w in _prepared(pack))
+
+
+def test_below_the_rules_channel_count_stays_on_onednn(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(64))
+    packs = {cin: rf.ops.pack_conv_bn(torch.randn(16, cin, 1, 1), torch.rand(16) + 0.5, torch.randn(16),
+                                      backend="cpu") for cin in (63, 64)}
+    with torch.inference_mode():
+        for cin, pack in packs.items():
+            rf.ops.conv_bn_act_packed(torch.randn(1, cin, 5, 5), pack)
+    assert [isinstance(_prepared(packs[c])[0], ConvGemmWeight) for c in (63, 64)] == [False, True]
+
+
+def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
+    # Every 1x1 conv of the block (reduce, expand with the residual, the strided projection) through the GEMM.
+    torch.manual_seed(0)
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(48, 64, 1, stride=2, bias=False), torch.nn.BatchNorm2d(64))
+    block = Bottleneck(48, 16, stride=2, downsample=downsample).eval()
+    for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    fused = FusedBottleneck.from_block(copy.deepcopy(block), backend="cpu")
+    x = torch.randn(2, 48, 11, 9).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        expected, y = block(x), fused(x)
+        y_again = fused(x)
+    assert_matches(y, expected, torch.float32)
+    assert torch.equal(y, y_again)
+
+
+@pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128)), ("AVX512", cpu_backend.NO_CONV_GEMM),
+                                                 ("DEFAULT", cpu_backend.NO_CONV_GEMM)])
+def test_rule_per_capability(capability, expected, monkeypatch):
+    # Measured on an AVX2-only CPU (cpu.py); AVX-512 CPUs keep oneDNN's AVX-512 kernels.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_backend._conv_gemm_rule() == expected
+
+
+def test_argument_errors():
+    x, weight, bias, res = conv_inputs(SHAPES[0], True)
+    packed = PACK(weight)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        GEMM(x.double(), packed, bias, None, [1, 1], 1, 0, True)
+    with pytest.raises(RuntimeError, match="x must be a 4-D"):
+        GEMM(x[0], packed, bias, None, [1, 1], 1, 0, True)
+    with pytest.raises(RuntimeError, match="packed must be conv_gemm_weight's"):
+        GEMM(x, packed[:-16], bias, None, [1, 1], 1, 0, True)
+    with pytest.raises(RuntimeError, match="packed must be conv_gemm_weight's"):
+        GEMM(x, packed, bias, None, [3, 3], 1, 1, True)  # packed for a 1x1 weight
+    with pytest.raises(RuntimeError, match="32-byte aligned"):
+        GEMM(x, torch.empty(packed.numel() + 1)[1:], bias, None, [1, 1], 1, 0, True)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        GEMM(x, packed, bias.double(), None, [1, 1], 1, 0, True)
+    with pytest.raises(RuntimeError, match="kernel_size must be two positive sizes"):
+        GEMM(x, packed, bias, None, [0, 1], 1, 0, True)
+    with pytest.raises(RuntimeError, match="stride must be positive"):
+        GEMM(x, packed, bias, None, [1, 1], 0, 0, True)
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        GEMM(x, packed, bias, res[:, :, :3], [1, 1], 1, 0, True)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        GEMM(x[:, :, :2, :2], PACK(torch.randn(64, 128, 3, 3)), bias, None, [3, 3], 1, 0, True)
+    with pytest.raises(RuntimeError, match="weight must be a 4-D"):
+        PACK(weight.double())
