@@ -141,6 +141,8 @@ class ConvGemmRule(NamedTuple):
 # oneDNN's conv with the same fused epilogue, alternating in one process, ResNet-50's 1x1 shapes: batch 1 1.09-1.26x
 # faster from 128 input channels (0.96x at 64); batch 8 1.00-1.14x, 1.6x at 7x7, 0.84-0.94x at 64 input channels.
 # Inside resnet50 at batch 1 those convs ran 1.05-1.33x faster; whole models 1.036x (batch 1) and 1.032x (batch 8).
+# From 64 input channels instead: layer1's 1x1 convs 1.10-1.22x faster there, but the Winograd convs after them
+# 0.83-0.86x, all convolutions 65.0 ms either way; so 128.
 # Its 3x3 convs level with oneDNN's (0.89-1.08x) and the 7x7 stem slower (0.6-0.75x): those stay on oneDNN. CPUs
 # with AVX-512 keep oneDNN's AVX-512 kernels (measured as fast as ONNX Runtime's on a Zen 4 EPYC); keyed by ATen's
 # CPU capability.
