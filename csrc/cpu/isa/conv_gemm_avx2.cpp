@@ -33,7 +33,7 @@ __attribute__((noinline)) void micro_tile(const float* a, int64_t lda, const flo
   if (acc) { RF_LOAD(0) RF_LOAD(1) RF_LOAD(2) RF_LOAD(3) RF_LOAD(4) RF_LOAD(5) }
 #undef RF_LOAD
   const float* a0 = a;            // rows 0-2: a0, a0 + lda, a0 + 2 lda
-  const float* a3 = a + 3 * lda;  // rows 3-5
+  const float* a3 = a + (ROWS > 3 ? 3 : 0) * lda;  // rows 3-5 (no pointer past a short tile's rows)
 #pragma GCC unroll 4
   for (int64_t k = 0; k < depth; ++k) {
     const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
