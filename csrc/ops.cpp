@@ -16,7 +16,7 @@
 #include "cpu/batch_norm.h"
 #include "cpu/block_cache.h"
 #include "cpu/conv_dtype.h"
-#include "cpu/conv_gemm_op.h"
+#include "cpu/conv_gemm.h"
 #include "conv_plan_binding.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
@@ -58,7 +58,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_batch_norm_isa", &resnet_fused::cpu::batch_norm_isa,
         "The instruction set the CPU training BatchNorm kernels run with here: 'avx512', 'avx2' or 'default' (the "
         "widest this build has that ATen's own dispatch allows; ATEN_CPU_CAPABILITY lowers it).");
-  m.def("cpu_conv_gemm_available", &resnet_fused::cpu::conv_gemm_available,
+  m.def("cpu_conv_gemm_available", &resnet_fused::cpu::conv_gemm::available,
         "Whether the CPU implicit-GEMM convolution (conv_gemm) runs here: an x86-64 build, AVX2 and FMA, and ATen's "
         "dispatch allowing AVX2.");
   m.def("cpu_cache_scope", &resnet_fused::cpu::block_cache_scope, pybind11::arg("on"),

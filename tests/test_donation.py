@@ -24,10 +24,9 @@ pytestmark = pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None,
                                 reason=f"the 'cpu' backend is unavailable: {rf.available_backends('cpu')['cpu']}")
 
 CL = torch.channels_last
-IN_PLACE = {"mkldnn::_convolution_pointwise_.binary", "resnet_fused::conv_gemm into residual",
-            "resnet_fused::conv3x3_winograd into residual"}
 # ops that write their output into the residual (argument 3) when told to and its buffer takes it
 INTO_RESIDUAL = {"resnet_fused::conv_gemm", "resnet_fused::conv3x3_winograd"}
+IN_PLACE = {"mkldnn::_convolution_pointwise_.binary", *(f"{name} into residual" for name in INTO_RESIDUAL)}
 
 
 class _OpCalls(TorchDispatchMode):

@@ -5,7 +5,7 @@
 //                         y = act(conv2d(x, w, stride, padding) + bias[j] (+ residual)), channels_last, in the
 //                         residual's buffer if into_residual (and that buffer is dense channels_last)
 //
-// fp32 only; runs where this CPU and ATen's dispatch allow AVX2 (conv_gemm_available).
+// fp32 only; runs where this CPU and ATen's dispatch allow AVX2 (conv_gemm::available).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -16,7 +16,6 @@
 
 #include "checks.h"
 #include "conv_gemm.h"
-#include "conv_gemm_op.h"
 
 namespace resnet_fused::cpu {
 namespace {
@@ -67,7 +66,7 @@ void gather_rows(const float* x, const conv_gemm::Geometry& g, int64_t begin, in
 at::Tensor conv_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, int64_t stride,
                          int64_t padding, bool relu, bool into_residual) {
-  TORCH_CHECK(conv_gemm_available(), "conv_gemm: needs a CPU with AVX2 and FMA (and ATen's dispatch allowing AVX2); "
+  TORCH_CHECK(conv_gemm::available(), "conv_gemm: needs a CPU with AVX2 and FMA (and ATen's dispatch allowing AVX2); "
               "this one runs '", at::get_cpu_capability(), "'");
   check_activation("conv_gemm", "x", x);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "conv_gemm: x must be float32, got ", x.scalar_type());
@@ -126,7 +125,7 @@ at::Tensor conv_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at
 
 }  // namespace
 
-bool conv_gemm_available() {
+bool conv_gemm::available() {
 #ifdef RESNET_FUSED_X86_KERNELS
   const std::string isa = at::get_cpu_capability();
   return isa == "AVX2" || isa == "AVX512";

@@ -7,8 +7,8 @@
 // A[m, k] = x[n, oh * stride - padding + dy, ow * stride - padding + dx, c] (0 outside x) and
 // B[k, j] = w[j, c, dy, dx].
 // A is read straight from x where it is x itself (1x1, stride 1, padding 0: row m is pixel m's channels), else from
-// A gathered once per call (im2col; for a strided 1x1 conv the subsampled pixels). B is packed once per weight into panels of kCols output channels,
-// [ceil(C_out / kCols)][K][kCols], zero past C_out.
+// A gathered once per call (im2col; for a strided 1x1 conv the subsampled pixels). B is packed once per weight into
+// panels of kCols output channels, [ceil(C_out / kCols)][K][kCols], zero past C_out.
 #pragma once
 
 #include <algorithm>
@@ -51,6 +51,10 @@ inline Blocking blocking(const Geometry& g, int64_t threads) {
   const int64_t rows = ceil_div(ceil_div(m, row_blocks), kRows) * kRows;
   return {rows, cols, ceil_div(m, rows), col_blocks};
 }
+
+// Whether the kernel runs here: an x86-64 build on a CPU with AVX2 and FMA whose ATen dispatch allows AVX2
+// (ATEN_CPU_CAPABILITY=default turns it off, as it does ATen's own kernels). Defined in conv_gemm.cpp.
+bool available();
 
 #ifdef RESNET_FUSED_X86_KERNELS  // setup.py builds isa/ kernels on x86-64 only
 // Tasks [begin, end) of `blocking` (AVX2 + FMA) on A, (rows() x depth()) row-major. residual may be nullptr; y may

@@ -151,13 +151,13 @@ NO_CONV_GEMM = ConvGemmRule(math.inf)
 
 
 def _conv_gemm_rule() -> ConvGemmRule:
-    try:
-        from ... import _C
+    if EXTENSION_REASON["CPU"] is not None:
+        return NO_CONV_GEMM
+    from ... import _C
 
-        available = _C.cpu_conv_gemm_available()
-    except ImportError:
-        available = False
-    return CONV_GEMM_RULES.get(torch.backends.cpu.get_cpu_capability(), NO_CONV_GEMM) if available else NO_CONV_GEMM
+    if not _C.cpu_conv_gemm_available():
+        return NO_CONV_GEMM
+    return CONV_GEMM_RULES.get(torch.backends.cpu.get_cpu_capability(), NO_CONV_GEMM)
 
 
 CONV_GEMM_RULE = _conv_gemm_rule()
