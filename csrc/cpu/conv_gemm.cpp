@@ -41,26 +41,55 @@ at::Tensor conv_gemm_weight_cpu(const at::Tensor& weight) {
   return packed;
 }
 
-// A (rows() x depth(), row-major) from x for a conv that does not read x directly: per output pixel and kernel row
-// dy, the taps that fall inside x are one contiguous run of (dx, c) in channels_last x, the rest zeros.
-void gather_rows(const float* x, const conv_gemm::Geometry& g, int64_t begin, int64_t end, float* a) {
-  const int64_t pixels = g.out_h * g.out_w, c_in = g.in_channels, row_run = g.kernel_w * c_in;
-  for (int64_t m = begin; m < end; ++m) {
-    const int64_t n = m / pixels, oh = m % pixels / g.out_w, ow = m % g.out_w;
-    const int64_t iw0 = ow * g.stride - g.padding;
-    const int64_t dx_lo = std::max<int64_t>(0, -iw0), dx_hi = std::min(g.kernel_w, g.in_w - iw0);
-    for (int64_t dy = 0; dy < g.kernel_h; ++dy) {
-      float* out = a + m * g.depth() + dy * row_run;
-      const int64_t ih = oh * g.stride - g.padding + dy;
-      if (ih < 0 || ih >= g.in_h || dx_lo >= dx_hi) {
-        std::fill(out, out + row_run, 0.f);
-        continue;
-      }
-      std::fill(out, out + dx_lo * c_in, 0.f);
-      std::copy_n(x + ((n * g.in_h + ih) * g.in_w + iw0 + dx_lo) * c_in, (dx_hi - dx_lo) * c_in, out + dx_lo * c_in);
-      std::fill(out + dx_hi * c_in, out + row_run, 0.f);
+// Row (oh, ow) of image n's A, with its zeros: per kernel row dy, the taps that fall inside x are one contiguous
+// run of (dx, c) in channels_last x.
+void gather_row(const float* x, const conv_gemm::Geometry& g, int64_t n, int64_t oh, int64_t ow, float* a) {
+  const int64_t c_in = g.in_channels, row_run = g.segment_depth();
+  const int64_t iw0 = ow * g.stride - g.padding;
+  const int64_t dx_lo = std::max<int64_t>(0, -iw0), dx_hi = std::min(g.kernel_w, g.in_w - iw0);
+  for (int64_t dy = 0; dy < g.kernel_h; ++dy) {
+    float* out = a + dy * row_run;
+    const int64_t ih = oh * g.stride - g.padding + dy;
+    if (ih < 0 || ih >= g.in_h || dx_lo >= dx_hi) {
+      std::fill(out, out + row_run, 0.f);
+      continue;
     }
+    std::fill(out, out + dx_lo * c_in, 0.f);
+    std::copy_n(x + ((n * g.in_h + ih) * g.in_w + iw0 + dx_lo) * c_in, (dx_hi - dx_lo) * c_in, out + dx_lo * c_in);
+    std::fill(out + dx_hi * c_in, out + row_run, 0.f);
   }
+}
+
+// The rows of A of the pixels whose window crosses x's border (conv_gemm::Border), gathered; `slot` and `rows`
+// keep what Border points to alive.
+struct GatheredBorder {
+  at::Tensor slot, rows;
+  conv_gemm::Border border{nullptr, 0, nullptr};
+};
+
+GatheredBorder gather_border(const at::Tensor& x, const conv_gemm::Geometry& g) {
+  GatheredBorder out;
+  if (g.padding == 0) return out;  // every window inside x
+  std::vector<int64_t> pixels;  // oh * out_w + ow of each border pixel
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    for (int64_t ow = 0; ow < g.out_w; ++ow)
+      if (!g.inside(oh, ow)) pixels.push_back(oh * g.out_w + ow);
+  if (pixels.empty()) return out;
+  out.slot = at::full({g.out_h * g.out_w}, -1, x.options().dtype(at::kInt));
+  int32_t* slot = out.slot.mutable_data_ptr<int32_t>();
+  for (size_t i = 0; i < pixels.size(); ++i) slot[pixels[i]] = static_cast<int32_t>(i);
+  const int64_t per_image = static_cast<int64_t>(pixels.size()), depth = g.depth();
+  out.rows = at::empty({g.batch * per_image, depth}, x.options());
+  const float* x_ptr = x.const_data_ptr<float>();
+  float* rows = out.rows.mutable_data_ptr<float>();
+  at::parallel_for(0, g.batch * per_image, std::max<int64_t>(1, 16384 / depth), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / per_image, pixel = pixels[r % per_image];
+      gather_row(x_ptr, g, n, pixel / g.out_w, pixel % g.out_w, rows + r * depth);
+    }
+  });
+  out.border = {slot, per_image, rows};
+  return out;
 }
 
 at::Tensor conv_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
@@ -101,23 +130,15 @@ at::Tensor conv_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const at::Tensor xc = x.contiguous(kCL), bc = bias.contiguous();
   const at::Tensor rc = residual.has_value() ? residual->contiguous(kCL) : at::Tensor();
   const conv_gemm::Blocking blocking = conv_gemm::blocking(g, at::get_num_threads());
-  at::Tensor gathered;
-  if (!g.reads_x_directly()) {
-    gathered = at::empty({g.rows(), g.depth()}, x.options());
-    const float* x_ptr = xc.const_data_ptr<float>();
-    float* a_ptr = gathered.mutable_data_ptr<float>();
-    at::parallel_for(0, g.rows(), std::max<int64_t>(1, 16384 / g.depth()), [&](int64_t begin, int64_t end) {
-      gather_rows(x_ptr, g, begin, end, a_ptr);
-    });
-  }
-  const float* a_ptr = gathered.defined() ? gathered.const_data_ptr<float>() : xc.const_data_ptr<float>();
+  const GatheredBorder gathered = gather_border(xc, g);
+  const float* x_ptr = xc.const_data_ptr<float>();
   const float* b_ptr = packed.const_data_ptr<float>();
   const float* bias_ptr = bc.const_data_ptr<float>();
   const float* r_ptr = rc.defined() ? rc.const_data_ptr<float>() : nullptr;
   float* y_ptr = y.mutable_data_ptr<float>();
 #ifdef RESNET_FUSED_X86_KERNELS
   at::parallel_for(0, blocking.tasks(), 1, [&](int64_t begin, int64_t end) {
-    conv_gemm::run_tasks_avx2(a_ptr, g, b_ptr, bias_ptr, r_ptr, y_ptr, relu, blocking, begin, end);
+    conv_gemm::run_tasks_avx2(x_ptr, g, gathered.border, b_ptr, bias_ptr, r_ptr, y_ptr, relu, blocking, begin, end);
   });
 #endif
   return y;

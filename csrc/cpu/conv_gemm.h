@@ -6,9 +6,11 @@
 // with m = (n, oh, ow) an output pixel, j an output channel, k = (dy, dx, c) a kernel tap and input channel,
 // A[m, k] = x[n, oh * stride - padding + dy, ow * stride - padding + dx, c] (0 outside x) and
 // B[k, j] = w[j, c, dy, dx].
-// A is read straight from x where it is x itself (1x1, stride 1, padding 0: row m is pixel m's channels), else from
-// A gathered once per call (im2col; for a strided 1x1 conv the subsampled pixels). B is packed once per weight into
-// panels of kCols output channels, [ceil(C_out / kCols)][K][kCols], zero past C_out.
+// A is never formed: for each kernel row dy, row m's taps (dx, c) are one contiguous run of kernel_w * C_in floats
+// of channels_last x (a "segment"), so the kernel reads them through one pointer per (pixel, dy). Only the pixels
+// whose window crosses x's border (padding) have their row of A gathered, with its zeros, once per call.
+// B is packed once per weight into panels of kCols output channels, [ceil(C_out / kCols)][K][kCols], zero past
+// C_out; its k order is A's, so a K block of B spans the segments it covers in turn.
 #pragma once
 
 #include <algorithm>
@@ -24,7 +26,21 @@ struct Geometry {
   int64_t batch, in_h, in_w, in_channels, kernel_h, kernel_w, stride, padding, out_h, out_w, out_channels;
   int64_t rows() const { return batch * out_h * out_w; }
   int64_t depth() const { return kernel_h * kernel_w * in_channels; }
-  bool reads_x_directly() const { return kernel_h == 1 && kernel_w == 1 && stride == 1 && padding == 0; }
+  int64_t segment_depth() const { return kernel_w * in_channels; }  // one kernel row's taps
+  // whether output pixel (oh, ow)'s window lies inside x (else its row of A is gathered)
+  bool inside(int64_t oh, int64_t ow) const {
+    const int64_t ih = oh * stride - padding, iw = ow * stride - padding;
+    return ih >= 0 && iw >= 0 && ih + kernel_h <= in_h && iw + kernel_w <= in_w;
+  }
+};
+
+// The gathered rows of A: the pixels whose window crosses the border, the same positions in every image.
+// slot[oh * out_w + ow] is -1 for a pixel inside, else its index among the image's per_image border pixels; row
+// (n * per_image + slot) of `rows` (depth() floats each) is its row of A. slot is nullptr when no window crosses.
+struct Border {
+  const int32_t* slot;
+  int64_t per_image;
+  const float* rows;
 };
 
 inline int64_t packed_weight_numel(int64_t out_channels, int64_t depth) {
@@ -57,10 +73,11 @@ inline Blocking blocking(const Geometry& g, int64_t threads) {
 bool available();
 
 #ifdef RESNET_FUSED_X86_KERNELS  // setup.py builds isa/ kernels on x86-64 only
-// Tasks [begin, end) of `blocking` (AVX2 + FMA) on A, (rows() x depth()) row-major. residual may be nullptr; y may
-// be residual (each output is read from it once, just before it is written there).
-void run_tasks_avx2(const float* a, const Geometry& g, const float* packed_weight, const float* bias,
-                    const float* residual, float* y, bool relu, const Blocking& blocking, int64_t begin, int64_t end);
+// Tasks [begin, end) of `blocking` (AVX2 + FMA) on channels_last x. residual may be nullptr; y may be residual (each
+// output is read from it once, just before it is written there).
+void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, const float* packed_weight,
+                    const float* bias, const float* residual, float* y, bool relu, const Blocking& blocking,
+                    int64_t begin, int64_t end);
 #endif
 
 }  // namespace resnet_fused::cpu::conv_gemm

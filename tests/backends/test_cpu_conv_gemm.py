@@ -1,12 +1,14 @@
 """The "cpu" backend's implicit-GEMM convolution (csrc/cpu/conv_gemm.h, isa/conv_gemm_avx2.cpp) against the fp32
 oracle.
 
-The op itself: 1x1 convs read straight from x and strided or larger kernels through the gathered A, channel counts
-off the 16-column panel, pixel counts off the 6-row tile and past one row block, K past one 256-deep block (the
-partial sums kept out of the residual's buffer when the output goes there), padding, batch 1, a 7x7 stem, residual
-and ReLU on and off, NCHW inputs, bitwise the same on 1-3 threads; where NaN goes through the ReLU; the packed path
-choosing it by this CPU's rule (one packed weight per pack, other convs and dtypes left to oneDNN, a fused bottleneck
-against eager); the rule per ATen CPU capability; argument errors.
+The op itself: A read straight from x, kernel row by kernel row, and the rows of pixels whose window crosses the
+border gathered (padding, several images, no padding at all, rectangular kernels, K blocks that end inside a kernel
+row), channel counts off the 16-column panel, pixel counts off the 6-row tile and past one row block, K past one
+256-deep block (the partial sums kept out of the residual's buffer when the output goes there), batch 1, a 7x7 stem,
+residual and ReLU on and off, NCHW inputs, bitwise the same on 1-3 threads; where NaN goes through the ReLU; the
+packed path choosing it by this CPU's rule (1x1 convs, and strided larger kernels; one packed weight per pack, other
+convs and dtypes left to oneDNN, a fused bottleneck against eager); the rule per ATen CPU capability; argument
+errors.
 """
 
 import copy
@@ -19,7 +21,7 @@ from resnet_fused import _C
 from resnet_fused.blocks import FusedBottleneck
 from resnet_fused.models.resnet import Bottleneck
 from resnet_fused.ops.backends import cpu as cpu_backend
-from resnet_fused.ops.backends.cpu import ConvGemmRule, ConvGemmWeight, WinogradWeight
+from resnet_fused.ops.backends.cpu import ConvGemmRule, ConvGemmWeight
 from tests.oracle import assert_matches, ref_conv_bn_act
 
 pytestmark = pytest.mark.skipif(
@@ -29,11 +31,11 @@ pytestmark = pytest.mark.skipif(
 CL = torch.channels_last
 GEMM = torch.ops.resnet_fused.conv_gemm.default
 PACK = torch.ops.resnet_fused.conv_gemm_weight.default
-# (N, C_in, H, W, C_out, kernel, stride, padding)
+# (N, C_in, H, W, C_out, kernel (int or (kh, kw)), stride, padding)
 SHAPES = [
     (1, 128, 7, 7, 64, 1, 1, 0),      # one row block, whole panels
     (3, 37, 9, 11, 43, 1, 1, 0),      # 297 pixels: several row blocks, the last short; 43 = 2 panels + 11 columns
-    (2, 300, 5, 6, 17, 1, 2, 0),      # strided 1x1 (gathered A); K = 300: two K blocks; one partial panel
+    (2, 300, 5, 6, 17, 1, 2, 0),      # strided 1x1; K = 300: two K blocks; one partial panel
     (1, 600, 4, 4, 40, 1, 1, 0),      # K = 600: three K blocks, the partial sums over a partial panel
     (1, 16, 20, 20, 32, 1, 1, 0),     # batch 1, 400 pixels
     (2, 5, 13, 11, 24, 3, 2, 1),      # 3x3 stride 2, taps in the padding
@@ -42,20 +44,31 @@ SHAPES = [
     (1, 1, 1, 1, 1, 1, 1, 0),         # one of everything
     (2, 40, 10, 9, 33, 3, 1, 1),      # K = 360 from taps: a K block ends inside a tap
     (1, 200, 4, 4, 16, 1, 1, 0),      # one 16-column task: its 16 rows split between the threads
+    (2, 37, 14, 13, 20, 3, 1, 1),     # kernel rows of 111 taps: 256-deep K blocks end inside the second and third
+    (3, 8, 12, 10, 16, 5, 3, 2),      # 5x5 stride 3: border and inside pixels in every image of three
+    (2, 16, 9, 9, 24, 3, 2, 0),       # a 3x3 without padding: no pixel gathered
+    (2, 6, 8, 11, 16, (1, 3), 1, 1),  # a 1x3 kernel with padding 1: rows of padding above and below
+    (1, 5, 9, 7, 16, (5, 2), 2, 1),   # a 5x2 kernel
 ]
 
 
 def _ids(shapes):
-    return ["x".join(map(str, s)) for s in shapes]
+    return ["x".join(str(v) if isinstance(v, int) else "by".join(map(str, v)) for v in s) for s in shapes]
+
+
+def _kernel(shape):
+    k = shape[5]
+    return (k, k) if isinstance(k, int) else k
 
 
 def conv_inputs(shape, residual, channels_last=True):
     n, cin, h, w, cout, k, stride, padding = shape
+    kh, kw = _kernel(shape)
     x = torch.randn(n, cin, h, w)
     x = x.contiguous(memory_format=CL) if channels_last else x
-    weight = torch.randn(cout, cin, k, k) / (k * k * cin) ** 0.5
+    weight = torch.randn(cout, cin, kh, kw) / (kh * kw * cin) ** 0.5
     bias = torch.randn(cout)
-    out_h, out_w = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    out_h, out_w = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     res = torch.randn(n, cout, out_h, out_w).contiguous(memory_format=CL) if residual else None
     return x, weight, bias, res
 
@@ -65,8 +78,8 @@ def conv_inputs(shape, residual, channels_last=True):
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
 def test_conv_gemm_matches_oracle(shape, residual, relu):
     x, weight, bias, res = conv_inputs(shape, residual)
-    k, stride, padding = shape[5:]
-    y = GEMM(x, PACK(weight), bias, res, [k, k], stride, padding, relu)
+    stride, padding = shape[6:]
+    y = GEMM(x, PACK(weight), bias, res, list(_kernel(shape)), stride, padding, relu)
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
     expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, stride, padding, relu)
     assert_matches(y, expected, torch.float32)
@@ -79,13 +92,16 @@ def test_nchw_input(shape):
     assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, shape[6], 0, True), torch.float32)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[9]], ids=_ids([SHAPES[0], SHAPES[3], SHAPES[9]]))
+INTO = [SHAPES[0], SHAPES[3], SHAPES[9], SHAPES[12]]
+
+
+@pytest.mark.parametrize("shape", INTO, ids=_ids(INTO))
 def test_into_residual_writes_the_residuals_buffer(shape):
     # With K past one block the partial sums must not go through y: here y is the residual, read in the last block.
     x, weight, bias, res = conv_inputs(shape, True)
-    k, stride, padding = shape[5:]
+    stride, padding = shape[6:]
     expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, stride, padding, True)
-    y = GEMM(x, PACK(weight), bias, res, [k, k], stride, padding, True, True)
+    y = GEMM(x, PACK(weight), bias, res, list(_kernel(shape)), stride, padding, True, True)
     assert y.data_ptr() == res.data_ptr()
     assert_matches(y, expected, torch.float32)
 
@@ -99,17 +115,20 @@ def test_into_residual_takes_only_a_dense_channels_last_buffer():
     assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 0, True), torch.float32)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[10]], ids=_ids([SHAPES[1], SHAPES[3], SHAPES[10]]))
+THREADED = [SHAPES[1], SHAPES[3], SHAPES[10], SHAPES[12]]
+
+
+@pytest.mark.parametrize("shape", THREADED, ids=_ids(THREADED))
 def test_results_do_not_depend_on_the_thread_count(shape):
     # Each output is summed by one thread over all of K in order, however the tasks split.
     x, weight, bias, res = conv_inputs(shape, True)
-    k, stride, padding = shape[5:]
+    k, stride, padding = _kernel(shape), *shape[6:]
     packed, threads = PACK(weight), torch.get_num_threads()
     outputs = []
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            outputs.append(GEMM(x, packed, bias, res, [k, k], stride, padding, True))
+            outputs.append(GEMM(x, packed, bias, res, list(k), stride, padding, True))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(outputs[0], y) for y in outputs[1:])
@@ -132,7 +151,7 @@ def _prepared(pack):
 
 @pytest.fixture
 def gemm_everywhere(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(1))
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(1, strided_kernels=True))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -151,11 +170,35 @@ def test_packed_path_takes_the_gemm_for_1x1_convs(stride, gemm_everywhere):
     assert prepared[0] is prepared[1]  # packed once, shared by the input shapes
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (7, 2, 3), (3, 3, 0)], ids=["3x3s2", "stem", "3x3s3"])
+def test_packed_path_takes_the_gemm_for_strided_kernels(kernel, stride, padding, gemm_everywhere):
+    weight = torch.randn(24, 5, kernel, kernel) / (5 * kernel * kernel) ** 0.5
+    scale, shift = torch.rand(24) + 0.5, torch.randn(24)
+    pack = rf.ops.pack_conv_bn(weight, scale, shift, stride=stride, padding=padding, backend="cpu")
+    x = torch.randn(2, 5, 17, 15).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        y = rf.ops.conv_bn_act_packed(x, pack, relu=True)
+    assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, None, stride, padding, True), torch.float32)
+    assert isinstance(_prepared(pack)[0], ConvGemmWeight)
+
+
+def test_strided_kernels_stay_on_onednn_unless_the_rule_says(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(1, strided_kernels=False))
+    pack = rf.ops.pack_conv_bn(torch.randn(16, 8, 3, 3), torch.rand(16) + 0.5, torch.randn(16), stride=2, padding=1,
+                               backend="cpu")
+    with torch.inference_mode():
+        rf.ops.conv_bn_act_packed(torch.randn(1, 8, 9, 9), pack)
+    assert not isinstance(_prepared(pack)[0], ConvGemmWeight)
+
+
 @pytest.mark.parametrize("dtype,kernel,padding", [(torch.bfloat16, 1, 0), (torch.float32, 3, 1),
-                                                  (torch.float32, 1, 1)], ids=["bf16", "3x3", "padded_1x1"])
+                                                  (torch.float32, 1, 1), (torch.bfloat16, 3, 1)],
+                         ids=["bf16", "3x3s1", "padded_1x1", "bf16_3x3s2"])
 def test_other_convs_stay_where_they_were(dtype, kernel, padding, gemm_everywhere):
     weight = (torch.randn(16, 16, kernel, kernel) / 12).to(dtype)
-    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), padding=padding, backend="cpu")
+    stride = 2 if dtype == torch.bfloat16 and kernel == 3 else 1
+    pack = rf.ops.pack_conv_bn(weight, torch.rand(16) + 0.5, torch.randn(16), stride=stride, padding=padding,
+                               backend="cpu")
     with torch.inference_mode():
         rf.ops.conv_bn_act_packed(torch.randn(2, 16, 8, 8).to(dtype), pack)
     assert not any(isinstance(w, ConvGemmWeight) for w in _prepared(pack))
@@ -172,7 +215,8 @@ def test_below_the_rules_channel_count_stays_on_onednn(monkeypatch):
 
 
 def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
-    # Every 1x1 conv of the block (reduce, expand with the residual, the strided projection) through the GEMM.
+    # Every conv of the block (reduce, the stride-2 3x3, expand with the residual, the strided projection) through
+    # the GEMM.
     torch.manual_seed(0)
     downsample = torch.nn.Sequential(torch.nn.Conv2d(48, 64, 1, stride=2, bias=False), torch.nn.BatchNorm2d(64))
     block = Bottleneck(48, 16, stride=2, downsample=downsample).eval()
@@ -188,7 +232,8 @@ def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
     assert torch.equal(y, y_again)
 
 
-@pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128)), ("AVX512", cpu_backend.NO_CONV_GEMM),
+@pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128, strided_kernels=True)),
+                                                 ("AVX512", cpu_backend.NO_CONV_GEMM),
                                                  ("DEFAULT", cpu_backend.NO_CONV_GEMM)])
 def test_rule_per_capability(capability, expected, monkeypatch):
     # Measured on an AVX2-only CPU (cpu.py); AVX-512 CPUs keep oneDNN's AVX-512 kernels.

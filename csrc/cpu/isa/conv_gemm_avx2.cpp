@@ -1,6 +1,7 @@
 // The implicit-GEMM convolution (math in ../conv_gemm.h) for AVX2 + FMA: a 6 x 16 register tile, 12 ymm
-// accumulators fed by one broadcast of A and two loads of B per k. setup.py compiles this file on x86-64 with
-// -mavx2 -mfma. Each output accumulates over k in order with one fused multiply-add per term.
+// accumulators fed by one broadcast of A and two loads of B per k, A read through one pointer per pixel and kernel
+// row. setup.py compiles this file on x86-64 with -mavx2 -mfma. Each output accumulates over k in order with one
+// fused multiply-add per term.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,12 +19,20 @@ struct Epilogue {
   bool relu;
 };
 
-// c[r, 0:16] = (acc ? acc[r, 0:16] : 0) + sum_{k < depth} a[r * lda + k] * b[k * 16 + 0:16] for r < ROWS, then
-// the epilogue. Not inlined: in its own function the 12 accumulators, b's two vectors and the broadcast fit the
-// 16 ymm registers and the six row pointers fit the general registers.
+// Where a micro-tile reads A: row r's taps of kernel row dy start at rows[r * segments + dy]; the K block of
+// `depth` taps starts at tap `start` of kernel row `segment` and runs through the rows it covers, segment_depth taps
+// each.
+struct TileA {
+  const float* const* rows;
+  int64_t segments, segment_depth, segment, start, depth;
+};
+
+// c[r, 0:16] = (acc ? acc[r, 0:16] : 0) + sum_{k0 <= k < k0 + depth} A[r, k] * b[(k - k0) * 16 + 0:16] for
+// r < ROWS, then the epilogue. Not inlined: in its own function the 12 accumulators, b's two vectors and the
+// broadcast fit the 16 ymm registers and the six row pointers the general registers.
 template <int ROWS>
-__attribute__((noinline)) void micro_tile(const float* a, int64_t lda, const float* b, int64_t depth,
-                                          const float* acc, int64_t ld_acc, float* c, int64_t ldc, const Epilogue& e) {
+__attribute__((noinline)) void micro_tile(const TileA& ta, const float* b, const float* acc, int64_t ld_acc, float* c,
+                                          int64_t ldc, const Epilogue& e) {
   static_assert(ROWS >= 1 && ROWS <= kRows && kCols == 16, "a 6 x 16 tile of two ymm columns");
   const __m256 zero = _mm256_setzero_ps();
   __m256 c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero, c30 = zero, c31 = zero,
@@ -32,23 +41,31 @@ __attribute__((noinline)) void micro_tile(const float* a, int64_t lda, const flo
   if (ROWS > r) { c##r##0 = _mm256_loadu_ps(acc + r * ld_acc); c##r##1 = _mm256_loadu_ps(acc + r * ld_acc + 8); }
   if (acc) { RF_LOAD(0) RF_LOAD(1) RF_LOAD(2) RF_LOAD(3) RF_LOAD(4) RF_LOAD(5) }
 #undef RF_LOAD
-  const float* a0 = a;            // rows 0-2: a0, a0 + lda, a0 + 2 lda
-  const float* a3 = a + (ROWS > 3 ? 3 : 0) * lda;  // rows 3-5 (no pointer past a short tile's rows)
+  int64_t dy = ta.segment, start = ta.start;
+  for (int64_t left = ta.depth; left > 0; ++dy, start = 0) {
+    const int64_t run = std::min(left, ta.segment_depth - start);
+    left -= run;
+    // a short tile's missing rows have no pointers: theirs alias row 0's and are never read
+    const float* const* p = ta.rows + dy;
+    const float* a0 = p[0] + start;
+    const float* a1 = ROWS > 1 ? p[1 * ta.segments] + start : a0;
+    const float* a2 = ROWS > 2 ? p[2 * ta.segments] + start : a0;
+    const float* a3 = ROWS > 3 ? p[3 * ta.segments] + start : a0;
+    const float* a4 = ROWS > 4 ? p[4 * ta.segments] + start : a0;
+    const float* a5 = ROWS > 5 ? p[5 * ta.segments] + start : a0;
 #pragma GCC unroll 4
-  for (int64_t k = 0; k < depth; ++k) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    b += kCols;
-#define RF_STEP(r, p)                                  \
+    for (int64_t k = 0; k < run; ++k) {
+      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      b += kCols;
+#define RF_STEP(r)                                     \
   if (ROWS > r) {                                      \
-    const __m256 ar = _mm256_broadcast_ss(p);          \
+    const __m256 ar = _mm256_broadcast_ss(a##r + k);   \
     c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);        \
     c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);        \
   }
-    RF_STEP(0, a0) RF_STEP(1, a0 + lda) RF_STEP(2, a0 + 2 * lda) RF_STEP(3, a3) RF_STEP(4, a3 + lda)
-    RF_STEP(5, a3 + 2 * lda)
+      RF_STEP(0) RF_STEP(1) RF_STEP(2) RF_STEP(3) RF_STEP(4) RF_STEP(5)
 #undef RF_STEP
-    ++a0;
-    ++a3;
+    }
   }
   if (e.bias) {
     const __m256 bias0 = _mm256_loadu_ps(e.bias), bias1 = _mm256_loadu_ps(e.bias + 8);
@@ -74,24 +91,24 @@ __attribute__((noinline)) void micro_tile(const float* a, int64_t lda, const flo
 #undef RF_STORE
 }
 
-void micro_tile_rows(int64_t rows, const float* a, int64_t lda, const float* b, int64_t depth, const float* acc,
-                     int64_t ld_acc, float* c, int64_t ldc, const Epilogue& e) {
+void micro_tile_rows(int64_t rows, const TileA& ta, const float* b, const float* acc, int64_t ld_acc, float* c,
+                     int64_t ldc, const Epilogue& e) {
   switch (rows) {
-    case 6: return micro_tile<6>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
-    case 5: return micro_tile<5>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
-    case 4: return micro_tile<4>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
-    case 3: return micro_tile<3>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
-    case 2: return micro_tile<2>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
-    default: return micro_tile<1>(a, lda, b, depth, acc, ld_acc, c, ldc, e);
+    case 6: return micro_tile<6>(ta, b, acc, ld_acc, c, ldc, e);
+    case 5: return micro_tile<5>(ta, b, acc, ld_acc, c, ldc, e);
+    case 4: return micro_tile<4>(ta, b, acc, ld_acc, c, ldc, e);
+    case 3: return micro_tile<3>(ta, b, acc, ld_acc, c, ldc, e);
+    case 2: return micro_tile<2>(ta, b, acc, ld_acc, c, ldc, e);
+    default: return micro_tile<1>(ta, b, acc, ld_acc, c, ldc, e);
   }
 }
 
 // The last K block of a tile whose columns end before 16 (a channel count that is not a multiple of 16): through a
 // 6 x 16 scratch tile, then the epilogue in scalar code on the columns that exist.
-void partial_tile(int64_t rows, int64_t cols, const float* a, int64_t lda, const float* b, int64_t depth,
-                  const float* acc, int64_t ld_acc, float* c, int64_t ldc, const Epilogue& e) {
+void partial_tile(int64_t rows, int64_t cols, const TileA& ta, const float* b, const float* acc, int64_t ld_acc,
+                  float* c, int64_t ldc, const Epilogue& e) {
   alignas(32) float scratch[kRows * kCols];
-  micro_tile_rows(rows, a, lda, b, depth, acc, ld_acc, scratch, kCols, Epilogue{nullptr, nullptr, false});
+  micro_tile_rows(rows, ta, b, acc, ld_acc, scratch, kCols, Epilogue{nullptr, nullptr, false});
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < cols; ++j) {
       const float v = scratch[r * kCols + j] + e.bias[j] + (e.residual ? e.residual[r * ldc + j] : 0.f);
@@ -99,43 +116,64 @@ void partial_tile(int64_t rows, int64_t cols, const float* a, int64_t lda, const
     }
 }
 
+// Where rows [m0, m1) read A, segment by segment: rows[(m - m0) * kernel_h + dy] (see TileA).
+void row_pointers(const float* x, const Geometry& g, const Border& border, int64_t m0, int64_t m1,
+                  std::vector<const float*>& rows) {
+  const int64_t pixels = g.out_h * g.out_w, depth = g.depth(), segment = g.segment_depth();
+  const int64_t x_row = g.in_w * g.in_channels;  // floats between kernel rows in x
+  rows.resize((m1 - m0) * g.kernel_h);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t n = m / pixels, pixel = m % pixels, oh = pixel / g.out_w, ow = pixel % g.out_w;
+    const int32_t slot = border.slot ? border.slot[pixel] : -1;
+    const float* first = slot >= 0
+        ? border.rows + (n * border.per_image + slot) * depth
+        : x + ((n * g.in_h + oh * g.stride - g.padding) * g.in_w + ow * g.stride - g.padding) * g.in_channels;
+    const int64_t step = slot >= 0 ? segment : x_row;
+    for (int64_t dy = 0; dy < g.kernel_h; ++dy) rows[(m - m0) * g.kernel_h + dy] = first + dy * step;
+  }
+}
+
 }  // namespace
 
-void run_tasks_avx2(const float* a_all, const Geometry& g, const float* packed_weight, const float* bias,
-                    const float* residual, float* y, bool relu, const Blocking& blocking, int64_t begin, int64_t end) {
-  const int64_t m_all = g.rows(), n_all = g.out_channels, k_all = g.depth();
+void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, const float* packed_weight,
+                    const float* bias, const float* residual, float* y, bool relu, const Blocking& blocking,
+                    int64_t begin, int64_t end) {
+  const int64_t m_all = g.rows(), n_all = g.out_channels, k_all = g.depth(), segment_depth = g.segment_depth();
   const bool blocked_k = k_all > kDepth;
   // The sums of the K blocks before the last, per task: never in y, which may be the residual's buffer.
   std::vector<float> partial(blocked_k ? blocking.rows * blocking.cols : 0);
   const int64_t ld_partial = blocking.cols;
+  std::vector<const float*> rows_a;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t m0 = task / blocking.col_blocks * blocking.rows, m1 = std::min(m_all, m0 + blocking.rows);
     const int64_t n0 = task % blocking.col_blocks * blocking.cols, n1 = std::min(n_all, n0 + blocking.cols);
+    row_pointers(x, g, border, m0, m1, rows_a);
+    // the task's rows in tiles as equal in height as the fewest tiles allow, the first `taller` one row taller (49
+    // rows: 6,6,6,6,5,5,5,5,5, not eight of 6 and one of 1, whose FMAs wait on a broadcast and two loads each)
+    const int64_t tiles = (m1 - m0 + kRows - 1) / kRows, height = (m1 - m0) / tiles, taller = (m1 - m0) % tiles;
     for (int64_t k0 = 0; k0 < k_all; k0 += kDepth) {
       const int64_t depth = std::min(kDepth, k_all - k0);
       const bool first = k0 == 0, last = k0 + depth == k_all;
-      const float* a_block = a_all + m0 * k_all + k0;
-      const int64_t lda = k_all;
+      const int64_t segment = k0 / segment_depth, start = k0 % segment_depth;
       for (int64_t j = n0; j < n1; j += kCols) {
         const float* b = packed_weight + j * k_all + k0 * kCols;  // panel j / kCols, from row k0
         const int64_t cols = std::min(kCols, n1 - j);
-        for (int64_t i = m0; i < m1; i += kRows) {
-          const int64_t rows = std::min(kRows, m1 - i);
-          const float* a = a_block + (i - m0) * lda;
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t i = m0 + t * height + std::min(t, taller), rows = height + (t < taller ? 1 : 0);
+          const TileA ta{rows_a.data() + (i - m0) * g.kernel_h, g.kernel_h, segment_depth, segment, start, depth};
           // the partial sums' tile: 16 columns always lie within the task's block of `cols` (a multiple of 16)
           float* part = blocked_k ? partial.data() + (i - m0) * ld_partial + (j - n0) : nullptr;
           const float* acc = first ? nullptr : part;
           if (!last) {
-            micro_tile_rows(rows, a, lda, b, depth, acc, ld_partial, part, ld_partial,
-                            Epilogue{nullptr, nullptr, false});
+            micro_tile_rows(rows, ta, b, acc, ld_partial, part, ld_partial, Epilogue{nullptr, nullptr, false});
             continue;
           }
           const Epilogue e{bias + j, residual ? residual + i * n_all + j : nullptr, relu};
           float* c = y + i * n_all + j;
           if (cols == kCols)
-            micro_tile_rows(rows, a, lda, b, depth, acc, ld_partial, c, n_all, e);
+            micro_tile_rows(rows, ta, b, acc, ld_partial, c, n_all, e);
           else
-            partial_tile(rows, cols, a, lda, b, depth, acc, ld_partial, c, n_all, e);
+            partial_tile(rows, cols, ta, b, acc, ld_partial, c, n_all, e);
         }
       }
     }

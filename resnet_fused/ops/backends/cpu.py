@@ -7,8 +7,9 @@ Its pack is the folded weight w * scale[c] (channels_last) and the folded shift 
 convolution's dtype (x's, or fp32 for bf16/fp16 on a CPU without native kernels for them), run by the internal op
 conv_bias_act: nothing is re-laid-out per call. fp32 3x3 stride-1 convs over enough output tiles run as Winograd
 F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd), its 36 products by MKL or oneDNN as
-measured per CPU vendor (WINOGRAD_RULES); on CPUs whose widest vector unit is AVX2, fp32 1x1 convs run as the
-extension's own implicit GEMM (csrc/cpu/conv_gemm.h, the internal op conv_gemm; CONV_GEMM_RULES). A fold that is not
+measured per CPU vendor (WINOGRAD_RULES); on CPUs whose widest vector unit is AVX2, fp32 1x1 convs and the strided
+larger kernels (stem, stride-2 3x3s) run as the extension's own implicit GEMM (csrc/cpu/conv_gemm.h, the internal op
+conv_gemm; CONV_GEMM_RULES). A fold that is not
 finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
 """
 
@@ -132,9 +133,12 @@ WINOGRAD_RULE = WINOGRAD_RULES.get(cpu_vendor(), DEFAULT_WINOGRAD_RULE)
 
 class ConvGemmRule(NamedTuple):
     """Which fp32 convs run as the implicit GEMM (csrc/cpu/conv_gemm.h: AVX2 6x16 register tiles, the epilogue in
-    registers) instead of oneDNN: 1x1 convs (padding 0, any stride) with at least this many input channels."""
+    registers, x read in place) instead of oneDNN: 1x1 convs (padding 0, any stride) with at least this many input
+    channels, and where strided_kernels, the convs with a larger kernel and a stride of 2 or more (the stem, the
+    stride-2 3x3s)."""
 
     min_pointwise_in_channels: float
+    strided_kernels: bool = False
 
 
 # Measured per conv on 2 cores of an AMD EPYC (Zen 3, AVX2 only; oneDNN runs its AVX2 kernels there), each against
@@ -143,10 +147,14 @@ class ConvGemmRule(NamedTuple):
 # Inside resnet50 at batch 1 those convs ran 1.05-1.33x faster; whole models 1.036x (batch 1) and 1.032x (batch 8).
 # From 64 input channels instead: layer1's 1x1 convs 1.10-1.22x faster there, but the Winograd convs after them
 # 0.83-0.86x, all convolutions 65.0 ms either way; so 128.
-# Its 3x3 convs level with oneDNN's (0.89-1.08x) and the 7x7 stem slower (0.6-0.75x): those stay on oneDNN. CPUs
-# with AVX-512 keep oneDNN's AVX-512 kernels (measured as fast as ONNX Runtime's on a Zen 4 EPYC); keyed by ATen's
-# CPU capability.
-CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128)}
+# With A read straight from x (only the border pixels' rows gathered), each conv against oneDNN's with the same
+# epilogue, alternating: the 7x7 stem 1.23x (batch 1) and 1.26x (batch 8) faster, the stride-2 3x3s 1.05-1.08x and
+# 1.01-1.11x, stride-1 3x3s not taken by Winograd level or slower (1.00x at 7x7 batch 1, 0.95x batch 8): so the
+# strided larger kernels take it too. Whole models, the 1x1-only rule against this one, interleaved (25, 25, 6 and 8
+# rounds): resnet50 batch 1 1.050x and 1.026x, batch 8 1.043x; resnet18 batch 1 1.019x (20), batch 8 1.033x.
+# CPUs with AVX-512 keep oneDNN's AVX-512 kernels (measured as fast as ONNX Runtime's on a Zen 4 EPYC); keyed by
+# ATen's CPU capability.
+CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128, strided_kernels=True)}
 NO_CONV_GEMM = ConvGemmRule(math.inf)
 
 
@@ -164,9 +172,11 @@ CONV_GEMM_RULE = _conv_gemm_rule()
 
 
 def _runs_conv_gemm(pack, input_shape) -> bool:
-    return (pack.kernel_size == (1, 1) and pack.padding == 0 and pack.dtype == torch.float32
-            and pack.payload.weight.dtype == torch.float32
-            and input_shape[1] >= CONV_GEMM_RULE.min_pointwise_in_channels)
+    if pack.dtype != torch.float32 or pack.payload.weight.dtype != torch.float32:
+        return False
+    if pack.kernel_size == (1, 1):
+        return pack.padding == 0 and input_shape[1] >= CONV_GEMM_RULE.min_pointwise_in_channels
+    return CONV_GEMM_RULE.strided_kernels and pack.stride >= 2
 
 
 def _tiles(input_shape) -> int:
