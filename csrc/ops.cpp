@@ -18,6 +18,7 @@
 #include "cpu/conv_dtype.h"
 #include "cpu/conv_gemm.h"
 #include "conv_plan_binding.h"
+#include "tensor_watch.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
   m.def("conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
@@ -49,7 +50,8 @@ TORCH_LIBRARY(resnet_fused, m) {
 }
 
 // Importing resnet_fused._C runs the registrations above and in the kernel files; the module itself answers the
-// "cpu" backend's question of which dtype to fold a pack into, and which kernel the CUDA conv runs (conv_plan.h).
+// "cpu" backend's question of which dtype to fold a pack into, and which kernel the CUDA conv runs (conv_plan.h),
+// and checks the fused modules' tensors for changes (tensor_watch.h).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_conv_dtype", [](at::ScalarType dtype) { return resnet_fused::cpu::conv_dtype(dtype, dtype); },
@@ -80,4 +82,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_cache_set_limit", &resnet_fused::cpu::block_cache_set_limit, pybind11::arg("limit_bytes"));
   m.def("cpu_cache_empty", &resnet_fused::cpu::block_cache_empty);
   resnet_fused::register_conv_plan(m);  // the CUDA kernels' plan, for tests and reports (CPU build too)
+  resnet_fused::register_tensor_watch(m);  // the fused modules' staleness check (resnet_fused/fusion/changes.py)
 }

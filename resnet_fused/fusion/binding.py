@@ -54,7 +54,7 @@ class Bindings:
             watched += [bn.weight, bn.bias]
             if not batch_stats(bn):
                 watched += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
-        self.tensors = changes.TensorState([t for t in watched if t is not None])  # raises for inference tensors
+        self.tensors = changes.watch_tensors([t for t in watched if t is not None])  # raises for inference tensors
         self.attrs = self._attrs()
         self.packs: dict = {}
         self.runs: dict = {}
