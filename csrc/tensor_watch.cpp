@@ -1,7 +1,10 @@
 // TensorWatch (tensor_watch.h): a fused module's bound calls stay valid while none of its parameters and buffers was
-// edited in place (its version counter moved), had requires_grad flipped, or had its storage swapped (`p.data = t`:
-// another data pointer). Checked before every call, so in one C++ loop rather than ~20 Python attribute reads.
+// edited in place (its version counter moved), had requires_grad flipped, or had its storage swapped (`p.data = t`,
+// torch.utils.swap_tensors: another data pointer). Checked before every call, so in one C++ loop rather than ~20
+// Python attribute reads.
 #include "tensor_watch.h"
+
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <utility>
 #include <vector>
@@ -12,19 +15,20 @@ namespace {
 class TensorWatch {
  public:
   // Raises for inference tensors, which have no version counter.
-  explicit TensorWatch(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
-    storages_.reserve(tensors_.size());
-    for (const at::Tensor& t : tensors_) {
+  explicit TensorWatch(std::vector<pybind11::object> tensors) : tensors_(std::move(tensors)) {
+    for (const pybind11::object& t : tensors_) {
+      TORCH_CHECK(THPVariable_Check(t.ptr()), "TensorWatch: tensors must be torch.Tensor objects");
+      const at::Tensor& tensor = THPVariable_Unpack(t.ptr());
       // a swapped-out storage kept alive cannot be freed and reallocated at the same address, which would make a
       // swap look like no change
-      storages_.push_back(t.storage());
-      state_.push_back(read(t));
+      storages_.push_back(tensor.has_storage() ? tensor.storage() : c10::Storage());
+      state_.push_back(read(tensor));
     }
   }
 
   bool is_current() const {
     for (size_t i = 0; i < tensors_.size(); ++i)
-      if (read(tensors_[i]) != state_[i]) return false;
+      if (read(THPVariable_Unpack(tensors_[i].ptr())) != state_[i]) return false;
     return true;
   }
 
@@ -39,10 +43,12 @@ class TensorWatch {
   };
 
   static State read(const at::Tensor& t) {
-    return {static_cast<int64_t>(t._version()), t.requires_grad(), t.const_data_ptr()};
+    return {static_cast<int64_t>(t._version()), t.requires_grad(), t.has_storage() ? t.const_data_ptr() : nullptr};
   }
 
-  std::vector<at::Tensor> tensors_;
+  // The Python objects, not at::Tensor references: an extra reference to a parameter's TensorImpl would make
+  // torch.utils.swap_tensors refuse it, and a swap replaces what the object holds, which is what is watched.
+  std::vector<pybind11::object> tensors_;
   std::vector<c10::Storage> storages_;
   std::vector<State> state_;
 };
@@ -53,7 +59,7 @@ void register_tensor_watch(pybind11::module& m) {
   pybind11::class_<TensorWatch>(m, "TensorWatch",
                                 "The versions, requires_grad flags and data pointers of some tensors, recorded at "
                                 "construction; is_current() is False once any of them changed.")
-      .def(pybind11::init<std::vector<at::Tensor>>(), pybind11::arg("tensors"))
+      .def(pybind11::init<std::vector<pybind11::object>>(), pybind11::arg("tensors"))
       .def("is_current", &TensorWatch::is_current);
 }
 

@@ -44,7 +44,7 @@ SHAPES = [
     (1, 1, 1, 1, 1, 1, 1, 0),         # one of everything
     (2, 40, 10, 9, 33, 3, 1, 1),      # K = 360 from taps: a K block ends inside a tap
     (1, 200, 4, 4, 16, 1, 1, 0),      # one 16-column task: its 16 rows split between the threads
-    (2, 37, 14, 13, 20, 3, 1, 1),     # kernel rows of 111 taps: 256-deep K blocks end inside the second and third
+    (2, 37, 14, 13, 20, 3, 1, 1),     # kernel rows of 111 taps: K block 1 ends inside the third, block 2 starts there
     (3, 8, 12, 10, 16, 5, 3, 2),      # 5x5 stride 3: border and inside pixels in every image of three
     (2, 16, 9, 9, 24, 3, 2, 0),       # a 3x3 without padding: no pixel gathered
     (2, 6, 8, 11, 16, (1, 3), 1, 1),  # a 1x3 kernel with padding 1: rows of padding above and below
@@ -85,11 +85,16 @@ def test_conv_gemm_matches_oracle(shape, residual, relu):
     assert_matches(y, expected, torch.float32)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=_ids([SHAPES[1], SHAPES[3]]))
+NCHW = [SHAPES[1], SHAPES[3], SHAPES[5]]
+
+
+@pytest.mark.parametrize("shape", NCHW, ids=_ids(NCHW))
 def test_nchw_input(shape):
     x, weight, bias, res = conv_inputs(shape, True, channels_last=False)
-    y = GEMM(x, PACK(weight), bias, res, [1, 1], shape[6], 0, True)
-    assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, shape[6], 0, True), torch.float32)
+    stride, padding = shape[6:]
+    y = GEMM(x, PACK(weight), bias, res, list(_kernel(shape)), stride, padding, True)
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, stride, padding, True)
+    assert_matches(y, expected, torch.float32)
 
 
 INTO = [SHAPES[0], SHAPES[3], SHAPES[9], SHAPES[12]]
@@ -103,6 +108,16 @@ def test_into_residual_writes_the_residuals_buffer(shape):
     expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, stride, padding, True)
     y = GEMM(x, PACK(weight), bias, res, list(_kernel(shape)), stride, padding, True, True)
     assert y.data_ptr() == res.data_ptr()
+    assert_matches(y, expected, torch.float32)
+
+
+def test_into_residual_never_takes_the_inputs_own_buffer():
+    # A 1x1 conv whose residual is x itself: writing y there would change x under the threads still reading it.
+    x, weight, bias, _ = conv_inputs((1, 64, 9, 7, 64, 1, 1, 0), False)
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, x, 1, 0, True)
+    before = x.clone()
+    y = GEMM(x, PACK(weight), bias, x, [1, 1], 1, 0, True, True)
+    assert y.data_ptr() != x.data_ptr() and torch.equal(x, before)
     assert_matches(y, expected, torch.float32)
 
 

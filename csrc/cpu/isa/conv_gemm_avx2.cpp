@@ -119,7 +119,7 @@ void partial_tile(int64_t rows, int64_t cols, const TileA& ta, const float* b, c
 // Where rows [m0, m1) read A, segment by segment: rows[(m - m0) * kernel_h + dy] (see TileA).
 void row_pointers(const float* x, const Geometry& g, const Border& border, int64_t m0, int64_t m1,
                   std::vector<const float*>& rows) {
-  const int64_t pixels = g.out_h * g.out_w, depth = g.depth(), segment = g.segment_depth();
+  const int64_t pixels = g.out_h * g.out_w, depth = g.depth(), segment_depth = g.segment_depth();
   const int64_t x_row = g.in_w * g.in_channels;  // floats between kernel rows in x
   rows.resize((m1 - m0) * g.kernel_h);
   for (int64_t m = m0; m < m1; ++m) {
@@ -128,7 +128,7 @@ void row_pointers(const float* x, const Geometry& g, const Border& border, int64
     const float* first = slot >= 0
         ? border.rows + (n * border.per_image + slot) * depth
         : x + ((n * g.in_h + oh * g.stride - g.padding) * g.in_w + ow * g.stride - g.padding) * g.in_channels;
-    const int64_t step = slot >= 0 ? segment : x_row;
+    const int64_t step = slot >= 0 ? segment_depth : x_row;
     for (int64_t dy = 0; dy < g.kernel_h; ++dy) rows[(m - m0) * g.kernel_h + dy] = first + dy * step;
   }
 }

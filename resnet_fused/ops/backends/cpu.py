@@ -9,8 +9,7 @@ conv_bias_act: nothing is re-laid-out per call. fp32 3x3 stride-1 convs over eno
 F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd), its 36 products by MKL or oneDNN as
 measured per CPU vendor (WINOGRAD_RULES); on CPUs whose widest vector unit is AVX2, fp32 1x1 convs and the strided
 larger kernels (stem, stride-2 3x3s) run as the extension's own implicit GEMM (csrc/cpu/conv_gemm.h, the internal op
-conv_gemm; CONV_GEMM_RULES). A fold that is not
-finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
+conv_gemm; CONV_GEMM_RULES). A fold that is not finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
 """
 
 from __future__ import annotations
