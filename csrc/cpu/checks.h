@@ -1,9 +1,11 @@
 // Argument checks for the CPU kernels: each failure is a TORCH_CHECK naming the argument and what was expected,
-// so that direct torch.ops.resnet_fused.* calls fail as clearly as the Python ops (which validate first).
+// so that direct torch.ops.resnet_fused.* calls fail as clearly as the Python ops (which validate first); and where
+// an op told into_residual puts its output (output_buffer).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 
 // Dispatch over the three supported storage types (float32, bfloat16, float16), with scalar_t bound.
 #define RESNET_FUSED_DISPATCH(TYPE, NAME, ...)                 \
@@ -43,6 +45,17 @@ inline void check_residual(const char* op, const std::optional<at::Tensor>& resi
               residual->sizes());
   TORCH_CHECK(residual->scalar_type() == dtype, op, ": residual must have x's dtype ", dtype, ", got ",
               residual->scalar_type());
+}
+
+// The output of an op told into_residual (the caller's residual is dead after the call): the residual's own buffer
+// where that is dense channels_last and shares no memory with x, which other threads may still be reading; else a new
+// channels_last tensor. The kernels read each output's residual once, just before writing that output.
+inline at::Tensor output_buffer(const at::Tensor& x, const std::optional<at::Tensor>& residual, bool into_residual,
+                                at::IntArrayRef out_shape) {
+  if (into_residual && residual.has_value() && residual->is_contiguous(at::MemoryFormat::ChannelsLast) &&
+      at::get_overlap_status(x, *residual) == at::MemOverlapStatus::No)
+    return *residual;
+  return at::empty(out_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
 }  // namespace resnet_fused::cpu

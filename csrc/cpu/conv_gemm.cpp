@@ -7,7 +7,6 @@
 //
 // fp32 only; runs where this CPU and ATen's dispatch allow AVX2 (conv_gemm::available).
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -123,12 +122,7 @@ at::Tensor conv_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at
               "conv_gemm: packed must be 32-byte aligned (a tensor of its own, not a view into one)");
   const std::vector<int64_t> out_shape{g.batch, c_out, g.out_h, g.out_w};
   check_residual("conv_gemm", residual, out_shape, at::kFloat);
-  // into_residual: the caller's residual is dead after this call, so y takes its buffer where that is dense
-  // channels_last (each output is read from it, once, just before it is written there) and shares no memory with x
-  // (which other threads still read).
-  const bool in_place = into_residual && residual.has_value() && residual->is_contiguous(kCL) &&
-                        at::get_overlap_status(x, *residual) == at::MemOverlapStatus::No;
-  at::Tensor y = in_place ? *residual : at::empty(out_shape, x.options().memory_format(kCL));
+  at::Tensor y = output_buffer(x, residual, into_residual, out_shape);
   if (y.numel() == 0) return y;
   const at::Tensor xc = x.contiguous(kCL), bc = bias.contiguous();
   const at::Tensor rc = residual.has_value() ? residual->contiguous(kCL) : at::Tensor();

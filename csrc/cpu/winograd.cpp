@@ -279,10 +279,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   check_residual("conv3x3_winograd", residual, {n, c_out, h, w}, at::kFloat);
   TORCH_CHECK(c_in > 0 && h > 0 && w > 0, "conv3x3_winograd: x must have non-zero C_in, height and width, got shape ",
               x.sizes());
-  // into_residual: the caller's residual is dead after this call, so y takes its buffer where that is dense
-  // channels_last (each output is read from it, once, just before it is written there).
-  const bool in_place = into_residual && residual.has_value() && residual->is_contiguous(kCL);
-  at::Tensor y = in_place ? *residual : at::empty({n, c_out, h, w}, x.options().memory_format(kCL));
+  at::Tensor y = output_buffer(x, residual, into_residual, {n, c_out, h, w});
   if (y.numel() == 0) return y;
   const Tiles g{n, h, w, (h + kOut - 1) / kOut, (w + kOut - 1) / kOut};
   const at::Tensor xc = x.contiguous(kCL);

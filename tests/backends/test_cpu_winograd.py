@@ -73,6 +73,21 @@ def test_winograd_op_with_onednn_products_matches_oracle(shape, residual, relu, 
     torch.testing.assert_close(y, WINOGRAD(x, TRANSFORM(weight), bias, res, relu, False), rtol=1e-5, atol=1e-5)
 
 
+def test_into_residual_takes_the_residuals_buffer_but_never_the_inputs():
+    x, weight, bias, res = conv_inputs((2, 16, 9, 7, 16), True, True)
+    res = res.contiguous(memory_format=CL)
+    u = TRANSFORM(weight)
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, True)
+    y = WINOGRAD(x, u, bias, res, True, True, True)
+    assert y.data_ptr() == res.data_ptr()
+    assert_matches(y, expected, torch.float32)
+    # x as its own residual: its buffer is never the output's
+    expected, before = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, x, 1, 1, True), x.clone()
+    y = WINOGRAD(x, u, bias, x, True, True, True)
+    assert y.data_ptr() != x.data_ptr() and torch.equal(x, before)
+    assert_matches(y, expected, torch.float32)
+
+
 def test_winograd_results_survive_later_calls():
     # The transformed buffers are reused between calls on a thread (a kept workspace): an earlier output must not
     # alias it, a smaller call after a larger one must not read the larger one's leftovers, and a buffer first made
