@@ -134,8 +134,11 @@ at::Tensor conv_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const float* r_ptr = rc.defined() ? rc.const_data_ptr<float>() : nullptr;
   float* y_ptr = y.mutable_data_ptr<float>();
 #ifdef RESNET_FUSED_X86_KERNELS
-  at::parallel_for(0, blocking.tasks(), 1, [&](int64_t begin, int64_t end) {
-    conv_gemm::run_tasks_avx2(x_ptr, g, gathered.border, b_ptr, bias_ptr, r_ptr, y_ptr, relu, blocking, begin, end);
+  const int64_t lanes = std::min<int64_t>(at::get_num_threads(), blocking.tasks());
+  conv_gemm::TaskQueue queue(blocking.tasks(), lanes);
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t lane = begin; lane < end; ++lane)
+      conv_gemm::run_tasks_avx2(x_ptr, g, gathered.border, b_ptr, bias_ptr, r_ptr, y_ptr, relu, blocking, queue, lane);
   });
 #endif
   return y;

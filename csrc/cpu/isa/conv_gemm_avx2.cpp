@@ -34,6 +34,13 @@ template <int ROWS>
 __attribute__((noinline)) void micro_tile(const TileA& ta, const float* b, const float* acc, int64_t ld_acc, float* c,
                                           int64_t ldc, const Epilogue& e) {
   static_assert(ROWS >= 1 && ROWS <= kRows && kCols == 16, "a 6 x 16 tile of two ymm columns");
+  // The residual's rows, asked for now so that they arrive while the K loop runs: the epilogue's loads of them
+  // otherwise wait on memory once per tile (a residual written long before is out of the caches).
+  if (e.residual)
+    for (int r = 0; r < ROWS; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(e.residual + r * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(e.residual + r * ldc + kCols - 1), _MM_HINT_T0);
+    }
   const __m256 zero = _mm256_setzero_ps();
   __m256 c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero, c30 = zero, c31 = zero,
          c40 = zero, c41 = zero, c50 = zero, c51 = zero;
@@ -137,15 +144,16 @@ void row_pointers(const float* x, const Geometry& g, const Border& border, int64
 
 void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, const float* packed_weight,
                     const float* bias, const float* residual, float* y, bool relu, const Blocking& blocking,
-                    int64_t begin, int64_t end) {
-  const int64_t m_all = g.rows(), n_all = g.out_channels, k_all = g.depth(), segment_depth = g.segment_depth();
+                    TaskQueue& queue, int64_t lane) {
+  const int64_t n_all = g.out_channels, k_all = g.depth(), segment_depth = g.segment_depth();
   const bool blocked_k = k_all > kDepth;
   // The sums of the K blocks before the last, per task: never in y, which may be the residual's buffer.
   std::vector<float> partial(blocked_k ? blocking.rows * blocking.cols : 0);
   const int64_t ld_partial = blocking.cols;
   std::vector<const float*> rows_a;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t m0 = task / blocking.col_blocks * blocking.rows, m1 = std::min(m_all, m0 + blocking.rows);
+  for (int64_t task; (task = queue.next(lane)) >= 0;) {
+    const int64_t row_block = task / blocking.col_blocks;
+    const int64_t m0 = blocking.row_begin(row_block), m1 = blocking.row_begin(row_block + 1);
     const int64_t n0 = task % blocking.col_blocks * blocking.cols, n1 = std::min(n_all, n0 + blocking.cols);
     row_pointers(x, g, border, m0, m1, rows_a);
     // the task's rows in tiles as equal in height as the fewest tiles allow, the first `taller` one row taller (49
