@@ -6,9 +6,9 @@ border gathered (padding, several images, no padding at all, rectangular kernels
 row), channel counts off the 16-column panel, pixel counts off the 6-row tile and past one row block, K past one
 256-deep block (the partial sums kept out of the residual's buffer when the output goes there), batch 1, a 7x7 stem,
 residual and ReLU on and off, NCHW inputs, bitwise the same on 1-5 threads; where NaN goes through the ReLU; the
-packed path choosing it by this CPU's rule (1x1 convs, and strided larger kernels; one packed weight per pack, other
-convs and dtypes left to oneDNN, a fused bottleneck against eager); the rule per ATen CPU capability; argument
-errors.
+packed path choosing it by this CPU's rule (1x1 convs, from fewer channels where the call adds a residual, and strided
+larger kernels; one packed weight per pack, other convs and dtypes left to oneDNN, fused bottlenecks against eager);
+the rule per ATen CPU capability; argument errors.
 """
 
 import copy
@@ -231,6 +231,42 @@ def test_below_the_rules_channel_count_stays_on_onednn(monkeypatch):
     assert [isinstance(_prepared(packs[c])[0], ConvGemmWeight) for c in (63, 64)] == [False, True]
 
 
+def test_calls_with_a_residual_take_the_gemm_from_the_residual_rules_channel_count(monkeypatch):
+    # The same pack: with a residual through the GEMM (64 channels, not 63), without one through oneDNN.
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(128, min_residual_pointwise_in_channels=64))
+    for cin in (63, 64):
+        weight, scale, shift = torch.randn(40, cin, 1, 1) / 8, torch.rand(40) + 0.5, torch.randn(40)
+        pack = rf.ops.pack_conv_bn(weight, scale, shift, backend="cpu")
+        x = torch.randn(2, cin, 7, 5).contiguous(memory_format=CL)
+        res = torch.randn(2, 40, 7, 5).contiguous(memory_format=CL)
+        with torch.inference_mode():
+            with_residual = rf.ops.conv_bn_act_packed(x, pack, res, relu=True)
+            without = rf.ops.conv_bn_act_packed(x, pack, relu=True)
+        assert_matches(with_residual, ref_conv_bn_act(x, weight, scale, shift, res, 1, 0, True), torch.float32)
+        assert_matches(without, ref_conv_bn_act(x, weight, scale, shift, None, 1, 0, True), torch.float32)
+        weights = pack.payload.onednn_weights
+        assert not isinstance(weights[tuple(x.shape)], ConvGemmWeight)
+        assert isinstance(weights.get(("residual", *x.shape)), ConvGemmWeight) == (cin == 64)
+
+
+def test_fused_bottleneck_matches_eager_with_the_avx2_rule(monkeypatch):
+    # layer1's shape: the 64 -> 256 expansion adds the residual through the GEMM, the 256 -> 64 reduction takes it by
+    # its channel count, the 3x3 and the 64 -> 256 projection (no residual) stay where they were.
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", cpu_backend.CONV_GEMM_RULES["AVX2"])
+    torch.manual_seed(0)
+    for inplanes, downsample in ((256, None), (64, torch.nn.Sequential(torch.nn.Conv2d(64, 256, 1, bias=False),
+                                                                       torch.nn.BatchNorm2d(256)))):
+        block = Bottleneck(inplanes, 64, downsample=downsample).eval()
+        for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        fused = FusedBottleneck.from_block(copy.deepcopy(block), backend="cpu")
+        x = torch.randn(2, inplanes, 9, 10).contiguous(memory_format=CL)
+        with torch.inference_mode():
+            expected, y = block(x), fused(x)
+        assert_matches(y, expected, torch.float32)
+
+
 def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
     # Every conv of the block (reduce, the stride-2 3x3, expand with the residual, the strided projection) through
     # the GEMM.
@@ -249,7 +285,8 @@ def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
     assert torch.equal(y, y_again)
 
 
-@pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128, strided_kernels=True)),
+@pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128, strided_kernels=True,
+                                                                      min_residual_pointwise_in_channels=64)),
                                                  ("AVX512", cpu_backend.NO_CONV_GEMM),
                                                  ("DEFAULT", cpu_backend.NO_CONV_GEMM)])
 def test_rule_per_capability(capability, expected, monkeypatch):
