@@ -151,6 +151,10 @@ void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, con
   std::vector<float> partial(blocked_k ? blocking.rows * blocking.cols : 0);
   const int64_t ld_partial = blocking.cols;
   std::vector<const float*> rows_a;
+  // With one row block every slice of B is swept once per call and comes from memory: the next slice is fetched
+  // during the current sweep (late stages at batch 1: 1.03-1.17x). With several, B stays in L2 from block to block
+  // and fetching ahead cost 1-2%.
+  const bool fetch_ahead = blocking.row_blocks == 1;
   for (int64_t task; (task = queue.next(lane)) >= 0;) {
     const int64_t row_block = task / blocking.col_blocks;
     const int64_t m0 = blocking.row_begin(row_block), m1 = blocking.row_begin(row_block + 1);
@@ -166,8 +170,20 @@ void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, con
       for (int64_t j = n0; j < n1; j += kCols) {
         const float* b = packed_weight + j * k_all + k0 * kCols;  // panel j / kCols, from row k0
         const int64_t cols = std::min(kCols, n1 - j);
+        // B's next slice, fetched into L2 a share per tile while this one is swept
+        const float* next_b = nullptr;
+        int64_t next_depth = 0;  // its rows of kCols floats: one cache line each
+        if (fetch_ahead && j + kCols < n1) {
+          next_b = b + k_all * kCols;  // the next panel, same K block
+          next_depth = depth;
+        } else if (fetch_ahead && !last) {  // the task's first panel, from the next K block
+          next_b = packed_weight + n0 * k_all + (k0 + kDepth) * kCols;
+          next_depth = std::min(kDepth, k_all - k0 - kDepth);
+        }
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t i = m0 + t * height + std::min(t, taller), rows = height + (t < taller ? 1 : 0);
+          for (int64_t l = t * next_depth / tiles; l < (t + 1) * next_depth / tiles; ++l)
+            _mm_prefetch(reinterpret_cast<const char*>(next_b + l * kCols), _MM_HINT_T1);
           const TileA ta{rows_a.data() + (i - m0) * g.kernel_h, g.kernel_h, segment_depth, segment, start, depth};
           // the partial sums' tile: 16 columns always lie within the task's block of `cols` (a multiple of 16)
           float* part = blocked_k ? partial.data() + (i - m0) * ld_partial + (j - n0) : nullptr;
