@@ -12,7 +12,9 @@ ratios. Here each round runs every provider `runs` times in turn, and each provi
 its runs (its minimum, the least disturbed run, is kept too). Each provider's turn starts with one untimed run: an
 engine's idle worker threads spin for a while after its run (ONNX Runtime's, OpenVINO's and torch's OpenMP pool
 alike), and the provider that runs next would otherwise share the cores with them (measured: a fused resnet50 run
-straight after ONNX Runtime's took 1.25-1.7x as long, ONNX Runtime's straight after a torch run 1.03-1.2x). Each
+straight after ONNX Runtime's took 1.25-1.7x as long, ONNX Runtime's straight after a torch run 1.03-1.2x). Even so,
+the later place in a round measured faster (fused resnet50 at batch 1 against ONNX Runtime, 10 rounds: 0.95x and 0.96x
+when fused ran first, 1.04x and 1.02x when it ran second), so the order moves on by one provider each round. Each
 provider's output is checked against eager before timing. The load average is recorded before and after each case.
 
 --json writes the pytest-benchmark layout (one entry per case and provider, extra_info["provider"], stats in
@@ -116,11 +118,15 @@ def time_train_case(model_name: str, setting: Setting, providers, rounds: int, r
 
 def interleaved(runners: dict, rounds: int, runs: int):
     """({provider: [seconds, ...]}, (load average before, after)): each round runs every provider once untimed (the
-    previous engine's spinning threads settle) and then `runs` times timed."""
+    previous engine's spinning threads settle) and then `runs` times timed, in an order that moves on by one provider
+    each round, so that every provider takes every place in the round equally often."""
     load_before = os.getloadavg()[0]
     times = {provider: [] for provider in runners}
-    for _ in range(rounds):
-        for provider, run in runners.items():
+    order = list(runners)
+    for index in range(rounds):
+        shift = index % len(order)
+        for provider in order[shift:] + order[:shift]:
+            run = runners[provider]
             run()
             for _ in range(runs):
                 begin = time.perf_counter()
@@ -144,7 +150,7 @@ def entry(model_name, setting, provider, samples, extra, loads, env, train: bool
                        "dtype": DTYPE_NAMES[setting.dtype], "batch": setting.batch, **flops,
                        "device_name": env["device"], "machine": env["device"], "torch": env["torch"],
                        "threads": torch.get_num_threads(),
-                       "interleaved": True, "settle_runs": 1, "load_before": loads[0], "load_after": loads[1], **extra},
+                       "interleaved": True, "order": "rotated", "settle_runs": 1, "load_before": loads[0], "load_after": loads[1], **extra},
         "stats": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
                   "mean": statistics.fmean(samples), "rounds": len(samples), "data": samples},
     }

@@ -1,5 +1,6 @@
 """benchmarks/side_by_side.py end to end at the smallest sizes: the interleaved inference and train-step runs write
-pytest-benchmark JSON with one entry per provider, in the groups the pytest benchmarks use."""
+pytest-benchmark JSON with one entry per provider, in the groups the pytest benchmarks use; the order of the providers
+moves on by one each round."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def test_inference(tmp_path):
     assert all(e["stats"]["rounds"] == 1 and e["extra_info"]["interleaved"] for e in entries)
 
 
+def test_every_provider_takes_every_place_in_the_rounds():
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times, _ = side_by_side.interleaved(runners, rounds=3, runs=2)
+    rounds = [calls[i:i + 9] for i in range(0, 27, 9)]  # per provider: one untimed run, two timed
+    assert [r[::3] for r in rounds] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert all(r[k] == r[k + 1] == r[k + 2] for r in rounds for k in (0, 3, 6))
+    assert {name: len(samples) for name, samples in times.items()} == {"a": 6, "b": 6, "c": 6}
+
+
 def test_train(tmp_path):
     entries = _run(tmp_path, "--train", "--batches", "2", "--providers", "eager-nchw", *_fused_providers(),
                    "onnxruntime")
@@ -45,5 +56,5 @@ def test_each_turn_starts_with_an_untimed_run():
     calls = []
     times, _ = side_by_side.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2,
                                         runs=3)
-    assert calls == (["a"] * 4 + ["b"] * 4) * 2
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4  # the second round starts with b
     assert [len(v) for v in times.values()] == [6, 6]
