@@ -1,13 +1,15 @@
-"""resnet_fused.ops.conv_backward.convolution_backward: aten.convolution_backward's results, also where oneDNN's
-own are wrong on some CPUs (fp32 1x1 stride-2 convolutions of channels_last inputs with 2-7 channels: on an AVX2
-AMD EPYC the weight gradient was 10-100% off). Every case against a float64 computation."""
+"""resnet_fused.ops.conv_backward: convolution_backward gives aten.convolution_backward's results, and convolution
+aten.convolution's with its first and second derivatives, also where oneDNN's own are wrong on some CPUs (fp32 1x1
+stride-2 convolutions of channels_last inputs with 2-7 channels: on an AVX2 AMD EPYC the weight gradient was 10-100%
+off, the double backward's up to 76x, and on one thread the double backward corrupted the heap). Every case against a
+float64 computation."""
 
 import itertools
 
 import pytest
 import torch
 
-from resnet_fused.ops.conv_backward import convolution_backward
+from resnet_fused.ops.conv_backward import convolution, convolution_backward
 
 CL = torch.channels_last
 
@@ -62,3 +64,44 @@ def test_other_convolutions_as_aten(kernel, stride, padding):
 def test_half_precision_goes_to_aten(dtype):
     grad, x, weight = _case(4, 4, 8, 8, 1, 2, 0, True, dtype=dtype)
     _check(grad, x, weight, 2, 0, [True, True, False], rtol=2e-2)
+
+
+def _penalized_grads(x, weight, stride, conv):
+    """d/d(x, weight) of a gradient penalty on conv: first derivatives made with create_graph, then differentiated."""
+    x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    y = conv(x, weight, stride)
+    grad_x, grad_w = torch.autograd.grad((y * y * y).sum(), (x, weight), create_graph=True)
+    (grad_x.square().sum() + grad_w.square().sum()).backward()
+    return y.detach(), grad_x.detach(), grad_w.detach(), x.grad, weight.grad
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("c_in", [1, 2, 4, 6, 7, 8, 9])
+@pytest.mark.parametrize("stride", [2, 3])
+def test_convolution_and_its_double_backward(c_in, stride, threads):
+    def ours(x, weight, stride):
+        return convolution(x, weight, None, [stride] * 2, [0, 0], [1, 1], 1)
+
+    def reference(x, weight, stride):
+        return torch.nn.functional.conv2d(x.double(), weight.double(), stride=stride)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, size, c_out in ((4, 8, 8), (4, 16, 8), (1, 9, 32)):
+            _, x, weight = _case(batch, c_in, c_out, size, 1, stride, 0, True)
+            got = _penalized_grads(x, weight, stride, ours)
+            want = _penalized_grads(x, weight, stride, reference)
+            for name, g, w in zip(("y", "dx", "dW", "d dx", "d dW"), got, want):
+                assert g.shape == w.shape and g.dtype == torch.float32, name
+                err = (g.double() - w).abs().max().item() / max(w.abs().max().item(), 1e-30)
+                assert err < 1e-5, f"{name} ({batch}, {c_in}, {size}, {size}) -> {c_out}: relative error {err:.3g}"
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_convolution_elsewhere_is_aten_convolution():
+    _, x, weight = _case(2, 3, 8, 11, 3, 2, 1, True)
+    bias = torch.randn(8)
+    want = torch.ops.aten.convolution(x, weight, bias, [2, 2], [1, 1], [1, 1], False, [0, 0], 1)
+    torch.testing.assert_close(convolution(x, weight, bias, [2, 2], [1, 1], [1, 1], 1), want, rtol=0, atol=0)

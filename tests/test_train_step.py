@@ -172,21 +172,30 @@ def test_frozen_bn_with_frozen_affine_and_input_gradient():
         assert (fused_grad.double() - truth).abs().max().item() <= max(1e-6, 10 * eager_err)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_double_backward_through_several_blocks_matches_eager(mode):
+def test_double_backward_through_several_blocks_matches_eager(mode, threads):
     """A gradient penalty differentiates the backward (create_graph): fused programs and frozen units recompute
     themselves in plain ops for it, each alone (its input has a history through earlier fused blocks that the
-    outer backward follows once)."""
+    outer backward follows once). Every parameter's gradient is compared: the projections' 1x1 stride-2 convs of
+    4 and 8 channels are where oneDNN's own double backward of a channels_last input was wrong (and, on one thread,
+    corrupted the heap)."""
     model, x, _ = _draw_frozen("basic")
     model.train(mode == "train")
     fused, _ = rf.fuse_model(model)
     penalties = []
-    for m in (fused, model):
-        xi = x.clone().requires_grad_()
-        (grad,) = torch.autograd.grad(m(xi).square().sum(), xi, create_graph=True)
-        penalty = grad.square().sum()
-        penalty.backward()
-        penalties.append((penalty.detach(), m.conv1.weight.grad.clone(), m.layers[1][0].conv2.weight.grad.clone()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (fused, model):
+            xi = x.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(m(xi).square().sum(), xi, create_graph=True)
+            penalty = grad.square().sum()
+            penalty.backward()
+            penalties.append([penalty.detach()] + [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    finally:
+        torch.set_num_threads(previous)
+    assert len(penalties[0]) == len(penalties[1]) == 1 + sum(p.requires_grad for p in model.parameters())
     for fused_value, eager_value in zip(*penalties):
         torch.testing.assert_close(fused_value, eager_value, rtol=1e-4, atol=1e-5 * eager_value.abs().max().item())
 

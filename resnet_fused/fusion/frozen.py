@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
+from ..ops.conv_backward import convolution
 from ..ops.cpu_cache import block_cached
 from ..ops.folding import folded_scale_shift
 from .vjp import differentiable_vjp
@@ -70,7 +70,7 @@ class _FrozenUnit(torch.autograd.Function):
 
 def _plain(x, residual, weight, scale, shift, geometry, relu):
     stride, padding, dilation, groups = geometry
-    z = F.conv2d(x, weight, None, stride, padding, dilation, groups).float() * scale.view(1, -1, 1, 1)
+    z = convolution(x, weight, None, stride, padding, dilation, groups).float() * scale.view(1, -1, 1, 1)
     z = z + shift.view(1, -1, 1, 1)
     if residual is not None:
         z = z + residual.float()

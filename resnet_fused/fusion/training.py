@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.batch_norm_reference import output_format
+from ..ops.conv_backward import convolution
 from ..ops.cpu_cache import block_cached
 from .vjp import differentiable_vjp
 
@@ -52,8 +53,7 @@ class TrainUnit:
 
 
 def _conv(x, weight, bias, unit: TrainUnit):
-    return torch.ops.aten.convolution(x, weight, bias, unit.stride, unit.padding, unit.dilation, False, [0, 0],
-                                      unit.groups)
+    return convolution(x, weight, bias, unit.stride, unit.padding, unit.dilation, unit.groups)
 
 
 def _count(y) -> int:

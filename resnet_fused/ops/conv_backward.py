@@ -1,4 +1,5 @@
-"""aten.convolution_backward for the fused units, around a oneDNN fault on the CPU.
+"""aten.convolution_backward, and a differentiable aten.convolution, for the fused units, around a oneDNN fault on
+the CPU.
 
 On an AMD EPYC (Zen 3, AVX2; torch 2.14.1) aten.convolution_backward gives a wrong weight gradient (relative error
 0.1-1) for an fp32 1x1 convolution of stride 2 over a channels_last input with 2-5 or 7 input channels, and may
@@ -7,6 +8,12 @@ corrupt the heap doing it (glibc then aborts: "malloc(): smallbin double linked 
 The fused modules hand channels_last tensors on, so such a unit (a tiny model's projection shortcut) would reach it.
 There a 1x1 convolution of stride s is computed as what it is, the stride-1 convolution of the subsampled input
 x[:, :, ::s, ::s], whose input gradient goes back to those positions (0 elsewhere): the same sums, in a form oneDNN
+computes right.
+
+The same holds for the double backward of the convolution itself (a gradient penalty, create_graph=True): autograd's
+backward of aten.convolution_backward for such a convolution gave weight gradients 1.5-7600% off (6 channels
+included), and with one thread corrupted the heap (then glibc aborted, or the process hung). `convolution` is the
+forward that the fused modules differentiate there, in the stride-1 form, whose first and second derivatives oneDNN
 computes right.
 """
 
@@ -21,6 +28,16 @@ def _strided_pointwise_with_few_channels(x, weight, stride, padding, dilation, t
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not transposed and groups == 1
             and x.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
             and tuple(dilation) == (1, 1) and tuple(stride) != (1, 1) and x.shape[1] < _FEW_CHANNELS)
+
+
+def convolution(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups), differentiable to any
+    order, in the stride-1 form where oneDNN's derivatives of the strided one are wrong."""
+    if not _strided_pointwise_with_few_channels(x, weight, stride, padding, dilation, False, groups):
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    rows, cols = stride
+    x_s = x[:, :, ::rows, ::cols].contiguous(memory_format=torch.channels_last)
+    return torch.ops.aten.convolution(x_s, weight, bias, [1, 1], padding, dilation, False, [0, 0], groups)
 
 
 def convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,

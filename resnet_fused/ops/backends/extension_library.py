@@ -28,6 +28,7 @@ import torch
 from ..batch_norm_reference import output_format
 from ..autograd import (_channel_sum, _grad_or_none, _masked_grad, backward_add_relu, backward_bn_act,
                         setup_add_relu, setup_bn_act)
+from ..conv_backward import convolution_backward
 from ..geometry import conv_output_shape
 from ..validation import check_same_device
 
@@ -119,7 +120,7 @@ def _conv_grads(ctx, g, grad_conv, need_x, need_w):
     if not (need_x or need_w):
         return None, None
     conv_x, conv_w = _in_conv_dtype(x, weight)
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+    grad_x, grad_w, _ = convolution_backward(
         grad_conv.to(conv_x.dtype), conv_x, conv_w, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1],
         False, [0, 0], 1, [need_x, need_w, False])
     return (None if grad_x is None else grad_x.to(x.dtype)), (None if grad_w is None else grad_w.to(weight.dtype))
