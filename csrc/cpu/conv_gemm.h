@@ -23,6 +23,7 @@ namespace resnet_fused::cpu::conv_gemm {
 constexpr int64_t kRows = 6;    // output pixels per micro-tile: 12 ymm accumulators with kCols = 16
 constexpr int64_t kCols = 16;   // output channels per micro-tile (two 8-float vectors)
 constexpr int64_t kDepth = 256; // K per block: a B micro-panel (kDepth x kCols floats, 16 KiB) stays in L1
+constexpr int64_t kMinRowsPerThread = 96;  // few pixels split by rows only from here (see Blocking)
 
 struct Geometry {
   int64_t batch, in_h, in_w, in_channels, kernel_h, kernel_w, stride, padding, out_h, out_w, out_channels;
@@ -51,14 +52,18 @@ inline int64_t packed_weight_numel(int64_t out_channels, int64_t depth) {
 
 // The work split into tasks of about `rows` x `cols` outputs, each computed by one thread over all of K. Few pixels
 // (batch 1, late stages): one row block, so that each thread reads the weight columns of its tasks once, and 64
-// columns per task so that there are tasks for every thread; many pixels: blocks of about 60 rows (A's block stays
-// in L2 while the task walks its 128 columns). Measured on 2 cores of an AMD EPYC (Zen 3) against 48/96/198 rows and
+// columns per task so that there are tasks for every thread; but where each thread still gets kMinRowsPerThread rows,
+// one row block per thread, so that each reads its share of x and not all of it (ResNet-50's 196-row 1x1 convs at
+// batch 1: 1.016-1.030x inside the model, 4 runs with either order first; 49 rows split so ran 0.78-0.87x, their 4-5
+// tiles per thread too few to reuse B over). Many pixels: blocks of about 60 rows (A's block stays in L2 while the
+// task walks its 128 columns). Measured on 2 cores of an AMD EPYC (Zen 3) against 48/96/198 rows and
 // 64/128/256 columns over ResNet-50's 1x1 shapes at batch 1 and 8. The row blocks start on whole 6-row tiles and
 // differ by one tile at most, and their number makes the task count a multiple of the thread count where it can
 // (784 rows on 2 threads: 14 blocks of 54-60 rows, not 13 of 60 and one of 4, which left one thread 7% more work).
 // Fewer tasks than threads (few pixels and few channels): the rows split further.
 struct Blocking {
   int64_t pixels, rows, cols, row_blocks, col_blocks;  // rows: the tallest block's
+  bool one_sweep_of_b;  // each thread sweeps B once per call (at most one row block per thread): B comes from memory
   int64_t tasks() const { return row_blocks * col_blocks; }
   // the first row of row block `block`: blocks start on whole kRows tiles, so only the last one ends in a short tile
   int64_t row_begin(int64_t block) const {
@@ -69,8 +74,9 @@ struct Blocking {
 inline Blocking blocking(const Geometry& g, int64_t threads) {
   auto ceil_div = [](int64_t v, int64_t by) { return (v + by - 1) / by; };
   const int64_t m = g.rows(), n = g.out_channels;
-  int64_t row_blocks = m <= 256 ? 1 : ceil_div(m, 60);
-  const int64_t cols = row_blocks == 1 ? 64 : 128, col_blocks = ceil_div(n, cols);
+  const bool few_pixels = m <= 256;
+  int64_t row_blocks = !few_pixels ? ceil_div(m, 60) : m >= kMinRowsPerThread * threads ? threads : 1;
+  const int64_t cols = few_pixels ? 64 : 128, col_blocks = ceil_div(n, cols);
   if (row_blocks * col_blocks < threads) row_blocks = std::min(ceil_div(m, kRows), ceil_div(threads, col_blocks));
   // up to threads - 1 blocks more, for a task count that every thread gets the same share of
   for (int64_t more = 0; row_blocks > 1 && more < threads && row_blocks + more <= ceil_div(m, kRows); ++more)
@@ -78,7 +84,7 @@ inline Blocking blocking(const Geometry& g, int64_t threads) {
       row_blocks += more;
       break;
     }
-  return {m, ceil_div(ceil_div(m, kRows), row_blocks) * kRows, cols, row_blocks, col_blocks};
+  return {m, ceil_div(ceil_div(m, kRows), row_blocks) * kRows, cols, row_blocks, col_blocks, row_blocks <= threads};
 }
 
 // The tasks of a Blocking handed out to `lanes` threads: lane i starts on its own contiguous share (the static split,

@@ -50,6 +50,7 @@ SHAPES = [
     (2, 6, 8, 11, 16, (1, 3), 1, 1),  # a 1x3 kernel with padding 1: rows of padding above and below
     (1, 5, 9, 7, 16, (5, 2), 2, 1),   # a 5x2 kernel
     (1, 24, 28, 28, 40, 1, 1, 0),     # 784 pixels: row blocks of whole tiles, 54-60 rows, 14 or 15 of them
+    (1, 300, 14, 14, 72, 1, 1, 0),    # 196 pixels: a row block per thread on 2 (96 rows or more each), else one
 ]
 
 
@@ -131,7 +132,7 @@ def test_into_residual_takes_only_a_dense_channels_last_buffer():
     assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 0, True), torch.float32)
 
 
-THREADED = [SHAPES[1], SHAPES[3], SHAPES[10], SHAPES[12], SHAPES[16]]
+THREADED = [SHAPES[1], SHAPES[3], SHAPES[10], SHAPES[12], SHAPES[16], SHAPES[17]]
 
 
 @pytest.mark.parametrize("shape", THREADED, ids=_ids(THREADED))

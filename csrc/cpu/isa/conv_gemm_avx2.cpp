@@ -151,10 +151,10 @@ void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, con
   std::vector<float> partial(blocked_k ? blocking.rows * blocking.cols : 0);
   const int64_t ld_partial = blocking.cols;
   std::vector<const float*> rows_a;
-  // With one row block every slice of B is swept once per call and comes from memory: the next slice is fetched
-  // during the current sweep (late stages at batch 1: 1.03-1.17x). With several, B stays in L2 from block to block
-  // and fetching ahead cost 1-2%.
-  const bool fetch_ahead = blocking.row_blocks == 1;
+  // Where each thread sweeps every slice of B once per call, the slices come from memory: the next one is fetched
+  // during the current sweep (late stages at batch 1: 1.03-1.17x). Where a thread has several row blocks, B stays in
+  // L2 from block to block and fetching ahead cost 1-2%.
+  const bool fetch_ahead = blocking.one_sweep_of_b;
   for (int64_t task; (task = queue.next(lane)) >= 0;) {
     const int64_t row_block = task / blocking.col_blocks;
     const int64_t m0 = blocking.row_begin(row_block), m1 = blocking.row_begin(row_block + 1);
