@@ -28,19 +28,6 @@ namespace {
 
 constexpr auto kCL = at::MemoryFormat::ChannelsLast;
 
-// t in channels_last, with plain row-major strides where its size-1 dims make it contiguous in both layouts
-// (batch 1 with 1x1 spatial, say). Such a tensor may carry any strides on its size-1 dims, and oneDNN's own outputs
-// come as (C, 1, C, C) for (1, C, 1, 1), which torch 2.11's oneDNN rejects as an input ("could not create a
-// memory"); row-major strides are the ones every version takes. Restriding is a view: size-1 dims are never
-// stepped over, so the bytes and their order are the same.
-at::Tensor channels_last_canonical(const at::Tensor& t) {
-  const at::Tensor c = t.contiguous(kCL);
-  if (!c.is_contiguous()) return c;  // a true channels_last tensor: its strides are already the canonical ones
-  const auto size = c.sizes();
-  const std::vector<int64_t> row_major{size[1] * size[2] * size[3], size[2] * size[3], size[3], 1};
-  return c.strides() == at::IntArrayRef(row_major) ? c : c.as_strided(size, row_major);
-}
-
 int64_t conv_out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding) {
   return (size + 2 * padding - kernel) / stride + 1;
 }

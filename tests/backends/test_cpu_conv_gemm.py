@@ -6,12 +6,14 @@ border gathered (padding, several images, no padding at all, rectangular kernels
 row), channel counts off the 16-column panel, pixel counts off the 6-row tile and past one row block, K past one
 256-deep block (the partial sums kept out of the residual's buffer when the output goes there), batch 1, a 7x7 stem,
 residual and ReLU on and off, NCHW inputs, bitwise the same on 1-5 threads; where NaN goes through the ReLU; the
-packed path choosing it by this CPU's rule (1x1 convs, from fewer channels where the call adds a residual, and strided
-larger kernels; one packed weight per pack, other convs and dtypes left to oneDNN, fused bottlenecks against eager);
+packed path choosing it by this CPU's rule (1x1 convs, from fewer channels where the call adds a residual; strided
+larger kernels; stride-1 ones with a residual on few pixels where Winograd does not take them; one packed weight per
+pack, other convs and dtypes left to oneDNN, fused bottlenecks against eager);
 the rule per ATen CPU capability; argument errors.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -232,22 +234,46 @@ def test_below_the_rules_channel_count_stays_on_onednn(monkeypatch):
     assert [isinstance(_prepared(packs[c])[0], ConvGemmWeight) for c in (63, 64)] == [False, True]
 
 
+def _with_and_without_a_residual(weight, x, padding):
+    """One pack called on x with a residual and without one, both against the oracle; its prepared weights: the
+    shape's, and the calls' with a residual where the rule gives those the GEMM."""
+    c_out = weight.shape[0]
+    scale, shift = torch.rand(c_out) + 0.5, torch.randn(c_out)
+    pack = rf.ops.pack_conv_bn(weight, scale, shift, stride=1, padding=padding, backend="cpu")
+    res = torch.randn(x.shape[0], c_out, *x.shape[2:]).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        with_residual = rf.ops.conv_bn_act_packed(x, pack, res, relu=True)
+        without = rf.ops.conv_bn_act_packed(x, pack, relu=True)
+    assert_matches(with_residual, ref_conv_bn_act(x, weight, scale, shift, res, 1, padding, True), torch.float32)
+    assert_matches(without, ref_conv_bn_act(x, weight, scale, shift, None, 1, padding, True), torch.float32)
+    weights = pack.payload.onednn_weights
+    return weights[tuple(x.shape)], weights.get("residual")
+
+
 def test_calls_with_a_residual_take_the_gemm_from_the_residual_rules_channel_count(monkeypatch):
     # The same pack: with a residual through the GEMM (64 channels, not 63), without one through oneDNN.
     monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(128, min_residual_pointwise_in_channels=64))
     for cin in (63, 64):
-        weight, scale, shift = torch.randn(40, cin, 1, 1) / 8, torch.rand(40) + 0.5, torch.randn(40)
-        pack = rf.ops.pack_conv_bn(weight, scale, shift, backend="cpu")
         x = torch.randn(2, cin, 7, 5).contiguous(memory_format=CL)
-        res = torch.randn(2, 40, 7, 5).contiguous(memory_format=CL)
-        with torch.inference_mode():
-            with_residual = rf.ops.conv_bn_act_packed(x, pack, res, relu=True)
-            without = rf.ops.conv_bn_act_packed(x, pack, relu=True)
-        assert_matches(with_residual, ref_conv_bn_act(x, weight, scale, shift, res, 1, 0, True), torch.float32)
-        assert_matches(without, ref_conv_bn_act(x, weight, scale, shift, None, 1, 0, True), torch.float32)
-        weights = pack.payload.onednn_weights
-        assert not isinstance(weights[tuple(x.shape)], ConvGemmWeight)
-        assert isinstance(weights.get(("residual", *x.shape)), ConvGemmWeight) == (cin == 64)
+        plain, with_residual = _with_and_without_a_residual(torch.randn(40, cin, 1, 1) / 8, x, 0)
+        assert not isinstance(plain, ConvGemmWeight)
+        assert isinstance(with_residual, ConvGemmWeight) == (cin == 64)
+
+
+@pytest.mark.parametrize("size,winograd_tiles,gemm", [(7, 16, True), (5, 16, True), (16, 16, False),
+                                                       (17, math.inf, False)],
+                         ids=["7x7", "5x5", "16x16_winograd", "17x17_too_many_pixels"])
+def test_stride1_kernels_with_a_residual_take_the_gemm_where_few_pixels_and_no_winograd(size, winograd_tiles, gemm,
+                                                                                          monkeypatch):
+    # 7x7 and 5x5 outputs (49 and 25 pixels, too few tiles for Winograd): the GEMM with a residual, oneDNN without;
+    # 16x16 (256 pixels, 16 tiles): Winograd's either way; 17x17 (289 pixels, Winograd off): past the rule, oneDNN.
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(math.inf, max_residual_kernel_pixels=256))
+    monkeypatch.setattr(cpu_backend, "WINOGRAD_RULE", cpu_backend.WinogradRule(winograd_tiles, 0, True))
+    x = torch.randn(1, 20, size, size).contiguous(memory_format=CL)
+    plain, with_residual = _with_and_without_a_residual(torch.randn(24, 20, 3, 3) / 13, x, 1)
+    assert not isinstance(plain, ConvGemmWeight)
+    assert isinstance(with_residual, ConvGemmWeight) == gemm
+    assert isinstance(plain, cpu_backend.WinogradWeight) == (size == 16)
 
 
 def test_fused_bottleneck_matches_eager_with_the_avx2_rule(monkeypatch):
@@ -287,7 +313,8 @@ def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
 
 
 @pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128, strided_kernels=True,
-                                                                      min_residual_pointwise_in_channels=64)),
+                                                                      min_residual_pointwise_in_channels=64,
+                                                                      max_residual_kernel_pixels=256)),
                                                  ("AVX512", cpu_backend.NO_CONV_GEMM),
                                                  ("DEFAULT", cpu_backend.NO_CONV_GEMM)])
 def test_rule_per_capability(capability, expected, monkeypatch):

@@ -133,12 +133,15 @@ WINOGRAD_RULE = WINOGRAD_RULES.get(cpu_vendor(), DEFAULT_WINOGRAD_RULE)
 class ConvGemmRule(NamedTuple):
     """Which fp32 convs run as the implicit GEMM (csrc/cpu/conv_gemm.h: AVX2 6x16 register tiles, the epilogue in
     registers, x read in place) instead of oneDNN: 1x1 convs (padding 0, any stride) with at least
-    min_pointwise_in_channels input channels, or min_residual_pointwise_in_channels when the call adds a residual; and
-    where strided_kernels, the convs with a larger kernel and a stride of 2 or more (the stem, the stride-2 3x3s)."""
+    min_pointwise_in_channels input channels, or min_residual_pointwise_in_channels when the call adds a residual;
+    where strided_kernels, the convs with a larger kernel and a stride of 2 or more (the stem, the stride-2 3x3s); and
+    stride-1 convs with a larger kernel that Winograd does not take, when the call adds a residual and the output has
+    at most max_residual_kernel_pixels pixels (all images)."""
 
     min_pointwise_in_channels: float
     strided_kernels: bool = False
     min_residual_pointwise_in_channels: float = math.inf
+    max_residual_kernel_pixels: float = 0
 
 
 # Measured per conv on 2 cores of an AMD EPYC (Zen 3, AVX2 only; oneDNN runs its AVX2 kernels there), each against
@@ -158,7 +161,12 @@ class ConvGemmRule(NamedTuple):
 # K block: layer1's 64 -> 256 convs with a cold residual 1.44x (batch 1) and 1.16x (batch 8) faster than oneDNN's
 # (without a residual 0.96x and 0.91x), so from 64 input channels there. Inside resnet50 (two fused models
 # interleaved, either one first): those three convs 1.04-1.18x (batch 1) and 1.09-1.18x (batch 8) faster.
-CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128, strided_kernels=True, min_residual_pointwise_in_channels=64)}
+# The same for a stride-1 3x3 that adds a residual where Winograd does not take it: layer4's 512-channel 7x7 (a basic
+# block's second conv) at batch 1 1.13-1.15x faster than oneDNN's (cold weights and residuals, either one first),
+# 256-channel 14x14 1.06-1.07x; at batch 8 (392 pixels) 0.90-0.94x. So up to 256 output pixels: one row block, where
+# the next weight slice is fetched ahead.
+CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128, strided_kernels=True, min_residual_pointwise_in_channels=64,
+                                        max_residual_kernel_pixels=256)}
 NO_CONV_GEMM = ConvGemmRule(math.inf)
 
 
@@ -182,7 +190,12 @@ def _runs_conv_gemm(pack, input_shape, residual: bool = False) -> bool:
         rule = CONV_GEMM_RULE
         least = min(rule.min_pointwise_in_channels, rule.min_residual_pointwise_in_channels if residual else math.inf)
         return pack.padding == 0 and input_shape[1] >= least
-    return CONV_GEMM_RULE.strided_kernels and pack.stride >= 2
+    if pack.stride >= 2:
+        return CONV_GEMM_RULE.strided_kernels
+    if not residual or _runs_winograd(pack, input_shape):
+        return False
+    _, _, height, width = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, 1, pack.padding)
+    return input_shape[0] * height * width <= CONV_GEMM_RULE.max_residual_kernel_pixels
 
 
 def _tiles(input_shape) -> int:
@@ -229,15 +242,18 @@ def _conv_gemm_weight(pack) -> ConvGemmWeight:
     return made or ConvGemmWeight(torch.ops.resnet_fused.conv_gemm_weight.default(pack.payload.weight))
 
 
+_RESIDUAL_CALLS = "residual"  # onednn_weights' key for the GEMM weight of calls with a residual (shape-free)
+
+
 def _residual_weight(pack, input_shape) -> Optional[ConvGemmWeight]:
-    """Where the rule gives the implicit GEMM only the calls that add a residual: its weight for those (packed once
-    per pack, kept beside the shapes' weights), else None."""
+    """Where the rule gives the implicit GEMM only the calls that add a residual: its weight for those, else None.
+    Packed once per pack (the GEMM's weight does not depend on the input shape) and kept beside the shapes' weights,
+    outside their count."""
     if isinstance(_onednn_weight(pack, input_shape), ConvGemmWeight) or not _runs_conv_gemm(pack, input_shape, True):
         return None
-    key = ("residual", *input_shape)
-    weight = pack.payload.onednn_weights.get(key)
+    weight = pack.payload.onednn_weights.get(_RESIDUAL_CALLS)
     if weight is None:
-        weight = pack.payload.onednn_weights[key] = _conv_gemm_weight(pack)
+        weight = pack.payload.onednn_weights[_RESIDUAL_CALLS] = _conv_gemm_weight(pack)
     return weight
 
 
@@ -256,7 +272,7 @@ def _onednn_weight(pack, input_shape):
         else:
             weight = torch.ops.mkldnn._reorder_convolution_weight(payload.weight.contiguous(), [pack.padding] * 2,
                                                                   [pack.stride] * 2, [1, 1], 1, list(key))
-        if len(payload.onednn_weights) >= _ONEDNN_SHAPES_PER_PACK:
+        if sum(k != _RESIDUAL_CALLS for k in payload.onednn_weights) >= _ONEDNN_SHAPES_PER_PACK:
             payload.onednn_weights.clear()
         payload.onednn_weights[key] = weight
     return weight
