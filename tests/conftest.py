@@ -17,6 +17,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads for the test, the process's thread count restored after it."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

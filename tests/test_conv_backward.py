@@ -78,26 +78,22 @@ def _penalized_grads(x, weight, stride, conv):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("c_in", [1, 2, 4, 6, 7, 8, 9])
 @pytest.mark.parametrize("stride", [2, 3])
-def test_convolution_and_its_double_backward(c_in, stride, threads):
+def test_convolution_and_its_double_backward(c_in, stride, threads, set_threads):
     def ours(x, weight, stride):
         return convolution(x, weight, None, [stride] * 2, [0, 0], [1, 1], 1)
 
     def reference(x, weight, stride):
         return torch.nn.functional.conv2d(x.double(), weight.double(), stride=stride)
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for batch, size, c_out in ((4, 8, 8), (4, 16, 8), (1, 9, 32)):
-            _, x, weight = _case(batch, c_in, c_out, size, 1, stride, 0, True)
-            got = _penalized_grads(x, weight, stride, ours)
-            want = _penalized_grads(x, weight, stride, reference)
-            for name, g, w in zip(("y", "dx", "dW", "d dx", "d dW"), got, want):
-                assert g.shape == w.shape and g.dtype == torch.float32, name
-                err = (g.double() - w).abs().max().item() / max(w.abs().max().item(), 1e-30)
-                assert err < 1e-5, f"{name} ({batch}, {c_in}, {size}, {size}) -> {c_out}: relative error {err:.3g}"
-    finally:
-        torch.set_num_threads(previous)
+    set_threads(threads)
+    for batch, size, c_out in ((4, 8, 8), (4, 16, 8), (1, 9, 32)):
+        _, x, weight = _case(batch, c_in, c_out, size, 1, stride, 0, True)
+        got = _penalized_grads(x, weight, stride, ours)
+        want = _penalized_grads(x, weight, stride, reference)
+        for name, g, w in zip(("y", "dx", "dW", "d dx", "d dW"), got, want):
+            assert g.shape == w.shape and g.dtype == torch.float32, name
+            err = (g.double() - w).abs().max().item() / max(w.abs().max().item(), 1e-30)
+            assert err < 1e-5, f"{name} ({batch}, {c_in}, {size}, {size}) -> {c_out}: relative error {err:.3g}"
 
 
 def test_convolution_elsewhere_is_aten_convolution():

@@ -174,7 +174,7 @@ def test_frozen_bn_with_frozen_affine_and_input_gradient():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_double_backward_through_several_blocks_matches_eager(mode, threads):
+def test_double_backward_through_several_blocks_matches_eager(mode, threads, set_threads):
     """A gradient penalty differentiates the backward (create_graph): fused programs and frozen units recompute
     themselves in plain ops for it, each alone (its input has a history through earlier fused blocks that the
     outer backward follows once). Every parameter's gradient is compared: the projections' 1x1 stride-2 convs of
@@ -184,17 +184,13 @@ def test_double_backward_through_several_blocks_matches_eager(mode, threads):
     model.train(mode == "train")
     fused, _ = rf.fuse_model(model)
     penalties = []
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for m in (fused, model):
-            xi = x.clone().requires_grad_()
-            (grad,) = torch.autograd.grad(m(xi).square().sum(), xi, create_graph=True)
-            penalty = grad.square().sum()
-            penalty.backward()
-            penalties.append([penalty.detach()] + [p.grad.clone() for p in m.parameters() if p.grad is not None])
-    finally:
-        torch.set_num_threads(previous)
+    set_threads(threads)
+    for m in (fused, model):
+        xi = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(m(xi).square().sum(), xi, create_graph=True)
+        penalty = grad.square().sum()
+        penalty.backward()
+        penalties.append([penalty.detach()] + [p.grad.clone() for p in m.parameters() if p.grad is not None])
     assert len(penalties[0]) == len(penalties[1]) == 1 + sum(p.requires_grad for p in model.parameters())
     for fused_value, eager_value in zip(*penalties):
         torch.testing.assert_close(fused_value, eager_value, rtol=1e-4, atol=1e-5 * eager_value.abs().max().item())

@@ -30,14 +30,19 @@ def _strided_pointwise_with_few_channels(x, weight, stride, padding, dilation, t
             and tuple(dilation) == (1, 1) and tuple(stride) != (1, 1) and x.shape[1] < _FEW_CHANNELS)
 
 
+def _subsampled(x, stride) -> torch.Tensor:
+    """The input positions a 1x1 convolution of `stride` reads, as a dense channels_last tensor."""
+    rows, cols = stride
+    return x[:, :, ::rows, ::cols].contiguous(memory_format=torch.channels_last)
+
+
 def convolution(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
     """aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups), differentiable to any
     order, in the stride-1 form where oneDNN's derivatives of the strided one are wrong."""
     if not _strided_pointwise_with_few_channels(x, weight, stride, padding, dilation, False, groups):
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-    rows, cols = stride
-    x_s = x[:, :, ::rows, ::cols].contiguous(memory_format=torch.channels_last)
-    return torch.ops.aten.convolution(x_s, weight, bias, [1, 1], padding, dilation, False, [0, 0], groups)
+    return torch.ops.aten.convolution(_subsampled(x, stride), weight, bias, [1, 1], padding, dilation, False, [0, 0],
+                                      groups)
 
 
 def convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
@@ -46,13 +51,12 @@ def convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation,
     if not _strided_pointwise_with_few_channels(x, weight, stride, padding, dilation, transposed, groups):
         return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, transposed,
                                                    output_padding, groups, output_mask)
-    rows, cols = stride
-    x_s = x[:, :, ::rows, ::cols]
     grad_x_s, grad_w, grad_bias = torch.ops.aten.convolution_backward(
-        grad, x_s.contiguous(memory_format=torch.channels_last), weight, bias_sizes, [1, 1], padding, dilation,
-        False, [0, 0], groups, output_mask)
+        grad, _subsampled(x, stride), weight, bias_sizes, [1, 1], padding, dilation, False, [0, 0], groups,
+        output_mask)
     grad_x = None
     if grad_x_s is not None:
+        rows, cols = stride
         grad_x = torch.zeros_like(x)
         grad_x[:, :, ::rows, ::cols] = grad_x_s
     return grad_x, grad_w, grad_bias

@@ -272,8 +272,10 @@ def _onednn_weight(pack, input_shape):
         else:
             weight = torch.ops.mkldnn._reorder_convolution_weight(payload.weight.contiguous(), [pack.padding] * 2,
                                                                   [pack.stride] * 2, [1, 1], 1, list(key))
-        if sum(k != _RESIDUAL_CALLS for k in payload.onednn_weights) >= _ONEDNN_SHAPES_PER_PACK:
-            payload.onednn_weights.clear()
+        shapes = [k for k in payload.onednn_weights if k != _RESIDUAL_CALLS]
+        if len(shapes) >= _ONEDNN_SHAPES_PER_PACK:  # the shape-free GEMM weight of residual calls stays
+            for k in shapes:
+                del payload.onednn_weights[k]
         payload.onednn_weights[key] = weight
     return weight
 
