@@ -57,7 +57,9 @@ inline void check_residual(const char* op, const std::optional<at::Tensor>& resi
 // stepped over, so the bytes and their order are the same.
 inline at::Tensor channels_last_canonical(const at::Tensor& t) {
   const at::Tensor c = t.contiguous(at::MemoryFormat::ChannelsLast);
-  if (!c.is_contiguous()) return c;  // a true channels_last tensor: its strides are already the canonical ones
+  // a true channels_last tensor: its strides are already the canonical ones; an empty one keeps channels_last
+  // strides, which row-major ones would not count as (its layout is what callers check, no byte is stepped over)
+  if (!c.is_contiguous() || c.numel() == 0) return c;
   const auto size = c.sizes();
   const std::vector<int64_t> row_major{size[1] * size[2] * size[3], size[2] * size[3], size[3], 1};
   return c.strides() == at::IntArrayRef(row_major) ? c : c.as_strided(size, row_major);

@@ -7,8 +7,8 @@ row), channel counts off the 16-column panel, pixel counts off the 6-row tile an
 256-deep block (the partial sums kept out of the residual's buffer when the output goes there), batch 1, a 7x7 stem,
 residual and ReLU on and off, NCHW inputs, bitwise the same on 1-5 threads; where NaN goes through the ReLU; the
 packed path choosing it by this CPU's rule (1x1 convs, from fewer channels where the call adds a residual; strided
-larger kernels; stride-1 ones with a residual on few pixels where Winograd does not take them; one packed weight per
-pack, other convs and dtypes left to oneDNN, fused bottlenecks against eager);
+larger kernels; stride-1 ones on few pixels where Winograd does not take them; one packed weight per pack, other
+convs and dtypes left to oneDNN, fused bottlenecks against eager); an empty batch;
 the rule per ATen CPU capability; argument errors.
 """
 
@@ -165,6 +165,17 @@ def test_nan_goes_through_the_relu():
     assert torch.equal(torch.isnan(y), expected)
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[9]], ids=_ids([SHAPES[0], SHAPES[9]]))
+def test_empty_batch_gives_an_empty_channels_last_output(shape):
+    # (Restrided to row-major, as a non-empty tensor contiguous in both layouts is, it would not count as
+    # channels_last.)
+    x, weight, bias, res = conv_inputs(shape, True)
+    k, stride, padding = _kernel(shape), shape[6], shape[7]
+    for residual in (None, res[:0]):
+        y = GEMM(x[:0], PACK(weight), bias, residual, list(k), stride, padding, True)
+        assert y.shape == (0,) + res.shape[1:] and y.is_contiguous(memory_format=CL), (y.shape, y.stride())
+
+
 def _prepared(pack):
     return list(pack.payload.onednn_weights.values())
 
@@ -263,16 +274,16 @@ def test_calls_with_a_residual_take_the_gemm_from_the_residual_rules_channel_cou
 @pytest.mark.parametrize("size,winograd_tiles,gemm", [(7, 16, True), (5, 16, True), (16, 16, False),
                                                        (17, math.inf, False)],
                          ids=["7x7", "5x5", "16x16_winograd", "17x17_too_many_pixels"])
-def test_stride1_kernels_with_a_residual_take_the_gemm_where_few_pixels_and_no_winograd(size, winograd_tiles, gemm,
-                                                                                          monkeypatch):
-    # 7x7 and 5x5 outputs (49 and 25 pixels, too few tiles for Winograd): the GEMM with a residual, oneDNN without;
-    # 16x16 (256 pixels, 16 tiles): Winograd's either way; 17x17 (289 pixels, Winograd off): past the rule, oneDNN.
-    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(math.inf, max_residual_kernel_pixels=256))
+def test_stride1_kernels_take_the_gemm_where_few_pixels_and_no_winograd(size, winograd_tiles, gemm, monkeypatch):
+    # 7x7 and 5x5 outputs (49 and 25 pixels, too few tiles for Winograd): the GEMM, with a residual or without (the
+    # shape's own weight, no separate one for residual calls); 16x16 (256 pixels, 16 tiles): Winograd's either way;
+    # 17x17 (289 pixels, Winograd off): past the rule, oneDNN.
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", ConvGemmRule(math.inf, max_kernel_pixels=256))
     monkeypatch.setattr(cpu_backend, "WINOGRAD_RULE", cpu_backend.WinogradRule(winograd_tiles, 0, True))
     x = torch.randn(1, 20, size, size).contiguous(memory_format=CL)
     plain, with_residual = _with_and_without_a_residual(torch.randn(24, 20, 3, 3) / 13, x, 1)
-    assert not isinstance(plain, ConvGemmWeight)
-    assert isinstance(with_residual, ConvGemmWeight) == gemm
+    assert isinstance(plain, ConvGemmWeight) == gemm
+    assert with_residual is None
     assert isinstance(plain, cpu_backend.WinogradWeight) == (size == 16)
 
 
@@ -314,7 +325,7 @@ def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
 
 @pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128, strided_kernels=True,
                                                                       min_residual_pointwise_in_channels=64,
-                                                                      max_residual_kernel_pixels=256)),
+                                                                      max_kernel_pixels=256)),
                                                  ("AVX512", cpu_backend.NO_CONV_GEMM),
                                                  ("DEFAULT", cpu_backend.NO_CONV_GEMM)])
 def test_rule_per_capability(capability, expected, monkeypatch):

@@ -135,13 +135,13 @@ class ConvGemmRule(NamedTuple):
     registers, x read in place) instead of oneDNN: 1x1 convs (padding 0, any stride) with at least
     min_pointwise_in_channels input channels, or min_residual_pointwise_in_channels when the call adds a residual;
     where strided_kernels, the convs with a larger kernel and a stride of 2 or more (the stem, the stride-2 3x3s); and
-    stride-1 convs with a larger kernel that Winograd does not take, when the call adds a residual and the output has
-    at most max_residual_kernel_pixels pixels (all images)."""
+    stride-1 convs with a larger kernel that Winograd does not take, where the output has at most max_kernel_pixels
+    pixels (all images)."""
 
     min_pointwise_in_channels: float
     strided_kernels: bool = False
     min_residual_pointwise_in_channels: float = math.inf
-    max_residual_kernel_pixels: float = 0
+    max_kernel_pixels: float = 0
 
 
 # Measured per conv on 2 cores of an AMD EPYC (Zen 3, AVX2 only; oneDNN runs its AVX2 kernels there), each against
@@ -164,9 +164,11 @@ class ConvGemmRule(NamedTuple):
 # The same for a stride-1 3x3 that adds a residual where Winograd does not take it: layer4's 512-channel 7x7 (a basic
 # block's second conv) at batch 1 1.13-1.15x faster than oneDNN's (cold weights and residuals, either one first),
 # 256-channel 14x14 1.06-1.07x; at batch 8 (392 pixels) 0.90-0.94x. So up to 256 output pixels: one row block, where
-# the next weight slice is fetched ahead.
+# the next weight slice is fetched ahead. Without a residual the same: two fused models, each conv timed where it runs,
+# interleaved, either model first: resnet50's 512-channel 7x7 conv2s at batch 1 1.15-1.22x and 1.05-1.09x faster than
+# oneDNN's, at batch 2 (98 pixels) 1.25-1.33x and 1.05-1.08x; resnet18's at batch 1 1.07x and 1.17x.
 CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128, strided_kernels=True, min_residual_pointwise_in_channels=64,
-                                        max_residual_kernel_pixels=256)}
+                                        max_kernel_pixels=256)}
 NO_CONV_GEMM = ConvGemmRule(math.inf)
 
 
@@ -192,10 +194,10 @@ def _runs_conv_gemm(pack, input_shape, residual: bool = False) -> bool:
         return pack.padding == 0 and input_shape[1] >= least
     if pack.stride >= 2:
         return CONV_GEMM_RULE.strided_kernels
-    if not residual or _runs_winograd(pack, input_shape):
+    if _runs_winograd(pack, input_shape):
         return False
     _, _, height, width = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, 1, pack.padding)
-    return input_shape[0] * height * width <= CONV_GEMM_RULE.max_residual_kernel_pixels
+    return input_shape[0] * height * width <= CONV_GEMM_RULE.max_kernel_pixels
 
 
 def _tiles(input_shape) -> int:
