@@ -31,8 +31,9 @@ TORCH_LIBRARY(resnet_fused, m) {
         "int stride, int padding, bool relu) -> Tensor");
   // Internal (CPU only): the "cpu" backend's Winograd F(4x4, 3x3) path for fp32 3x3 convs with stride 1 and padding
   // 1, y = conv2d(x, w, 1, 1) + bias[c] (+ residual), ReLU if relu, where u = winograd_weight(w)
-  // (csrc/cpu/winograd.cpp); position_major picks the layout of its transformed buffers; into_residual writes y
-  // into the residual's buffer (a residual the caller donates: nothing reads it after the call).
+  // (csrc/cpu/winograd.cpp) as MKL's, oneDNN's or the implicit GEMM's products read it; position_major picks the
+  // layout of its transformed buffers (not asked with the GEMM's panels, which run per block of tiles); into_residual
+  // writes y into the residual's buffer (a residual the caller donates: nothing reads it after the call).
   m.def("winograd_weight(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor bias, Tensor(a!)? residual, bool relu, bool position_major, "
         "bool into_residual=False) -> Tensor");

@@ -130,6 +130,14 @@ bool available();
 void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, const float* packed_weight,
                     const float* bias, const float* residual, float* y, bool relu, const Blocking& blocking,
                     TaskQueue& queue, int64_t lane);
+
+// Winograd's 36 products on one block of `rows` tiles, with the same 6 x 16 register tile (AVX2 + FMA):
+//   m[p, r, 0:width] = v[p, r, 0:depth] @ panels[p]   for p < 36, r < rows,
+// v position-major with rows of `depth` <= kDepth floats (v_position floats from p to p + 1), panels[p] B's
+// panels of `width` / kCols columns over `depth` rows (packed as conv_gemm_weight packs a 1x1 weight: panel j's
+// depth x kCols floats after panel j - 1's; 32-byte aligned), m position-major with rows of `width` floats.
+void winograd_products_avx2(const float* v, int64_t v_position, int64_t rows, int64_t depth, const float* panels,
+                            int64_t width, float* m, int64_t m_position);
 #endif
 
 }  // namespace resnet_fused::cpu::conv_gemm

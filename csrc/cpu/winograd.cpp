@@ -19,10 +19,14 @@
 // are that convolution over an image of `tiles` pixels whose channels are a tile's 36 positions x C. V and M are
 // stored either position-major, (36, tiles, C), where the GEMMs read dense matrices and each tile's transform writes
 // 36 runs of C values far apart, or tile-major, (tiles, 36, C), where the transform writes one dense run per tile and
-// the GEMMs read strided views. Which is faster was measured to differ between CPUs: the caller picks
-// (`position_major`, and the products through u; the "cpu" backend's rule and its measurements are in
-// resnet_fused/ops/backends/cpu.py). A 3x3 convolution costs 9 multiply-adds per output and input channel; here the
-// GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over activation-sized buffers. Rounding: each output
+// the GEMMs read strided views. Or, where u is winograd_weight(w) as the implicit GEMM's panels (a (36, C * K16)
+// tensor, K16 = K rounded up to 16: position p's U[p] packed as conv_gemm_weight packs a (K, C, 1, 1) weight), all
+// three stages run per block of 6 tiles, V's and M's blocks in L2, the products by the GEMM's AVX2 register tile
+// (winograd_in_cache; position_major is not asked). Which is faster was measured to differ between CPUs and channel
+// counts: the caller picks (`position_major`, and the products through u; the "cpu" backend's rule and its
+// measurements are in resnet_fused/ops/backends/cpu.py). A 3x3 convolution costs 9 multiply-adds per output and input
+// channel; here the GEMMs cost 36 / 16 = 2.25, and the transforms are linear passes over activation-sized buffers (or,
+// per block of tiles, over buffers that stay in L2). Rounding: each output
 // sums transformed terms whose magnitudes exceed the result's (A and B hold entries up to 8 and 5), so the fp32 error
 // is about 20x a direct convolution's (measured 7e-6 of the output's largest magnitude, against 3e-7).
 //
@@ -38,6 +42,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "conv_gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #define RESNET_FUSED_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -108,10 +113,11 @@ inline const float* lanes(const float* src, int64_t width, float* spare) {
   return spare;
 }
 
-// V[p, t, c] = (B^T d B)[p] for tiles [begin, end) (padding 1: tile (ty, tx) reads rows 4 ty - 1 .. 4 ty + 4).
+// V[p, t - first, c] = (B^T d B)[p] for tiles [begin, end) (padding 1: tile (ty, tx) reads rows 4 ty - 1 .. 4 ty + 4);
+// `first` is the tile at the start of v (0: v holds every tile).
 RESNET_FUSED_MULTIVERSION
 void input_transform(const float* x, float* v, const Tiles& g, const Layout& layout, int64_t channels,
-                     int64_t begin, int64_t end) {
+                     int64_t begin, int64_t end, int64_t first) {
   alignas(64) float spare[kIn][kIn][kBlock];  // partial channel blocks, zero-padded
   alignas(64) float cols[kIn][kIn][kBlock];   // B^T d
   alignas(64) float out[kIn][kBlock];         // one row of (B^T d) B, for a partial block
@@ -135,7 +141,7 @@ void input_transform(const float* x, float* v, const Tiles& g, const Layout& lay
       }
       const int64_t step = layout.position;  // from position p to p + 1
       for (int64_t i = 0; i < kIn; ++i) {
-        float* dst = v + i * kIn * layout.position + t * layout.tile + c0;  // positions (i, 0 .. 5)
+        float* dst = v + i * kIn * layout.position + (t - first) * layout.tile + c0;  // positions (i, 0 .. 5)
         if (width == kBlock) {
           bt_lanes(cols[i][0], cols[i][1], cols[i][2], cols[i][3], cols[i][4], cols[i][5], dst, dst + step,
                    dst + 2 * step, dst + 3 * step, dst + 4 * step, dst + 5 * step);
@@ -149,10 +155,11 @@ void input_transform(const float* x, float* v, const Tiles& g, const Layout& lay
   }
 }
 
-// y = act(A^T M A + bias (+ residual)) for tiles [begin, end), stored where the tile lies inside y.
+// y = act(A^T M A + bias (+ residual)) for tiles [begin, end), stored where the tile lies inside y; M's tile `first`
+// at the start of m.
 RESNET_FUSED_MULTIVERSION
 void output_transform(const float* m, const float* bias, const float* residual, float* y, const Tiles& g,
-                      const Layout& layout, int64_t channels, bool relu, int64_t begin, int64_t end) {
+                      const Layout& layout, int64_t channels, bool relu, int64_t begin, int64_t end, int64_t first) {
   alignas(64) float spare[kPositions + 2][kBlock];  // partial channel blocks of M, bias and residual
   alignas(64) float rows[kOut][kIn][kBlock];        // A^T M
   alignas(64) float out[kOut][kBlock];              // one row of (A^T M) A
@@ -162,7 +169,7 @@ void output_transform(const float* m, const float* bias, const float* residual, 
     for (int64_t k0 = 0; k0 < channels; k0 += kBlock) {
       const int64_t width = std::min(kBlock, channels - k0);
       for (int64_t p = 0; p < kPositions; ++p) {
-        tile[p] = lanes(m + p * layout.position + t * layout.tile + k0, width, spare[p]);
+        tile[p] = lanes(m + p * layout.position + (t - first) * layout.tile + k0, width, spare[p]);
       }
       const float* b = lanes(bias + k0, width, spare[kPositions]);
       for (int64_t j = 0; j < kIn; ++j) {
@@ -255,13 +262,56 @@ at::Tensor onednn_products(const at::Tensor& v_buffer, const at::Tensor& u, int6
   return m.is_contiguous(kCL) ? m : m.contiguous(kCL);
 }
 
+// Winograd with its three stages run per block of kRows tiles (one register tile's rows), so that V and M stay in
+// L2 instead of making a pass each over activation-sized buffers in memory: per block the input transform, the 36
+// products by the implicit GEMM's register tile (conv_gemm::winograd_products_avx2, u as its panels), then the output
+// transform with the epilogue. Each block reads all of u: this pays where u is small (64 and 128 channels: 0.6 and
+// 2.4 MB). Measured against the oneDNN products path, interleaved in one process (2 cores of an AMD EPYC, Zen 3):
+// 64 channels at 56x56 1.86x faster at batch 1, 2.64x at batch 8; 128 at 28x28 1.59x and 1.50x; 256 at 14x14 0.68x
+// and 0.99x. Blocks of 12-36 tiles ran 5-45% slower than 6 at 64 and 128 channels.
+void winograd_in_cache(const float* x, const float* panels, const float* bias, const float* residual, float* y,
+                       const Tiles& g, int64_t c_in, int64_t c_out, int64_t width, bool relu) {
+#ifdef RESNET_FUSED_X86_KERNELS
+  constexpr int64_t block = conv_gemm::kRows;
+  const int64_t tiles = g.count(), blocks = (tiles + block - 1) / block;
+  const Layout v_layout{block * c_in, c_in}, m_layout{block * width, width};
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scratch;  // V's and M's blocks, kept: at most 221 KiB (128 channels)
+    scratch.resize(static_cast<size_t>(block * kPositions * (c_in + width)));
+    float* v = scratch.data();
+    float* m = v + block * kPositions * c_in;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * block, t1 = std::min(tiles, t0 + block);
+      input_transform(x, v, g, v_layout, c_in, t0, t1, t0);
+      conv_gemm::winograd_products_avx2(v, v_layout.position, t1 - t0, c_in, panels, width, m, m_layout.position);
+      output_transform(m, bias, residual, y, g, m_layout, c_out, relu, t0, t1, t0);
+    }
+  });
+#else
+  TORCH_CHECK(false, "conv3x3_winograd: u as panels needs the x86-64 build's AVX2 kernels");
+#endif
+}
+
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                                 const std::optional<at::Tensor>& residual, bool relu, bool position_major,
                                 bool into_residual) {
   check_activation("conv3x3_winograd", "x", x);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "conv3x3_winograd: x must be float32, got ", x.scalar_type());
   const bool onednn = u.is_mkldnn();
-  if (onednn) {
+  // u as the GEMM's panels, (36, C_in * C_out rounded up to 16): the in-cache path
+  const bool panels = !onednn && u.dim() == 2;
+  const int64_t width = bias.dim() == 1 ? (bias.size(0) + conv_gemm::kCols - 1) / conv_gemm::kCols * conv_gemm::kCols
+                                        : 0;
+  if (panels) {
+    TORCH_CHECK(conv_gemm::available(), "conv3x3_winograd: u as panels needs the AVX2 + FMA kernels, which this "
+                "CPU or build does not have");
+    TORCH_CHECK(u.size(0) == kPositions && u.size(1) == x.size(1) * width && u.scalar_type() == at::kFloat &&
+                    u.device().is_cpu() && u.is_contiguous() && x.size(1) <= conv_gemm::kDepth &&
+                    reinterpret_cast<uintptr_t>(u.const_data_ptr()) % 32 == 0,
+                "conv3x3_winograd: u as panels must be a contiguous, 32-byte aligned float32 CPU tensor of shape (36, ",
+                x.size(1), " * ", width, ") (C_in * C_out rounded up to 16, C_in at most ", conv_gemm::kDepth,
+                "), got ", u.scalar_type(), " of shape ", u.sizes());
+  } else if (onednn) {
     TORCH_CHECK(u.dim() == 4 && u.size(0) % kPositions == 0 && u.size(1) == x.size(1) && u.size(2) == 1 &&
                     u.size(3) == 1 && u.scalar_type() == at::kFloat && !position_major,
                 "conv3x3_winograd: a oneDNN u must be a grouped 1x1 weight (36 C_out, ", x.size(1),
@@ -274,7 +324,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
                 "winograd_weight, got ", u.scalar_type(), " of shape ", u.sizes());
   }
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3), c_in = x.size(1);
-  const int64_t c_out = onednn ? u.size(0) / kPositions : u.size(2);
+  const int64_t c_out = panels ? bias.size(0) : onednn ? u.size(0) / kPositions : u.size(2);
   check_channel_vector("conv3x3_winograd", "bias", bias, c_out);
   check_residual("conv3x3_winograd", residual, {n, c_out, h, w}, at::kFloat);
   TORCH_CHECK(c_in > 0 && h > 0 && w > 0, "conv3x3_winograd: x must have non-zero C_in, height and width, got shape ",
@@ -285,6 +335,12 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const at::Tensor xc = x.contiguous(kCL);
   const at::Tensor bc = bias.to(at::kFloat).contiguous();
   const at::Tensor rc = residual.has_value() ? residual->contiguous(kCL) : at::Tensor();
+  if (panels) {
+    winograd_in_cache(xc.const_data_ptr<float>(), u.const_data_ptr<float>(), bc.const_data_ptr<float>(),
+                      rc.defined() ? rc.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), g, c_in, c_out,
+                      width, relu);
+    return y;
+  }
   const int64_t tiles = g.count();
   const Layout v_layout = Layout::of(position_major, tiles, c_in), m_layout = Layout::of(position_major, tiles, c_out);
   // oneDNN makes M itself; the bmm writes it into the workspace beside V
@@ -293,7 +349,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const float* x_ptr = xc.const_data_ptr<float>();
   float* v_ptr = v_buffer.mutable_data_ptr<float>();
   at::parallel_for(0, tiles, tile_grain(c_in), [&](int64_t begin, int64_t end) {
-    input_transform(x_ptr, v_ptr, g, v_layout, c_in, begin, end);
+    input_transform(x_ptr, v_ptr, g, v_layout, c_in, begin, end, 0);
   });
   at::Tensor m_buffer;
   if (onednn) {
@@ -308,7 +364,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const float* r_ptr = rc.defined() ? rc.const_data_ptr<float>() : nullptr;
   float* y_ptr = y.mutable_data_ptr<float>();
   at::parallel_for(0, tiles, tile_grain(c_out), [&](int64_t begin, int64_t end) {
-    output_transform(m_ptr, b_ptr, r_ptr, y_ptr, g, m_layout, c_out, relu, begin, end);
+    output_transform(m_ptr, b_ptr, r_ptr, y_ptr, g, m_layout, c_out, relu, begin, end, 0);
   });
   return y;
 }

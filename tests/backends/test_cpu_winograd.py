@@ -1,10 +1,11 @@
 """The "cpu" backend's Winograd F(4x4, 3x3) path (csrc/cpu/winograd.cpp) against the fp32 oracle.
 
 The op itself over partial tiles (H, W not multiples of 4), channel counts off the 16-lane block, batch > 1, both
-buffer layouts (position-major and tile-major, each at few and many tiles), the products by MKL or by oneDNN (a
-36-group 1x1 convolution), NCHW and channels_last inputs, residual and ReLU on and off; the packed path choosing it
-(its layout and its products) by this CPU's rule for fp32 3x3 stride-1 convs with enough tiles (and not for the
-others), with one transform per pack; where a NaN input goes; argument errors.
+buffer layouts (position-major and tile-major, each at few and many tiles), the products by MKL, by oneDNN (a
+36-group 1x1 convolution) or by the implicit GEMM's register tile per block of tiles (its panels), NCHW and
+channels_last inputs, residual and ReLU on and off; the packed path choosing it (its layout and its products) by this
+CPU's rules for fp32 3x3 stride-1 convs with enough tiles (and not for the others), with one transform per pack; where
+a NaN input goes; argument errors.
 """
 
 import math
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import resnet_fused as rf
+from resnet_fused import _C
 from resnet_fused.ops.backends import cpu as cpu_backend
 from resnet_fused.ops.backends.cpu import WinogradRule, WinogradWeight
 from tests.oracle import assert_matches, ref_conv_bn_act
@@ -58,6 +60,46 @@ def onednn_u(weight, x_shape):
     return cpu_backend._grouped_products_weight(TRANSFORM(weight), x_shape)
 
 
+needs_gemm = pytest.mark.skipif(not _C.cpu_conv_gemm_available(),
+                                reason="the panels' products run the implicit GEMM's AVX2 + FMA kernel")
+
+
+@pytest.fixture
+def products_by_the_vendor_rule(monkeypatch):
+    """Winograd's products as WINOGRAD_RULE says (MKL's or oneDNN's), never the GEMM's panels."""
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE",
+                        cpu_backend.CONV_GEMM_RULE._replace(max_in_cache_winograd_channels=0))
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", SHAPES + [(1, 256, 9, 6, 130)], ids=["x".join(map(str, s)) for s in SHAPES] +
+                         ["1x256x9x6x130"])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_winograd_op_with_panels_matches_oracle(shape, residual, relu, channels_last):
+    # blocks of 6 tiles with a short last block (every shape but the first), C_in up to the GEMM's 256-deep K block,
+    # C_out across several panels and off them
+    x, weight, bias, res = conv_inputs(shape, residual, channels_last)
+    y = WINOGRAD(x, cpu_backend._winograd_panels(TRANSFORM(weight)), bias, res, relu, False)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, relu)
+    assert_matches(y, expected, torch.float32)
+    # the same products as MKL's, summed in another order (over 256 channels: differences up to 2.5e-5)
+    torch.testing.assert_close(y, WINOGRAD(x, TRANSFORM(weight), bias, res, relu, False), rtol=1e-4, atol=1e-4)
+
+
+@needs_gemm
+def test_panels_results_do_not_depend_on_the_thread_count(set_threads):
+    x, weight, bias, res = conv_inputs((2, 24, 13, 11, 40), True, True)
+    u = cpu_backend._winograd_panels(TRANSFORM(weight))
+    outputs = []
+    for count in (1, 2, 3):
+        set_threads(count)
+        outputs.append(WINOGRAD(x, u, bias, res, True, False))
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 @pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
@@ -73,10 +115,11 @@ def test_winograd_op_with_onednn_products_matches_oracle(shape, residual, relu, 
     torch.testing.assert_close(y, WINOGRAD(x, TRANSFORM(weight), bias, res, relu, False), rtol=1e-5, atol=1e-5)
 
 
-def test_into_residual_takes_the_residuals_buffer_but_never_the_inputs():
+@pytest.mark.parametrize("products", ["mkl", pytest.param("panels", marks=needs_gemm)])
+def test_into_residual_takes_the_residuals_buffer_but_never_the_inputs(products):
     x, weight, bias, res = conv_inputs((2, 16, 9, 7, 16), True, True)
     res = res.contiguous(memory_format=CL)
-    u = TRANSFORM(weight)
+    u = TRANSFORM(weight) if products == "mkl" else cpu_backend._winograd_panels(TRANSFORM(weight))
     expected = ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, True)
     y = WINOGRAD(x, u, bias, res, True, True, True)
     assert y.data_ptr() == res.data_ptr()
@@ -114,15 +157,16 @@ def test_winograd_results_survive_later_calls():
         assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, True), torch.float32)
 
 
-@pytest.mark.parametrize("onednn_products", [False, True], ids=["mkl", "onednn"])
-def test_winograd_nan_fills_the_tiles_that_read_it(onednn_products):
+@pytest.mark.parametrize("products", ["mkl", "onednn", pytest.param("panels", marks=needs_gemm)])
+def test_winograd_nan_fills_the_tiles_that_read_it(products):
     # Every transformed value mixes the whole 6x6 input tile, so a NaN input makes NaN of every output of the 4x4
     # tiles whose input tile holds it (eager: its 3x3 neighbourhood), and the ReLU keeps it. x[2, 2] lies only in
     # tile (0, 0)'s input rows and columns -1 .. 4.
     x, weight, bias, _ = conv_inputs((1, 16, 8, 8, 16), False, True)
     x[0, 3, 2, 2] = float("nan")
-    u = onednn_u(weight, x.shape) if onednn_products else TRANSFORM(weight)
-    y = WINOGRAD(x, u, bias, None, True, not onednn_products)
+    u = {"mkl": lambda: TRANSFORM(weight), "onednn": lambda: onednn_u(weight, x.shape),
+         "panels": lambda: cpu_backend._winograd_panels(TRANSFORM(weight))}[products]()
+    y = WINOGRAD(x, u, bias, None, True, products == "mkl")
     tile = torch.zeros_like(y, dtype=torch.bool)
     tile[:, :, :4, :4] = True
     assert torch.equal(torch.isnan(y), tile)
@@ -154,7 +198,8 @@ def test_packed_path_takes_winograd_where_it_pays(batch, size):
 
 @pytest.mark.parametrize("onednn_products", [False, True], ids=["mkl", "onednn"])
 @pytest.mark.parametrize("batch,size", [(1, 28), (20, 16)])
-def test_packed_path_takes_the_rules_layout_and_products(batch, size, onednn_products, monkeypatch):
+def test_packed_path_takes_the_rules_layout_and_products(batch, size, onednn_products, monkeypatch,
+                                                          products_by_the_vendor_rule):
     # The bound call passes the layout and the products that the rule gives for its tile count (49 and 320 tiles):
     # MKL's position-major up to 100 tiles here, oneDNN's always tile-major.
     calls = []
@@ -176,6 +221,40 @@ def test_packed_path_takes_the_rules_layout_and_products(batch, size, onednn_pro
     assert_matches(y, ref_conv_bn_act(x, weight, scale, shift, None, 1, 1, True), torch.float32)
 
 
+@needs_gemm
+@pytest.mark.parametrize("c_in,c_out,panels", [(16, 16, True), (128, 96, True), (129, 16, False), (16, 129, False)])
+def test_packed_path_takes_the_panels_up_to_the_rules_channel_count(c_in, c_out, panels, monkeypatch):
+    # One transform per pack as the GEMM's panels, shared by its input shapes, where neither channel count passes
+    # the rule's 128; else the vendor rule's products.
+    monkeypatch.setattr(cpu_backend, "CONV_GEMM_RULE", cpu_backend.CONV_GEMM_RULES["AVX2"])
+    made = []
+
+    class Counting:
+        default = staticmethod(lambda weight: made.append(1) or TRANSFORM(weight))
+
+    monkeypatch.setattr(torch.ops.resnet_fused, "winograd_weight", Counting)
+    weight = torch.randn(c_out, c_in, 3, 3) / (3 * c_in ** 0.5)
+    scale, shift = torch.rand(c_out) + 0.5, torch.randn(c_out)
+    pack = rf.ops.pack_conv_bn(weight, scale, shift, padding=1, backend="cpu")
+    with torch.inference_mode():
+        for batch in (1, 2):
+            x = torch.randn(batch, c_in, 16, 17)
+            res = torch.randn(batch, c_out, 16, 17)
+            expected = ref_conv_bn_act(x, weight, scale, shift, res, 1, 1, True)
+            assert_matches(rf.ops.conv_bn_act_packed(x, pack, res, relu=True), expected, torch.float32)
+    prepared = _prepared(pack)
+    assert len(prepared) == 2 and all(isinstance(w, WinogradWeight) for w in prepared)
+    assert all((w.products.dim() == 2) == panels for w in prepared)
+    if panels:
+        assert len(made) == 1 and prepared[0].products is prepared[1].products
+
+
+def test_panels_rule_per_capability(monkeypatch):
+    # Measured on an AVX2-only CPU (cpu.py); elsewhere no GEMM, so no panels.
+    assert cpu_backend.CONV_GEMM_RULES["AVX2"].max_in_cache_winograd_channels == 128
+    assert cpu_backend.NO_CONV_GEMM.max_in_cache_winograd_channels == 0
+
+
 @pytest.mark.parametrize("vendor,rule", [("GenuineIntel", WinogradRule(8, math.inf)),
                                          ("AuthenticAMD", WinogradRule(16, 0, onednn_products=True)),
                                          ("", WinogradRule(16, 0, onednn_products=True))])
@@ -185,7 +264,7 @@ def test_winograd_rule_per_vendor(vendor, rule):
 
 
 @pytest.mark.parametrize("onednn_products", [False, True], ids=["mkl", "onednn"])
-def test_one_transform_per_pack(onednn_products, monkeypatch):
+def test_one_transform_per_pack(onednn_products, monkeypatch, products_by_the_vendor_rule):
     # The transform is made once; later input shapes reuse it (MKL) or reorder another shape's weight (oneDNN), and
     # every shape's results match the oracle.
     made = []
@@ -240,3 +319,19 @@ def test_winograd_argument_errors():
         WINOGRAD(x[:, :8], grouped, bias, None, True, False)
     with pytest.raises(RuntimeError, match=r"weight must be a \(C_out, C_in, 3, 3\) tensor"):
         TRANSFORM(torch.randn(16, 16, 1, 1))
+
+
+@needs_gemm
+def test_panels_argument_errors():
+    x, weight, bias, _ = conv_inputs((1, 16, 8, 8, 20), False, True)
+    panels = cpu_backend._winograd_panels(TRANSFORM(weight))
+    assert panels.shape == (36, 16 * 32)
+    with pytest.raises(RuntimeError, match=r"u as panels must be .* of shape \(36, 16 \* 32\)"):
+        WINOGRAD(x, panels[:, :-16].contiguous(), bias, None, True, False)
+    with pytest.raises(RuntimeError, match=r"u as panels must be .* of shape \(36, 8 \* 32\)"):
+        WINOGRAD(x[:, :8], panels, bias, None, True, False)
+    with pytest.raises(RuntimeError, match="32-byte aligned"):
+        WINOGRAD(x, torch.empty(36 * 512 + 1)[1:].view(36, 512), bias, None, True, False)
+    with pytest.raises(RuntimeError, match="C_in at most 256"):
+        big = torch.randn(1, 272, 8, 8).contiguous(memory_format=CL)
+        WINOGRAD(big, torch.zeros(36, 272 * 32), bias, None, True, False)

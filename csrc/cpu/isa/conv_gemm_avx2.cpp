@@ -204,4 +204,21 @@ void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, con
   }
 }
 
+void winograd_products_avx2(const float* v, int64_t v_position, int64_t rows, int64_t depth, const float* panels,
+                            int64_t width, float* m, int64_t m_position) {
+  std::vector<const float*> rows_a(static_cast<size_t>(rows));
+  for (int64_t p = 0; p < 36; ++p) {
+    for (int64_t r = 0; r < rows; ++r) rows_a[r] = v + p * v_position + r * depth;
+    const float* u = panels + p * width * depth;
+    for (int64_t j = 0; j < width; j += kCols) {
+      const float* b = u + j * depth;  // panel j / kCols: depth x kCols floats
+      for (int64_t i = 0; i < rows; i += kRows) {
+        const TileA ta{rows_a.data() + i, 1, depth, 0, 0, depth};
+        micro_tile_rows(std::min(kRows, rows - i), ta, b, nullptr, 0, m + p * m_position + i * width + j, width,
+                        Epilogue{nullptr, nullptr, false});
+      }
+    }
+  }
+}
+
 }  // namespace resnet_fused::cpu::conv_gemm

@@ -9,7 +9,8 @@ conv_bias_act: nothing is re-laid-out per call. fp32 3x3 stride-1 convs over eno
 F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd), its 36 products by MKL or oneDNN as
 measured per CPU vendor (WINOGRAD_RULES); on CPUs whose widest vector unit is AVX2, fp32 1x1 convs and the strided
 larger kernels (stem, stride-2 3x3s) run as the extension's own implicit GEMM (csrc/cpu/conv_gemm.h, the internal op
-conv_gemm; CONV_GEMM_RULES). A fold that is not finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
+conv_gemm; CONV_GEMM_RULES), and so do the Winograd products of convs with few channels, one block of tiles at a
+time. A fold that is not finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ class WinogradRule(NamedTuple):
 
 class WinogradWeight(NamedTuple):
     """A Winograd conv's prepared weight, what its 36 products read: the transform G w G^T, (36, C_in, C_out), for
-    MKL's (one per pack, shared by its input shapes), or for oneDNN's the transform as the weight of a 36-group 1x1
+    MKL's (one per pack, shared by its input shapes), for oneDNN's the transform as the weight of a 36-group 1x1
     convolution, reordered for the input shape (each shape's made from another's, not from a kept transform: at 512
-    channels each copy is 38 MB)."""
+    channels each copy is 38 MB), or for the implicit GEMM's the transform as its panels, (36, C_in * C_out rounded up
+    to 16), one per pack."""
 
     products: torch.Tensor
 
@@ -142,6 +144,9 @@ class ConvGemmRule(NamedTuple):
     strided_kernels: bool = False
     min_residual_pointwise_in_channels: float = math.inf
     max_kernel_pixels: float = 0
+    # Winograd convs with at most this many input and output channels: their 36 products by the GEMM's register tile,
+    # the three stages per block of tiles (csrc/cpu/winograd.cpp, winograd_in_cache)
+    max_in_cache_winograd_channels: float = 0
 
 
 # Measured per conv on 2 cores of an AMD EPYC (Zen 3, AVX2 only; oneDNN runs its AVX2 kernels there), each against
@@ -167,8 +172,16 @@ class ConvGemmRule(NamedTuple):
 # the next weight slice is fetched ahead. Without a residual the same: two fused models, each conv timed where it runs,
 # interleaved, either model first: resnet50's 512-channel 7x7 conv2s at batch 1 1.15-1.22x and 1.05-1.09x faster than
 # oneDNN's, at batch 2 (98 pixels) 1.25-1.33x and 1.05-1.08x; resnet18's at batch 1 1.07x and 1.17x.
+# Winograd's products by this kernel, the three stages per block of 6 tiles so that the transformed tiles stay in L2,
+# against the oneDNN products (interleaved in one process): 64 channels at 56x56 1.86x faster at batch 1, 2.64x at
+# batch 8; 128 at 28x28 1.59x and 1.50x; 256 at 14x14 0.68x and 0.99x (each block reads all of the 9.4 MB transformed
+# weight). Inside the models (two fused models interleaved, either one first; each conv timed where it runs): resnet50
+# layer1's 3x3s 1.30-1.73x faster at batch 1 and 1.52-1.74x at batch 8, layer2's 1.00-1.21x and 1.24-1.39x; the
+# forward at batch 8 1.03x and 1.06x, resnet18's at batch 8 1.17x both ways. Three models rotated (off / up to 64 /
+# up to 128 channels): layer2's 3x3s summed 3.71 / 3.59 / 3.40 ms (resnet50, batch 1), 3.19 / 3.20 / 3.26 (resnet18,
+# batch 1), 5.01 / 4.95 / 4.66 (resnet18, batch 2). So up to 128 channels.
 CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128, strided_kernels=True, min_residual_pointwise_in_channels=64,
-                                        max_kernel_pixels=256)}
+                                        max_kernel_pixels=256, max_in_cache_winograd_channels=128)}
 NO_CONV_GEMM = ConvGemmRule(math.inf)
 
 
@@ -227,16 +240,34 @@ def _grouped_products_weight(transform: torch.Tensor, input_shape) -> torch.Tens
                             input_shape)
 
 
+def _in_cache_winograd(pack) -> bool:
+    return max(pack.payload.weight.shape[:2]) <= CONV_GEMM_RULE.max_in_cache_winograd_channels
+
+
+def _winograd_panels(transform: torch.Tensor) -> torch.Tensor:
+    """The transform (36, C_in, C_out) as the implicit GEMM's panels: U[p] packed as conv_gemm_weight packs the 1x1
+    weight U[p]^T, one row per position."""
+    _, c_in, c_out = transform.shape
+    pack = torch.ops.resnet_fused.conv_gemm_weight.default
+    return torch.stack([pack(u.t().reshape(c_out, c_in, 1, 1)) for u in transform])
+
+
+def _products_kind(products: torch.Tensor) -> str:
+    return "onednn" if products.is_mkldnn else "panels" if products.dim() == 2 else "mkl"
+
+
 def _winograd_weight(pack, input_shape) -> WinogradWeight:
-    """The transform, made once per pack: a later shape reuses it (MKL) or reorders another shape's weight (oneDNN)."""
-    onednn = WINOGRAD_RULE.onednn_products
+    """The transform, made once per pack: a later shape reuses it (MKL's, the GEMM's panels) or reorders another
+    shape's weight (oneDNN's)."""
+    kind = "panels" if _in_cache_winograd(pack) else "onednn" if WINOGRAD_RULE.onednn_products else "mkl"
     made = next((w.products for w in pack.payload.onednn_weights.values()
-                 if isinstance(w, WinogradWeight) and w.products.is_mkldnn == onednn), None)
+                 if isinstance(w, WinogradWeight) and _products_kind(w.products) == kind), None)
     if made is None:
         transform = torch.ops.resnet_fused.winograd_weight.default(pack.payload.weight)
-        return WinogradWeight(_grouped_products_weight(transform, input_shape) if onednn else transform)
-    # MKL's transform serves every shape; oneDNN's grouped weight, back in plain layout, is reordered for this one
-    return WinogradWeight(_reorder_grouped(made.to_dense(), input_shape) if onednn else made)
+        return WinogradWeight({"panels": _winograd_panels, "mkl": lambda t: t,
+                               "onednn": lambda t: _grouped_products_weight(t, input_shape)}[kind](transform))
+    # MKL's transform and the panels serve every shape; oneDNN's grouped weight, back in plain layout, is reordered
+    return WinogradWeight(_reorder_grouped(made.to_dense(), input_shape) if kind == "onednn" else made)
 
 
 def _conv_gemm_weight(pack) -> ConvGemmWeight:
@@ -357,8 +388,9 @@ class CpuBackend(ExtensionBackend):
                                             donated(residual))
         if isinstance(weight, WinogradWeight):
             winograd, (products,) = torch.ops.resnet_fused.conv3x3_winograd.default, weight
-            # oneDNN's products read tile-major buffers
-            position_major = not products.is_mkldnn and _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles
+            # oneDNN's products read tile-major buffers (the panels' run per block of tiles: not asked)
+            position_major = (_products_kind(products) == "mkl"
+                              and _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles)
             # a donated residual (ops/donation.py) takes the output; the op checks its shape and layout
             return lambda x, residual: winograd(x, products, bias, residual, relu, position_major, donated(residual))
         op = torch.ops.resnet_fused.conv_bias_act.default
