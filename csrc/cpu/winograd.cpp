@@ -266,9 +266,7 @@ at::Tensor onednn_products(const at::Tensor& v_buffer, const at::Tensor& u, int6
 // L2 instead of making a pass each over activation-sized buffers in memory: per block the input transform, the 36
 // products by the implicit GEMM's register tile (conv_gemm::winograd_products_avx2, u as its panels), then the output
 // transform with the epilogue. Each block reads all of u: this pays where u is small (64 and 128 channels: 0.6 and
-// 2.4 MB). Measured against the oneDNN products path, interleaved in one process (2 cores of an AMD EPYC, Zen 3):
-// 64 channels at 56x56 1.86x faster at batch 1, 2.64x at batch 8; 128 at 28x28 1.59x and 1.50x; 256 at 14x14 0.68x
-// and 0.99x. Blocks of 12-36 tiles ran 5-45% slower than 6 at 64 and 128 channels.
+// 2.4 MB; measured in resnet_fused/ops/backends/cpu.py, where blocks of 12-36 tiles ran 5-45% slower than 6).
 void winograd_in_cache(const float* x, const float* panels, const float* bias, const float* residual, float* y,
                        const Tiles& g, int64_t c_in, int64_t c_out, int64_t width, bool relu) {
 #ifdef RESNET_FUSED_X86_KERNELS

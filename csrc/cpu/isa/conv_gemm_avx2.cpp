@@ -206,17 +206,16 @@ void run_tasks_avx2(const float* x, const Geometry& g, const Border& border, con
 
 void winograd_products_avx2(const float* v, int64_t v_position, int64_t rows, int64_t depth, const float* panels,
                             int64_t width, float* m, int64_t m_position) {
-  std::vector<const float*> rows_a(static_cast<size_t>(rows));
   for (int64_t p = 0; p < 36; ++p) {
-    for (int64_t r = 0; r < rows; ++r) rows_a[r] = v + p * v_position + r * depth;
     const float* u = panels + p * width * depth;
-    for (int64_t j = 0; j < width; j += kCols) {
-      const float* b = u + j * depth;  // panel j / kCols: depth x kCols floats
-      for (int64_t i = 0; i < rows; i += kRows) {
-        const TileA ta{rows_a.data() + i, 1, depth, 0, 0, depth};
-        micro_tile_rows(std::min(kRows, rows - i), ta, b, nullptr, 0, m + p * m_position + i * width + j, width,
+    for (int64_t i = 0; i < rows; i += kRows) {
+      const int64_t tile_rows = std::min(kRows, rows - i);
+      const float* a[kRows];  // the tile's rows of V[p]: one segment each
+      for (int64_t r = 0; r < tile_rows; ++r) a[r] = v + p * v_position + (i + r) * depth;
+      const TileA ta{a, 1, depth, 0, 0, depth};
+      for (int64_t j = 0; j < width; j += kCols)  // panel j / kCols: depth x kCols floats
+        micro_tile_rows(tile_rows, ta, u + j * depth, nullptr, 0, m + p * m_position + i * width + j, width,
                         Epilogue{nullptr, nullptr, false});
-      }
     }
   }
 }

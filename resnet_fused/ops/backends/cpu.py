@@ -175,11 +175,12 @@ class ConvGemmRule(NamedTuple):
 # Winograd's products by this kernel, the three stages per block of 6 tiles so that the transformed tiles stay in L2,
 # against the oneDNN products (interleaved in one process): 64 channels at 56x56 1.86x faster at batch 1, 2.64x at
 # batch 8; 128 at 28x28 1.59x and 1.50x; 256 at 14x14 0.68x and 0.99x (each block reads all of the 9.4 MB transformed
-# weight). Inside the models (two fused models interleaved, either one first; each conv timed where it runs): resnet50
-# layer1's 3x3s 1.30-1.73x faster at batch 1 and 1.52-1.74x at batch 8, layer2's 1.00-1.21x and 1.24-1.39x; the
-# forward at batch 8 1.03x and 1.06x, resnet18's at batch 8 1.17x both ways. Three models rotated (off / up to 64 /
-# up to 128 channels): layer2's 3x3s summed 3.71 / 3.59 / 3.40 ms (resnet50, batch 1), 3.19 / 3.20 / 3.26 (resnet18,
-# batch 1), 5.01 / 4.95 / 4.66 (resnet18, batch 2). So up to 128 channels.
+# weight); blocks of 12-36 tiles were 5-45% slower than 6 at 64 and 128 channels. Inside the models (two fused models
+# interleaved, either one first; each conv timed where it runs): resnet50 layer1's 3x3s 1.30-1.73x faster at batch 1
+# and 1.52-1.74x at batch 8, layer2's 1.00-1.21x and 1.24-1.39x; the forward at batch 8 1.03x and 1.06x, resnet18's at
+# batch 8 1.17x both ways. Three models rotated (off / up to 64 / up to 128 channels): layer2's 3x3s summed 3.71 /
+# 3.59 / 3.40 ms (resnet50, batch 1), 3.19 / 3.20 / 3.26 (resnet18, batch 1), 5.01 / 4.95 / 4.66 (resnet18, batch 2).
+# So up to 128 channels.
 CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128, strided_kernels=True, min_residual_pointwise_in_channels=64,
                                         max_kernel_pixels=256, max_in_cache_winograd_channels=128)}
 NO_CONV_GEMM = ConvGemmRule(math.inf)
@@ -264,8 +265,9 @@ def _winograd_weight(pack, input_shape) -> WinogradWeight:
                  if isinstance(w, WinogradWeight) and _products_kind(w.products) == kind), None)
     if made is None:
         transform = torch.ops.resnet_fused.winograd_weight.default(pack.payload.weight)
-        return WinogradWeight({"panels": _winograd_panels, "mkl": lambda t: t,
-                               "onednn": lambda t: _grouped_products_weight(t, input_shape)}[kind](transform))
+        if kind == "panels":
+            return WinogradWeight(_winograd_panels(transform))
+        return WinogradWeight(_grouped_products_weight(transform, input_shape) if kind == "onednn" else transform)
     # MKL's transform and the panels serve every shape; oneDNN's grouped weight, back in plain layout, is reordered
     return WinogradWeight(_reorder_grouped(made.to_dense(), input_shape) if kind == "onednn" else made)
 
