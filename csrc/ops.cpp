@@ -17,6 +17,7 @@
 #include "cpu/block_cache.h"
 #include "cpu/conv_dtype.h"
 #include "cpu/conv_gemm.h"
+#include "bound_program.h"
 #include "conv_plan_binding.h"
 #include "tensor_watch.h"
 
@@ -84,4 +85,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_cache_empty", &resnet_fused::cpu::block_cache_empty);
   resnet_fused::register_conv_plan(m);  // the CUDA kernels' plan, for tests and reports (CPU build too)
   resnet_fused::register_tensor_watch(m);  // the fused modules' staleness check (resnet_fused/fusion/changes.py)
+  resnet_fused::register_bound_program(m);  // fused blocks replayed without the interpreter (fusion/binding.py)
 }

@@ -7,53 +7,27 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <utility>
-#include <vector>
 
 namespace resnet_fused {
-namespace {
 
-class TensorWatch {
- public:
-  // Raises for inference tensors, which have no version counter.
-  explicit TensorWatch(std::vector<pybind11::object> tensors) : tensors_(std::move(tensors)) {
-    for (const pybind11::object& t : tensors_) {
-      TORCH_CHECK(THPVariable_Check(t.ptr()), "TensorWatch: tensors must be torch.Tensor objects");
-      const at::Tensor& tensor = THPVariable_Unpack(t.ptr());
-      // a swapped-out storage kept alive cannot be freed and reallocated at the same address, which would make a
-      // swap look like no change
-      storages_.push_back(tensor.has_storage() ? tensor.storage() : c10::Storage());
-      state_.push_back(read(tensor));
-    }
+TensorWatch::TensorWatch(std::vector<pybind11::object> tensors) : tensors_(std::move(tensors)) {
+  for (const pybind11::object& t : tensors_) {
+    TORCH_CHECK(THPVariable_Check(t.ptr()), "TensorWatch: tensors must be torch.Tensor objects");
+    const at::Tensor& tensor = THPVariable_Unpack(t.ptr());
+    storages_.push_back(tensor.has_storage() ? tensor.storage() : c10::Storage());
+    state_.push_back(read(tensor));
   }
+}
 
-  bool is_current() const {
-    for (size_t i = 0; i < tensors_.size(); ++i)
-      if (read(THPVariable_Unpack(tensors_[i].ptr())) != state_[i]) return false;
-    return true;
-  }
+bool TensorWatch::is_current() const {
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    if (read(THPVariable_Unpack(tensors_[i].ptr())) != state_[i]) return false;
+  return true;
+}
 
- private:
-  struct State {
-    int64_t version;
-    bool requires_grad;
-    const void* data;
-    bool operator!=(const State& o) const {
-      return version != o.version || requires_grad != o.requires_grad || data != o.data;
-    }
-  };
-
-  static State read(const at::Tensor& t) {
-    return {static_cast<int64_t>(t._version()), t.requires_grad(), t.has_storage() ? t.const_data_ptr() : nullptr};
-  }
-
-  // The Python objects, not at::Tensor references: an extra reference to a parameter's TensorImpl would make
-  // torch.utils.swap_tensors refuse it, and a swap replaces what the object holds, which is what is watched.
-  std::vector<pybind11::object> tensors_;
-  std::vector<c10::Storage> storages_;
-  std::vector<State> state_;
-};
-
-}  // namespace
+TensorWatch::State TensorWatch::read(const at::Tensor& t) {
+  return {static_cast<int64_t>(t._version()), t.requires_grad(), t.has_storage() ? t.const_data_ptr() : nullptr};
+}
 
 void register_tensor_watch(pybind11::module& m) {
   pybind11::class_<TensorWatch>(m, "TensorWatch",

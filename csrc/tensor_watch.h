@@ -1,11 +1,41 @@
 // resnet_fused._C.TensorWatch: what the fused modules' change counter cannot see of some tensors (their versions,
 // requires_grad flags and data pointers), recorded once and compared in one call; resnet_fused/fusion/changes.py's
-// TensorState uses it where the extension loads and does the same in Python where it does not.
+// TensorState uses it where the extension loads and does the same in Python where it does not. bound_program.cpp's
+// layer programs check their blocks' watches before every run.
 #pragma once
 
 #include <torch/extension.h>
 
+#include <vector>
+
 namespace resnet_fused {
+
+class TensorWatch {
+ public:
+  // Raises for inference tensors, which have no version counter.
+  explicit TensorWatch(std::vector<pybind11::object> tensors);
+  bool is_current() const;
+
+ private:
+  struct State {
+    int64_t version;
+    bool requires_grad;
+    const void* data;
+    bool operator!=(const State& o) const {
+      return version != o.version || requires_grad != o.requires_grad || data != o.data;
+    }
+  };
+
+  static State read(const at::Tensor& t);
+
+  // The Python objects, not at::Tensor references: an extra reference to a parameter's TensorImpl would make
+  // torch.utils.swap_tensors refuse it, and a swap replaces what the object holds, which is what is watched.
+  std::vector<pybind11::object> tensors_;
+  // a swapped-out storage kept alive cannot be freed and reallocated at the same address, which would make a swap
+  // look like no change
+  std::vector<c10::Storage> storages_;
+  std::vector<State> state_;
+};
 
 void register_tensor_watch(pybind11::module& m);
 

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .fusion import changes
-from .fusion.binding import Bindings, compose, eager_units, execute, fused_units, signature, train_forward
+from .fusion.binding import (Bindings, compose, eager_units, execute, fused_units, layer_run, signature,
+                             train_forward)
 from .fusion.eligibility import (call_override_reason, global_module_hooks, has_hooks, plain_bn_reason,
                                  plain_conv_reason)
 from .fusion.plan import ModuleShortcut, ResidualPlan, Unit
@@ -83,10 +84,10 @@ class _Bound:
         edits that bypass PyTorch's version counters (in place through `.data`); `.train()` and `.eval()` call it
         too."""
         self.__dict__.pop(_BINDINGS, None)
+        changes.bump()  # a FusedSequential's layer program holds the same packs
 
     def train(self, mode: bool = True):
         self.clear_fold_cache()
-        changes.bump()
         return super().train(mode)
 
     def __getstate__(self):
@@ -96,7 +97,6 @@ class _Bound:
 
     def _apply(self, *args, **kwargs):
         self.clear_fold_cache()  # the bindings would be stale anyway; this frees the old device's packs now
-        changes.bump()
         return super()._apply(*args, **kwargs)
 
 
@@ -427,19 +427,49 @@ class FusedSequential(nn.Sequential):
     or more, by class: same children, same keys): without autograd, each fused block's output, which only the next
     block reads, is donated to that block (ops/donation.py), so its last unit may write into it in place of a fresh
     buffer. A block with hooks, whose hooks could keep its input or output, gets and gives nothing. Otherwise the
-    forward of nn.Sequential."""
+    forward of nn.Sequential.
+
+    Where every child is such a block whose bound forward is a C++ BlockProgram (the cpu backend's eval kernels), the
+    blocks run as one C++ call (fusion/binding.py's LayerRun) while the change counter, the input's signature and the
+    blocks' tensors and module attributes stay as they were: the interpreter no longer runs between two blocks."""
 
     def forward(self, input):
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or global_module_hooks():
             return super().forward(input)
+        layer = self.__dict__.get(_LAYER_RUN)
+        if layer is not None and layer.epoch == changes.epoch() and layer.key == signature(input, layer.backend):
+            out = layer.program(input)
+            if out is not None:
+                return out
+        return self._run_blocks(input)
+
+    def _run_blocks(self, input):
+        epoch, blocks, inputs = changes.epoch(), [], []
         owned = False  # input: a fused block's output that nothing else holds
         for module in self:
             fused = isinstance(module, _FusedResidual) and not has_hooks(module)
+            if fused:
+                blocks.append(module)
+                inputs.append(signature(input, module.backend))
             if owned and fused:
                 with donating(input):
                     input = module(input)
             else:
                 input = module(input)
             owned = fused
+        layer = None
+        if len(blocks) == len(self) and epoch == changes.epoch():  # nothing changed while it ran
+            layer = layer_run(blocks, inputs, epoch)
+        self.__dict__[_LAYER_RUN] = layer
         return input
 
+    def train(self, mode: bool = True):
+        self.__dict__.pop(_LAYER_RUN, None)  # the blocks drop their packs: so does the program that holds them
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        self.__dict__.pop(_LAYER_RUN, None)
+        return super()._apply(*args, **kwargs)
+
+
+_LAYER_RUN = "_layer_run"

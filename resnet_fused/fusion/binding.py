@@ -8,6 +8,11 @@ plain loop over the steps that unit.decide chose. A call replays them when nothi
     the input's signature (shape, dtype, device, requires_grad, grad mode, autocast, the default backend).
 
 Otherwise it decides again while running (`execute`), and keeps the result where every step is replayable.
+
+Where every step is a backend call with a C++ twin (the cpu backend's eval kernels carry a _C.BoundCall), the block's
+forward is one _C.BlockProgram call, and a FusedSequential of such blocks runs them all in one _C.LayerProgram call
+(LayerRun): between two convolutions the interpreter ran with cold caches, and its few dozen lines per block cost
+130-220 us per block boundary inside resnet50 at batch 1 (csrc/bound_program.cpp).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
-from ..ops.donation import donating
+from ..ops.donation import donated, donating
 from ..ops.registry import get_backend
 from . import changes
 from ..ops.registry import resolve
@@ -30,8 +35,10 @@ from .plan import ModuleShortcut, ResidualPlan
 from .training import program_unit, run_program, trainable_conv_reason, unit_params
 from .unit import decide, unit_eager
 
-_CONV_ATTRS = attrgetter("stride", "padding", "dilation", "groups", "padding_mode")
-_BN_ATTRS = attrgetter("eps", "momentum", "training", "track_running_stats")
+_CONV_ATTR_NAMES = ("stride", "padding", "dilation", "groups", "padding_mode")
+_BN_ATTR_NAMES = ("eps", "momentum", "training", "track_running_stats")
+_CONV_ATTRS = attrgetter(*_CONV_ATTR_NAMES)
+_BN_ATTRS = attrgetter(*_BN_ATTR_NAMES)
 
 
 def _none():
@@ -160,6 +167,12 @@ def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: Dec
 
     short = steps[:len(shortcut)] if shortcut else ()
     *middle, last = steps[len(short):]
+    program = _block_program(short, middle, last)
+    if program is not None:
+        def forward(x):
+            return program(x, donated(x))
+        forward.program = program  # for FusedSequential's layer program
+        return forward
 
     def forward(x):
         identity = x
@@ -173,6 +186,59 @@ def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: Dec
         with donating(identity):  # the shortcut units' own output: nothing reads it after the last unit
             return last(y, identity)
     return forward
+
+
+def _block_program(short: list, middle: list, last) -> Optional[object]:
+    """The block's steps as one _C.BlockProgram, where every step has its BoundCall (the cpu backend's eval
+    kernels: ops/backends/cpu.py); else None. The last step adds the residual, the others take none."""
+    natives = [getattr(step, "native", None) for step in (*short, *middle, last)]
+    if any(native is None for native in natives):
+        return None
+    from .. import _C
+
+    *before, final = natives
+    calls = [native[0] for native in before]
+    return _C.BlockProgram(calls[:len(short)], calls[len(short):] + [final[1]])
+
+
+class LayerRun:
+    """A FusedSequential's blocks as one _C.LayerProgram, for inputs of `key` while the change counter reads `epoch`
+    (the program itself checks the blocks' tensors and module attributes). Copies and pickles carry none."""
+
+    __slots__ = ("epoch", "key", "backend", "program")
+
+    def __init__(self, epoch, key, backend, program):
+        self.epoch, self.key, self.backend, self.program = epoch, key, backend, program
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return _none, ()
+
+
+_BLOCK_ATTRS = ("forward", "backend")  # a forward replaced on the instance must be called
+
+
+def layer_run(blocks: list, inputs: list, epoch: tuple) -> Optional[LayerRun]:
+    """`blocks` (fused blocks without hooks, just run on inputs of signatures `inputs`) as one LayerRun, where each
+    has a current bound run of its input's signature that is a BlockProgram and all share one backend; else None."""
+    from .. import _C
+
+    if not hasattr(_C, "LayerProgram") or len({block.backend for block in blocks}) != 1:
+        return None
+    programs, watches, modules, attrs = [], [], [], []
+    for block, key in zip(blocks, inputs):
+        bindings = block.__dict__.get("_bindings")
+        run = None if bindings is None or not bindings.is_current() else bindings.runs.get(key)
+        program = getattr(run, "program", None)
+        if program is None or not isinstance(bindings.tensors, _C.TensorWatch):
+            return None
+        programs.append(program)
+        watches.append(bindings.tensors)
+        modules += [block, *bindings.convs, *bindings.bns]
+        attrs += [_BLOCK_ATTRS] + [_CONV_ATTR_NAMES] * len(bindings.convs) + [_BN_ATTR_NAMES] * len(bindings.bns)
+    return LayerRun(epoch, inputs[0], blocks[0].backend, _C.LayerProgram(programs, watches, modules, attrs))
 
 
 def train_forward(block: torch.nn.Module, plan: ResidualPlan, x: torch.Tensor, backend: Optional[str]):

@@ -323,8 +323,7 @@ def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
     assert torch.equal(y, y_again)
 
 
-@pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(128, strided_kernels=True,
-                                                                      min_residual_pointwise_in_channels=64,
+@pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(64, strided_kernels=True,
                                                                       max_kernel_pixels=256,
                                                                       max_in_cache_winograd_channels=128)),
                                                  ("AVX512", cpu_backend.NO_CONV_GEMM),

@@ -181,8 +181,13 @@ class ConvGemmRule(NamedTuple):
 # batch 8 1.17x both ways. Three models rotated (off / up to 64 / up to 128 channels): layer2's 3x3s summed 3.71 /
 # 3.59 / 3.40 ms (resnet50, batch 1), 3.19 / 3.20 / 3.26 (resnet18, batch 1), 5.01 / 4.95 / 4.66 (resnet18, batch 2).
 # So up to 128 channels.
-CONV_GEMM_RULES = {"AVX2": ConvGemmRule(128, strided_kernels=True, min_residual_pointwise_in_channels=64,
-                                        max_kernel_pixels=256, max_in_cache_winograd_channels=128)}
+# With those Winograd blocks after them, layer1's 64-channel 1x1s without a residual (the downsample, resnet50's first
+# conv1) on the GEMM too (two fused models interleaved, each conv timed where it runs): 1.14x and 1.23x faster than
+# oneDNN's at batch 1, 1.07x and 1.13x at batch 8, the Winograd conv after them 1.05x and 1.10x; resnet18's 64 -> 128
+# stride-2 downsample 1.31x at batch 8. Whole resnet50 forwards 1.011x, 1.023x, 1.016x, 0.963x (batch 1), 1.012x,
+# 1.013x, 1.029x (batch 8). So from 64 input channels with or without a residual.
+CONV_GEMM_RULES = {"AVX2": ConvGemmRule(64, strided_kernels=True, max_kernel_pixels=256,
+                                        max_in_cache_winograd_channels=128)}
 NO_CONV_GEMM = ConvGemmRule(math.inf)
 
 
@@ -377,31 +382,45 @@ class CpuBackend(ExtensionBackend):
         if residual_weight is None:
             return call
         with_residual = self._bind_weight(pack, residual_weight, input_shape, relu)
-        return lambda x, residual: call(x, None) if residual is None else with_residual(x, residual)
+        return _with_native(lambda x, residual: call(x, None) if residual is None else with_residual(x, residual),
+                            call.native and call.native[0], with_residual.native and with_residual.native[1])
 
     @staticmethod
     def _bind_weight(pack, weight, input_shape, relu):
-        """bind_conv's call with this prepared weight (_onednn_weight's kinds)."""
+        """bind_conv's call with this prepared weight (_onednn_weight's kinds), and the same call as a
+        _C.BoundCall in its `native` (fusion/binding.py replays blocks of those in C++)."""
         payload, stride, padding = pack.payload, pack.stride, pack.padding
         bias = payload.bias
         if isinstance(weight, ConvGemmWeight):
             gemm, kernel_size = torch.ops.resnet_fused.conv_gemm.default, list(pack.kernel_size)
-            return lambda x, residual: gemm(x, weight.packed, bias, residual, kernel_size, stride, padding, relu,
-                                            donated(residual))
+            args = (weight.packed, bias, None, kernel_size, stride, padding, relu, False)
+            return _with_native(lambda x, residual: gemm(x, weight.packed, bias, residual, kernel_size, stride, padding,
+                                                         relu, donated(residual)),
+                                _bound_call("resnet_fused::conv_gemm", "", (_X, *args), residual_at=3, donate_at=8))
         if isinstance(weight, WinogradWeight):
             winograd, (products,) = torch.ops.resnet_fused.conv3x3_winograd.default, weight
             # oneDNN's products read tile-major buffers (the panels' run per block of tiles: not asked)
             position_major = (_products_kind(products) == "mkl"
                               and _tiles(input_shape) <= WINOGRAD_RULE.position_major_max_tiles)
             # a donated residual (ops/donation.py) takes the output; the op checks its shape and layout
-            return lambda x, residual: winograd(x, products, bias, residual, relu, position_major, donated(residual))
+            return _with_native(lambda x, residual: winograd(x, products, bias, residual, relu, position_major,
+                                                             donated(residual)),
+                                _bound_call("resnet_fused::conv3x3_winograd", "",
+                                            (_X, products, bias, None, relu, position_major, False), residual_at=3,
+                                            donate_at=6))
         op = torch.ops.resnet_fused.conv_bias_act.default
+        native = _bound_call("resnet_fused::conv_bias_act", "", (_X, weight, bias, None, stride, padding, relu),
+                             residual_at=3)
         if not _writes_into_residual(pack, input_shape):
-            return lambda x, residual: op(x, weight, bias, residual, stride, padding, relu)
+            return _with_native(lambda x, residual: op(x, weight, bias, residual, stride, padding, relu), native)
         # oneDNN's binary post-op in place: y = relu?(conv(x) + bias + residual) stored in the residual's buffer
         into = torch.ops.mkldnn._convolution_pointwise_.binary
         pads, strides, unary = [padding] * 2, [stride] * 2, "relu" if relu else None
         out_shape = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, stride, padding)
+        into_args = (_X, _X, weight, bias, pads, strides, [1, 1], 1, "add", None, unary, [], None)
+        native_into = _bound_call("mkldnn::_convolution_pointwise_", "binary", into_args, x_at=1, residual_at=0)
+        if native is not None and native_into is not None:
+            native.set_into(native_into, list(out_shape))
 
         # A donated residual is the block's own tensor in the unit's compute dtype (unit.decide passes x and residual
         # converted, and a converted residual is a new tensor, never the donated one): only its shape and layout are
@@ -411,7 +430,27 @@ class CpuBackend(ExtensionBackend):
                     and _unambiguous_channels_last(x)):
                 return into(residual, x, weight, bias, pads, strides, [1, 1], 1, "add", None, unary, [], None)
             return op(x, weight, bias, residual, stride, padding, relu)
-        return call
+        return _with_native(call, native if native_into is not None else None)
+
+
+_X = torch.empty(0)  # where a BoundCall's x (and residual) go: replaced on every call
+
+
+def _bound_call(name: str, overload: str, args: tuple, residual_at: int, x_at: int = 0, donate_at: int = -1):
+    """The op call `args` as a _C.BoundCall (x at x_at, the residual at residual_at, the donation flag at donate_at),
+    or None where the extension was built without it."""
+    from ... import _C
+
+    bound = getattr(_C, "BoundCall", None)
+    return None if bound is None else bound(name, overload, args, x_at, residual_at, donate_at)
+
+
+def _with_native(call, without_residual, with_residual=False):
+    """`call` carrying its BoundCalls (for calls without and with a residual; one for both by default), or None where
+    either is missing."""
+    with_residual = without_residual if with_residual is False else with_residual
+    call.native = None if without_residual is None or with_residual is None else (without_residual, with_residual)
+    return call
 
 
 register_backend(CpuBackend())
