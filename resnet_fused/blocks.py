@@ -437,7 +437,8 @@ class FusedSequential(nn.Sequential):
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or global_module_hooks():
             return super().forward(input)
         layer = self.__dict__.get(_LAYER_RUN)
-        if layer is not None and layer.epoch == changes.epoch() and layer.key == signature(input, layer.backend):
+        if (layer is not None and type(input) is torch.Tensor and layer.epoch == changes.epoch()
+                and layer.key == signature(input, layer.backend)):  # (a Tensor subclass: see binding.compose)
             out = layer.program(input)
             if out is not None:
                 return out

@@ -194,3 +194,30 @@ def test_train_mode_and_conversions_drop_the_programs_and_their_packs():
         assert all(run is not None for run in _programs(fused))
         change()
         assert _programs(fused) == [None] * 4
+
+
+class _Counted(torch.Tensor):
+    calls = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.OpOverload) and func.namespace in ("resnet_fused", "mkldnn"):
+            cls.calls += 1  # a conv
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_tensor_subclass_input_takes_the_python_steps_where_its_torch_function_sees_the_ops():
+    _, fused = _fused()
+    t = torch.randn(2, 64, 12, 12).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        fused.layer1(t), fused.layer1(t)  # programs made for plain tensors of this signature
+        expected = fused.layer1(t)
+        _Counted.calls = 0
+        out = fused.layer1(t.as_subclass(_Counted))
+        block = fused.layer2[0]
+        block(t), block(t)
+        seen = _Counted.calls
+        block_out = block(t.as_subclass(_Counted))
+    assert seen == 4 and _Counted.calls == seen + 3  # the stage's four convs, then the block's three
+    assert torch.equal(out.as_subclass(torch.Tensor), expected)
+    assert_matches(block_out.as_subclass(torch.Tensor), block.eager_forward(t), torch.float32)

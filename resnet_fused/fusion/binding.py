@@ -167,12 +167,6 @@ def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: Dec
 
     short = steps[:len(shortcut)] if shortcut else ()
     *middle, last = steps[len(short):]
-    program = _block_program(short, middle, last)
-    if program is not None:
-        def forward(x):
-            return program(x, donated(x))
-        forward.program = program  # for FusedSequential's layer program
-        return forward
 
     def forward(x):
         identity = x
@@ -185,6 +179,16 @@ def compose(block: torch.nn.Module, plan: ResidualPlan, steps: list, choose: Dec
             return last(y, identity)
         with donating(identity):  # the shortcut units' own output: nothing reads it after the last unit
             return last(y, identity)
+
+    program = _block_program(short, middle, last)
+    if program is None:
+        return forward
+    python_steps = forward
+
+    def forward(x):
+        # a Tensor subclass gets the Python steps, which call the ops where its __torch_function__ sees them
+        return program(x, donated(x)) if type(x) is torch.Tensor else python_steps(x)
+    forward.program = program  # for FusedSequential's layer program
     return forward
 
 
