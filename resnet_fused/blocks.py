@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .fusion import changes
-from .fusion.binding import (Bindings, compose, eager_units, execute, fused_units, layer_run, signature,
-                             train_forward)
+from .fusion.binding import (Bindings, LayerRun, compose, eager_units, execute, fused_units, layer_program,
+                             signature, train_forward)
 from .fusion.eligibility import (call_override_reason, global_module_hooks, has_hooks, plain_bn_reason,
                                  plain_conv_reason)
 from .fusion.plan import ModuleShortcut, ResidualPlan, Unit
@@ -439,17 +439,21 @@ class FusedSequential(nn.Sequential):
         layer = self.__dict__.get(_LAYER_RUN)
         if (layer is not None and type(input) is torch.Tensor and layer.epoch == changes.epoch()
                 and layer.key == signature(input, layer.backend)):  # (a Tensor subclass: see binding.compose)
+            if layer.program is None:  # known not to replay (another backend's calls): nothing to record
+                return self._run_blocks(input, None)
             out = layer.program(input)
             if out is not None:
                 return out
-        return self._run_blocks(input)
+        return self._run_blocks(input, [])
 
-    def _run_blocks(self, input):
-        epoch, blocks, inputs = changes.epoch(), [], []
+    def _run_blocks(self, input, inputs):
+        """The blocks one by one; with `inputs` (a list), each fused block's input signature recorded there and the
+        stage's LayerRun made anew from them."""
+        epoch, blocks, first = changes.epoch(), [], input
         owned = False  # input: a fused block's output that nothing else holds
         for module in self:
             fused = isinstance(module, _FusedResidual) and not has_hooks(module)
-            if fused:
+            if fused and inputs is not None:
                 blocks.append(module)
                 inputs.append(signature(input, module.backend))
             if owned and fused:
@@ -458,10 +462,14 @@ class FusedSequential(nn.Sequential):
             else:
                 input = module(input)
             owned = fused
-        layer = None
-        if len(blocks) == len(self) and epoch == changes.epoch():  # nothing changed while it ran
-            layer = layer_run(blocks, inputs, epoch)
-        self.__dict__[_LAYER_RUN] = layer
+        if epoch != changes.epoch():  # something changed while it ran: decide again at the next call
+            self.__dict__.pop(_LAYER_RUN, None)
+        elif inputs is not None:
+            whole = bool(blocks) and len(blocks) == len(self)
+            backend = self[0].backend if whole else "auto"
+            program = layer_program(blocks, inputs) if whole else None
+            self.__dict__[_LAYER_RUN] = LayerRun(epoch, inputs[0] if whole else signature(first, backend), backend,
+                                                 program)
         return input
 
     def train(self, mode: bool = True):

@@ -38,7 +38,8 @@ def _input(batch=2, size=48):
 
 
 def _programs(fused):
-    return [stage.__dict__.get("_layer_run") for stage in fused.modules() if type(stage) is FusedSequential]
+    runs = [stage.__dict__.get("_layer_run") for stage in fused.modules() if type(stage) is FusedSequential]
+    return [None if run is None else run.program for run in runs]
 
 
 @pytest.mark.parametrize("make", [resnet18, resnet50], ids=["resnet18", "resnet50"])
@@ -47,8 +48,8 @@ def test_the_replay_is_bitwise_the_python_steps(make, monkeypatch):
     x = _input(batch=1)
     with torch.inference_mode():
         first = fused(x)  # decides, then makes the programs
-        runs = _programs(fused)
-        assert len(runs) == 4 and all(isinstance(run.program, _C.LayerProgram) for run in runs)
+        programs = _programs(fused)
+        assert len(programs) == 4 and all(isinstance(program, _C.LayerProgram) for program in programs)
         replayed = fused(x)
         assert_matches(replayed, model(x), torch.float32)
     monkeypatch.setattr(binding, "_block_program", lambda *args: None)  # the Python steps only
@@ -147,10 +148,16 @@ def test_other_inputs_and_backends_are_not_replayed_with_a_program_made_for_anot
     with torch.inference_mode(), rf.use_backend("cpu"):
         for x in (_input(batch=2), _input(batch=1, size=40), _input(batch=2)):
             assert_matches(fused(x), model(x), torch.float32)
-        assert all(run is not None for run in _programs(fused))
+        assert all(isinstance(p, _C.LayerProgram) for p in _programs(fused))
     with torch.inference_mode(), rf.use_backend("torch"):
         assert_matches(fused(x), model(x), torch.float32)
-        assert all(run is None for run in _programs(fused))  # the torch backend's steps have no BoundCalls
+        assert _programs(fused) == [None] * 4  # the torch backend's steps have no BoundCalls
+        runs = [stage.__dict__["_layer_run"] for stage in (fused.layer1, fused.layer4)]
+        assert_matches(fused(x), model(x), torch.float32)
+        assert [fused.layer1.__dict__["_layer_run"], fused.layer4.__dict__["_layer_run"]] == runs  # not made again
+    with torch.inference_mode(), rf.use_backend("cpu"):
+        assert_matches(fused(x), model(x), torch.float32)
+        assert all(isinstance(p, _C.LayerProgram) for p in _programs(fused))
 
 
 def test_copies_and_pickles_carry_no_program_and_make_their_own():
@@ -163,7 +170,7 @@ def test_copies_and_pickles_carry_no_program_and_make_their_own():
         assert _programs(clone) == [None] * 4
         with torch.inference_mode():
             assert torch.equal(clone(x), expected)
-            assert all(run is not None for run in _programs(clone))
+            assert all(isinstance(p, _C.LayerProgram) for p in _programs(clone))
 
 
 def test_bound_calls_reject_what_their_op_does_not_take():
@@ -191,7 +198,7 @@ def test_train_mode_and_conversions_drop_the_programs_and_their_packs():
         fused.eval()
         with torch.inference_mode():
             fused(x)
-        assert all(run is not None for run in _programs(fused))
+        assert all(isinstance(p, _C.LayerProgram) for p in _programs(fused))
         change()
         assert _programs(fused) == [None] * 4
 

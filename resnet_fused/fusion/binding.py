@@ -206,8 +206,9 @@ def _block_program(short: list, middle: list, last) -> Optional[object]:
 
 
 class LayerRun:
-    """A FusedSequential's blocks as one _C.LayerProgram, for inputs of `key` while the change counter reads `epoch`
-    (the program itself checks the blocks' tensors and module attributes). Copies and pickles carry none."""
+    """A FusedSequential's blocks as one _C.LayerProgram (None: they do not replay in C++), for inputs of `key` while
+    the change counter reads `epoch` (the program itself checks the blocks' tensors and module attributes). Copies
+    and pickles carry none."""
 
     __slots__ = ("epoch", "key", "backend", "program")
 
@@ -224,12 +225,13 @@ class LayerRun:
 _BLOCK_ATTRS = ("forward", "backend")  # a forward replaced on the instance must be called
 
 
-def layer_run(blocks: list, inputs: list, epoch: tuple) -> Optional[LayerRun]:
-    """`blocks` (fused blocks without hooks, just run on inputs of signatures `inputs`) as one LayerRun, where each
-    has a current bound run of its input's signature that is a BlockProgram and all share one backend; else None."""
+def layer_program(blocks: list, inputs: list):
+    """`blocks` (fused blocks without hooks, just run on inputs of signatures `inputs`) as one _C.LayerProgram, where
+    each has a current bound run of its input's signature that is a BlockProgram and all share one backend; else
+    None."""
     from .. import _C
 
-    if not hasattr(_C, "LayerProgram") or len({block.backend for block in blocks}) != 1:
+    if not blocks or not hasattr(_C, "LayerProgram") or len({block.backend for block in blocks}) != 1:
         return None
     programs, watches, modules, attrs = [], [], [], []
     for block, key in zip(blocks, inputs):
@@ -242,7 +244,7 @@ def layer_run(blocks: list, inputs: list, epoch: tuple) -> Optional[LayerRun]:
         watches.append(bindings.tensors)
         modules += [block, *bindings.convs, *bindings.bns]
         attrs += [_BLOCK_ATTRS] + [_CONV_ATTR_NAMES] * len(bindings.convs) + [_BN_ATTR_NAMES] * len(bindings.bns)
-    return LayerRun(epoch, inputs[0], blocks[0].backend, _C.LayerProgram(programs, watches, modules, attrs))
+    return _C.LayerProgram(programs, watches, modules, attrs)
 
 
 def train_forward(block: torch.nn.Module, plan: ResidualPlan, x: torch.Tensor, backend: Optional[str]):
