@@ -9,8 +9,9 @@
 //   BlockProgram  identity = shortcut calls (x) or x;  y = main calls (x);  out = last main call (y, identity), the
 //                 identity donated where it is the shortcut's own output or the caller donated x
 //   LayerProgram  blocks run back to back, each block's input donated to it but the first's (FusedSequential's
-//                 rule); None instead of a result where any block's tensors or module attributes changed since it
-//                 was made (the Python caller checks the change counter and the input's signature first)
+//                 rule); None instead of a result where any of its watches (the blocks' tensors and module
+//                 attributes, tensor_watch.h) is stale (the Python caller checks the change counter and the input's
+//                 signature first)
 //
 // The calls go through the dispatcher, boxed, as the Python op calls do: the same kernels, in the same order, on the
 // same arguments, so the outputs are bitwise the Python path's.
@@ -100,58 +101,27 @@ class BlockProgram {
   std::vector<std::shared_ptr<BoundCall>> shortcut_, main_;
 };
 
-// Module attributes the bound calls were decided on (conv geometry, BN flags, a block's forward and backend), read
-// at construction and compared before every run.
-class AttrWatch {
- public:
-  AttrWatch(const std::vector<py::object>& modules, const std::vector<std::vector<std::string>>& names) {
-    TORCH_CHECK(modules.size() == names.size(), "AttrWatch: one list of attribute names per module");
-    for (size_t i = 0; i < modules.size(); ++i)
-      for (const auto& name : names[i]) {
-        py::str key(name);
-        watched_.push_back({modules[i], key, modules[i].attr(key)});
-      }
-  }
-
-  bool is_current() const {
-    for (const auto& w : watched_) {
-      PyObject* now = PyObject_GetAttr(w.module.ptr(), w.name.ptr());
-      if (now == nullptr) {
-        PyErr_Clear();
-        return false;
-      }
-      const int same = PyObject_RichCompareBool(now, w.value.ptr(), Py_EQ);
-      Py_DECREF(now);
-      if (same != 1) {
-        if (same < 0) PyErr_Clear();
-        return false;
-      }
-    }
-    return true;
-  }
-
- private:
-  struct Watched {
-    py::object module;
-    py::str name;
-    py::object value;
-  };
-  std::vector<Watched> watched_;
-};
-
 class LayerProgram {
  public:
-  LayerProgram(std::vector<std::shared_ptr<BlockProgram>> blocks, std::vector<py::object> watches,
-               const std::vector<py::object>& modules, const std::vector<std::vector<std::string>>& attrs)
-      : blocks_(std::move(blocks)), watches_(std::move(watches)), attrs_(modules, attrs) {
+  // watches: the blocks' TensorWatches and AttrWatches (tensor_watch.h), all current at every run
+  LayerProgram(std::vector<std::shared_ptr<BlockProgram>> blocks, const std::vector<py::object>& watches)
+      : blocks_(std::move(blocks)) {
     TORCH_CHECK(!blocks_.empty(), "LayerProgram: needs at least one block");
-    for (const auto& w : watches_) py::cast<const TensorWatch&>(w);  // raises for anything else
+    for (const auto& w : watches) {
+      if (py::isinstance<TensorWatch>(w))
+        tensors_.push_back(w);
+      else if (py::isinstance<AttrWatch>(w))
+        attrs_.push_back(w);
+      else
+        TORCH_CHECK(false, "LayerProgram: watches must be TensorWatch or AttrWatch objects");
+    }
   }
 
   py::object run(const at::Tensor& x) const {
-    for (const auto& w : watches_)
+    for (const auto& w : tensors_)
       if (!py::cast<const TensorWatch&>(w).is_current()) return py::none();
-    if (!attrs_.is_current()) return py::none();
+    for (const auto& w : attrs_)
+      if (!py::cast<const AttrWatch&>(w).is_current()) return py::none();
     at::Tensor y;
     {
       py::gil_scoped_release no_gil;  // as the Python op calls release it
@@ -170,8 +140,7 @@ class LayerProgram {
 
  private:
   std::vector<std::shared_ptr<BlockProgram>> blocks_;
-  std::vector<py::object> watches_;
-  AttrWatch attrs_;
+  std::vector<py::object> tensors_, attrs_;
 };
 
 }  // namespace
@@ -193,9 +162,8 @@ void register_bound_program(py::module& m) {
            py::call_guard<py::gil_scoped_release>());
   py::class_<LayerProgram>(m, "LayerProgram",
                            "Fused blocks back to back in C++; None where a block's tensors or attributes changed.")
-      .def(py::init<std::vector<std::shared_ptr<BlockProgram>>, std::vector<py::object>,
-                    const std::vector<py::object>&, const std::vector<std::vector<std::string>>&>(),
-           py::arg("blocks"), py::arg("watches"), py::arg("modules"), py::arg("attrs"))
+      .def(py::init<std::vector<std::shared_ptr<BlockProgram>>, const std::vector<py::object>&>(), py::arg("blocks"),
+           py::arg("watches"))
       .def("__call__", &LayerProgram::run, py::arg("x"));
 }
 

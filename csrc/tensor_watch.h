@@ -1,11 +1,12 @@
-// resnet_fused._C.TensorWatch: what the fused modules' change counter cannot see of some tensors (their versions,
-// requires_grad flags and data pointers), recorded once and compared in one call; resnet_fused/fusion/changes.py's
-// TensorState uses it where the extension loads and does the same in Python where it does not. bound_program.cpp's
-// layer programs check their blocks' watches before every run.
+// resnet_fused._C.TensorWatch and AttrWatch: what the fused modules' change counter cannot see of some tensors (their
+// versions, requires_grad flags and data pointers) and of some module attributes (conv geometry, BN flags), recorded
+// once and compared in one call; resnet_fused/fusion/changes.py uses them where the extension loads and does the same
+// in Python where it does not. bound_program.cpp's layer programs check their blocks' watches before every run.
 #pragma once
 
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 namespace resnet_fused {
@@ -35,6 +36,21 @@ class TensorWatch {
   // look like no change
   std::vector<c10::Storage> storages_;
   std::vector<State> state_;
+};
+
+// Module attributes, read at construction (names[i] of modules[i]) and compared (==) by is_current().
+class AttrWatch {
+ public:
+  AttrWatch(const std::vector<pybind11::object>& modules, const std::vector<std::vector<std::string>>& names);
+  bool is_current() const;
+
+ private:
+  struct Watched {
+    pybind11::object module;
+    pybind11::str name;
+    pybind11::object value;
+  };
+  std::vector<Watched> watched_;
 };
 
 void register_tensor_watch(pybind11::module& m);

@@ -103,3 +103,39 @@ def test_a_watched_parameter_can_still_be_swapped_in_a_fused_model():
         finally:
             torch.__future__.set_swap_module_params_on_conversion(False)
         assert_matches(fused(x), model(x), torch.float32)
+
+
+def _cpp_attr_watch(modules, names):
+    from resnet_fused import _C
+
+    return _C.AttrWatch(list(modules), [list(n) for n in names])
+
+
+ATTR_WATCHES = [pytest.param(changes.AttrState, id="python"),
+                pytest.param(_cpp_attr_watch, id="extension", marks=pytest.mark.skipif(
+                    not _has_cpp_watch(), reason="needs the compiled extension with its AttrWatch"))]
+
+
+@pytest.mark.parametrize("attr_watch", ATTR_WATCHES)
+def test_module_attributes_are_watched_by_value(attr_watch):
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    w = attr_watch([conv, bn], [("stride", "padding"), ("eps",)])
+    conv.padding = (0, 0)  # the same value, another object: no change
+    bn.eps = float("1e-5")
+    assert w.is_current()
+    conv.padding = (1, 1)
+    assert not w.is_current()
+    conv.padding = (0, 0)
+    assert w.is_current()
+    bn.eps = 1e-3
+    assert not w.is_current()
+    bn.eps = 1e-5
+    del conv.stride  # gone
+    assert not w.is_current()
+    with pytest.raises(AttributeError):
+        attr_watch([conv], [("stride",)])
+
+
+def test_the_fused_modules_watch_attributes_with_the_extension_where_it_loads():
+    w = changes.watch_attrs([torch.nn.ReLU()], [("inplace",)])
+    assert isinstance(w, type(_cpp_attr_watch([], [])) if _has_cpp_watch() else changes.AttrState)

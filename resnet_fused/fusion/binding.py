@@ -17,7 +17,6 @@ forward is one _C.BlockProgram call, and a FusedSequential of such blocks runs t
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Callable, Optional
 
 import torch
@@ -35,10 +34,8 @@ from .plan import ModuleShortcut, ResidualPlan
 from .training import program_unit, run_program, trainable_conv_reason, unit_params
 from .unit import decide, unit_eager
 
-_CONV_ATTR_NAMES = ("stride", "padding", "dilation", "groups", "padding_mode")
-_BN_ATTR_NAMES = ("eps", "momentum", "training", "track_running_stats")
-_CONV_ATTRS = attrgetter(*_CONV_ATTR_NAMES)
-_BN_ATTRS = attrgetter(*_BN_ATTR_NAMES)
+_CONV_ATTRS = ("stride", "padding", "dilation", "groups", "padding_mode")
+_BN_ATTRS = ("eps", "momentum", "training", "track_running_stats")
 
 
 def _none():
@@ -62,16 +59,14 @@ class Bindings:
             if not batch_stats(bn):
                 watched += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
         self.tensors = changes.watch_tensors([t for t in watched if t is not None])  # raises for inference tensors
-        self.attrs = self._attrs()
+        self.attrs = changes.watch_attrs(self.convs + self.bns,
+                                         [_CONV_ATTRS] * len(self.convs) + [_BN_ATTRS] * len(self.bns))
         self.packs: dict = {}
         self.runs: dict = {}
 
-    def _attrs(self) -> tuple:
-        return tuple(map(_CONV_ATTRS, self.convs)), tuple(map(_BN_ATTRS, self.bns))
-
     def is_current(self) -> bool:
         return (self.epoch == (changes._Counter.value, RemovableHandle.next_id) and self.tensors.is_current()
-                and self.attrs == (tuple(map(_CONV_ATTRS, self.convs)), tuple(map(_BN_ATTRS, self.bns))))
+                and self.attrs.is_current())
 
     def __deepcopy__(self, memo):
         return None
@@ -228,23 +223,23 @@ _BLOCK_ATTRS = ("forward", "backend")  # a forward replaced on the instance must
 def layer_program(blocks: list, inputs: list):
     """`blocks` (fused blocks without hooks, just run on inputs of signatures `inputs`) as one _C.LayerProgram, where
     each has a current bound run of its input's signature that is a BlockProgram and all share one backend; else
-    None."""
+    None. The program checks the blocks' own watches, and that no block's forward or backend was replaced."""
     from .. import _C
 
     if not blocks or not hasattr(_C, "LayerProgram") or len({block.backend for block in blocks}) != 1:
         return None
-    programs, watches, modules, attrs = [], [], [], []
+    programs, watches = [], [changes.watch_attrs(blocks, [_BLOCK_ATTRS] * len(blocks))]
     for block, key in zip(blocks, inputs):
         bindings = block.__dict__.get("_bindings")
         run = None if bindings is None or not bindings.is_current() else bindings.runs.get(key)
         program = getattr(run, "program", None)
-        if program is None or not isinstance(bindings.tensors, _C.TensorWatch):
+        if program is None:
             return None
         programs.append(program)
-        watches.append(bindings.tensors)
-        modules += [block, *bindings.convs, *bindings.bns]
-        attrs += [_BLOCK_ATTRS] + [_CONV_ATTR_NAMES] * len(bindings.convs) + [_BN_ATTR_NAMES] * len(bindings.bns)
-    return _C.LayerProgram(programs, watches, modules, attrs)
+        watches += [bindings.tensors, bindings.attrs]
+    if not all(isinstance(w, (_C.TensorWatch, _C.AttrWatch)) for w in watches):
+        return None
+    return _C.LayerProgram(programs, watches)
 
 
 def train_forward(block: torch.nn.Module, plan: ResidualPlan, x: torch.Tensor, backend: Optional[str]):

@@ -81,3 +81,35 @@ def watch_tensors(tensors: Sequence[torch.Tensor]):
         if hasattr(_C, "TensorWatch"):  # else an extension built before it had one
             return _C.TensorWatch(list(tensors))
     return TensorState(tensors)
+
+
+class AttrState:
+    """What the counter cannot see of some modules' attributes (`names[i]` of `modules[i]`, e.g. a conv's padding
+    set after a call): their values, compared with ==."""
+
+    __slots__ = ("getters", "modules", "state")
+
+    def __init__(self, modules: Sequence, names: Sequence[Sequence[str]]):
+        self.modules = tuple(modules)
+        self.getters = tuple(attrgetter(*n) for n in names)
+        self.state = self.read()
+
+    def read(self) -> tuple:
+        return tuple(get(m) for get, m in zip(self.getters, self.modules))
+
+    def is_current(self) -> bool:
+        try:
+            return self.read() == self.state
+        except AttributeError:  # an attribute deleted since
+            return False
+
+
+def watch_attrs(modules: Sequence, names: Sequence[Sequence[str]]):
+    """What the counter cannot see of the modules' attributes, recorded now (as AttrState): where the extension
+    loads, one C++ call (resnet_fused._C.AttrWatch, which FusedSequential's layer programs check too)."""
+    if _extension.load() is None:
+        from .. import _C
+
+        if hasattr(_C, "AttrWatch"):
+            return _C.AttrWatch(list(modules), [list(n) for n in names])
+    return AttrState(modules, names)

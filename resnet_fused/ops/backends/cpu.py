@@ -382,8 +382,9 @@ class CpuBackend(ExtensionBackend):
         if residual_weight is None:
             return call
         with_residual = self._bind_weight(pack, residual_weight, input_shape, relu)
-        return _with_native(lambda x, residual: call(x, None) if residual is None else with_residual(x, residual),
-                            call.native and call.native[0], with_residual.native and with_residual.native[1])
+        either = lambda x, residual: call(x, None) if residual is None else with_residual(x, residual)  # noqa: E731
+        either.native = (call.native[0], with_residual.native[1]) if call.native and with_residual.native else None
+        return either
 
     @staticmethod
     def _bind_weight(pack, weight, input_shape, relu):
@@ -393,10 +394,11 @@ class CpuBackend(ExtensionBackend):
         bias = payload.bias
         if isinstance(weight, ConvGemmWeight):
             gemm, kernel_size = torch.ops.resnet_fused.conv_gemm.default, list(pack.kernel_size)
-            args = (weight.packed, bias, None, kernel_size, stride, padding, relu, False)
             return _with_native(lambda x, residual: gemm(x, weight.packed, bias, residual, kernel_size, stride, padding,
                                                          relu, donated(residual)),
-                                _bound_call("resnet_fused::conv_gemm", "", (_X, *args), residual_at=3, donate_at=8))
+                                _bound_call("resnet_fused::conv_gemm", "",
+                                            (_X, weight.packed, bias, None, kernel_size, stride, padding, relu, False),
+                                            residual_at=3, donate_at=8))
         if isinstance(weight, WinogradWeight):
             winograd, (products,) = torch.ops.resnet_fused.conv3x3_winograd.default, weight
             # oneDNN's products read tile-major buffers (the panels' run per block of tiles: not asked)
@@ -445,11 +447,9 @@ def _bound_call(name: str, overload: str, args: tuple, residual_at: int, x_at: i
     return None if bound is None else bound(name, overload, args, x_at, residual_at, donate_at)
 
 
-def _with_native(call, without_residual, with_residual=False):
-    """`call` carrying its BoundCalls (for calls without and with a residual; one for both by default), or None where
-    either is missing."""
-    with_residual = without_residual if with_residual is False else with_residual
-    call.native = None if without_residual is None or with_residual is None else (without_residual, with_residual)
+def _with_native(call, native):
+    """`call` carrying its BoundCall (None: it has none) for calls without and with a residual alike."""
+    call.native = None if native is None else (native, native)
     return call
 
 
