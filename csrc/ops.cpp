@@ -44,6 +44,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("conv_gemm_weight(Tensor weight) -> Tensor");
   m.def("conv_gemm(Tensor x, Tensor packed, Tensor bias, Tensor(a!)? residual, int[2] kernel_size, int stride, "
         "int padding, bool relu, bool into_residual=False) -> Tensor");
+  // Internal (CPU only): the ops around the blocks that fuse_model swaps in for the "cpu" backend
+  // (csrc/cpu/edges.cpp): max pooling and average pooling to 1x1 of channels_last x, and x @ weight^T + bias for
+  // few rows of fp32 x.
+  m.def("max_pool2d_cl(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  m.def("mean_pool_cl(Tensor x) -> Tensor");
+  m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("batch_norm_stats(Tensor y) -> (Tensor, Tensor)");
   m.def("batch_norm_apply(Tensor y, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
         "bool relu) -> Tensor");

@@ -8,8 +8,12 @@ opaque) and the swap happens only where the graph proves the fused module comput
     chain            conv -> BatchNorm2d (-> ReLU module) whose intermediate values nothing else reads
                      -> FusedConvBNAct at the conv, AbsorbedBatchNorm2d at the BN, AbsorbedReLU at the ReLU
 
-Everything else (SE, drop-path, pooling, attention, untraceable forwards) stays as it is, and the report says
-why. Parameters and buffers are the same tensors under the same names, so state_dicts load both ways.
+With the "cpu" backend (or "auto"), the modules around the blocks that the extension has kernels for, of exactly
+these torch classes, become their fused subclasses in place (resnet_fused.edges): nn.MaxPool2d, nn.AdaptiveAvgPool2d
+to 1x1 and nn.Linear (the report's `edges`).
+
+Everything else (SE, drop-path, attention, untraceable forwards) stays as it is, and the report says why.
+Parameters and buffers are the same tensors under the same names, so state_dicts load both ways.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from torch import nn
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
                      FusedBottleneck, FusedConvBNAct, FusedResidualBlock, FusedSequential, _FusedResidual,
                      downsample_shortcut)
-from .fusion.analysis import _steps_of_module, ambient_context, find_chains, match_residual, node_kind, trace_shallow
+from .edges import edge_class, edge_kind
+from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, module_calls_patched,
+                              node_kind, trace_shallow)
 from .fusion.bytecode import reached_descendants
 from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks, kernel_unsupported_reason
 from .fusion.plan import ModuleShortcut, ResidualPlan
@@ -54,6 +60,7 @@ class FuseReport:
     backend: str
     fused: List[FusedItem] = field(default_factory=list)
     left: List[LeftItem] = field(default_factory=list)
+    edges: List[FusedItem] = field(default_factory=list)  # pooling and classifier modules on the extension's kernels
 
     @property
     def blocks(self) -> List[FusedItem]:
@@ -70,6 +77,8 @@ class FuseReport:
                  + f"; left {len(self.left)} module(s) as they were"]
         for item in self.fused:
             lines.append(f"  fused  {item.name or '<model>'} [{item.kind}] {item.detail}")
+        for item in self.edges:
+            lines.append(f"  edge   {item.name or '<model>'} [{item.kind}] {item.detail}")
         for item in self.left:
             lines.append(f"  left   {item.name or '<model>'} ({item.module_type}): {item.reason}")
         return "\n".join(lines)
@@ -199,6 +208,20 @@ class _Fuser:
             notes = [note for note in (unsupported and f"conv runs as F.conv2d: {unsupported}", chain.note) if note]
             detail = " + ".join(_join(name, p) for p in parts) + (f" ({'; '.join(notes)})" if notes else "")
             self.report.fused.append(FusedItem(_join(name, chain.conv), kind, detail))
+
+    def swap_edges(self, root: nn.Module) -> None:
+        """The pooling and classifier modules the extension has kernels for, turned into their fused classes in
+        place (only the class changes; inside fused blocks there are none). Not while another thread's torch.fx
+        trace patches nn.Module: then fuse_model changes nothing."""
+        if self.backend not in ("auto", "cpu") or module_calls_patched():
+            return
+        for name, module in _named_modules_outside_fused(root):
+            cls = edge_class(module)
+            if cls is not None:
+                module.__class__ = cls
+                module.backend = self.backend
+                detail = f"{type(module).__bases__[-1].__name__} runs the extension's CPU kernel for inference calls"
+                self.report.edges.append(FusedItem(name, edge_kind(cls), detail))
 
     def list_leftovers(self, root: nn.Module) -> None:
         """Every conv and BatchNorm that runs eagerly after all, with the reason."""
@@ -359,5 +382,6 @@ def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -
                                           "(torch.nn.modules.module.register_module_forward_hook and the like)"))
         return target, fuser.report
     result = fuser.visit(target, "")
+    fuser.swap_edges(result)
     fuser.list_leftovers(result)
     return result, fuser.report

@@ -21,6 +21,7 @@
 #include "batch_norm.h"
 #include "batch_norm_dispatch.h"
 #include "checks.h"
+#include "isa_level.h"
 
 namespace resnet_fused::cpu {
 namespace {
@@ -32,14 +33,13 @@ struct Isa {
   bn::Kernels kernels;
 };
 
-// ATen's choice ("DEFAULT", "AVX2", "AVX512", ...), which honors ATEN_CPU_CAPABILITY, capped by what was built.
 Isa choose_isa() {
-  const std::string aten = at::get_cpu_capability();
+  const IsaLevel level = isa_level();
 #ifdef RESNET_FUSED_X86_KERNELS
-  if (aten == "AVX512") return {"avx512", bn::avx512_kernels()};
-  if (aten == "AVX2") return {"avx2", bn::avx2_kernels()};
+  if (level == IsaLevel::Avx512) return {isa_name(level), bn::avx512_kernels()};
+  if (level == IsaLevel::Avx2) return {isa_name(level), bn::avx2_kernels()};
 #endif
-  return {"default", bn::default_kernels()};
+  return {isa_name(level), bn::default_kernels()};
 }
 
 const Isa& isa() {

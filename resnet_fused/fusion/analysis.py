@@ -103,7 +103,7 @@ class _ShallowTracer(fx.Tracer):
         return super().create_arg(a)
 
     def trace(self, root: nn.Module) -> fx.Graph:
-        if not (nn.Module.__call__ is _MODULE_CALL and nn.Module.__getattr__ is _MODULE_GETATTR):
+        if module_calls_patched():
             raise RuntimeError(_PATCHED)
         self.root = root
         self.submodule_paths = {m: name for name, m in root.named_modules()}
@@ -117,7 +117,7 @@ class _ShallowTracer(fx.Tracer):
         descendants = [m for m in root.modules() if m is not root]
         with _on_instances(descendants, "_compiled_call_impl", lambda m: functools.partial(self._leaf_call, m)):
             out = forward(*args)
-        if not (nn.Module.__call__ is _MODULE_CALL and nn.Module.__getattr__ is _MODULE_GETATTR):
+        if module_calls_patched():
             raise RuntimeError(_PATCHED)  # patched meanwhile: the calls went elsewhere
         self.create_node("output", "output", (self.create_arg(out),), {})
         return self.graph
@@ -128,6 +128,13 @@ class _ShallowTracer(fx.Tracer):
 
 _ABSENT = object()
 _MODULE_CALL, _MODULE_GETATTR = nn.Module.__call__, nn.Module.__getattr__
+
+
+def module_calls_patched() -> bool:
+    """Whether nn.Module.__call__ or __getattr__ is patched now (torch.fx.symbolic_trace running in another thread)."""
+    return not (nn.Module.__call__ is _MODULE_CALL and nn.Module.__getattr__ is _MODULE_GETATTR)
+
+
 _PATCHED = ("nn.Module.__call__ or __getattr__ is patched while fusing (torch.fx.symbolic_trace running in another "
             "thread patches them for every thread)")
 _REPLACEABLE = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)  # what chains swap out (exact types)
