@@ -103,7 +103,8 @@ class FusedLinear(_Edge, nn.Linear):
         weight, bias = self.weight, self.bias
         if (_native(self.backend, x) and x.dim() == 2 and x.shape[0] <= LINEAR_MAX_ROWS and x.dtype == torch.float32
                 and weight.dtype == torch.float32 and weight.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+                and not (torch.is_grad_enabled() and (weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad)))
                 and not torch.is_autocast_enabled("cpu")):
             return torch.ops.resnet_fused.linear_rows(x, weight, bias)
         return super().forward(x)

@@ -108,7 +108,8 @@ void mean_pool(const T* x, T* y, int64_t batch, int64_t pixels, int64_t channels
   // a task: one image's span of up to kMeanSpan channels, summed row by row (contiguous runs) into an L1 array
   const int64_t spans = (channels + kMeanSpan - 1) / kMeanSpan;
   const FVec count(static_cast<float>(pixels));
-  const int64_t grain = std::max<int64_t>(1, kMeanTaskBytes / std::max<int64_t>(1, pixels * kMeanSpan * int64_t(sizeof(T))));
+  const int64_t task_bytes = pixels * kMeanSpan * int64_t(sizeof(T));
+  const int64_t grain = std::max<int64_t>(1, kMeanTaskBytes / std::max<int64_t>(1, task_bytes));
   at::parallel_for(0, batch * spans, grain, [&](int64_t begin, int64_t end) {
     FVec sums[kMeanSpan / kLanes];
     for (int64_t task = begin; task < end; ++task) {

@@ -143,7 +143,8 @@ torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     x = torch.randn(2, 21, 9, 8).to(dtype).contiguous(memory_format=torch.channels_last)
     assert torch.equal(ops.max_pool2d_cl(x, [3, 3], [2, 2], [1, 1]), F.max_pool2d(x, 3, 2, 1))
-    torch.testing.assert_close(ops.mean_pool_cl(x).float(), F.adaptive_avg_pool2d(x.float(), 1), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ops.mean_pool_cl(x).float(), F.adaptive_avg_pool2d(x.float(), 1), rtol=1e-2,
+                               atol=1e-2)
 a, w, b = torch.randn(3, 37), torch.randn(11, 37), torch.randn(11)
 torch.testing.assert_close(ops.linear_rows(a, w, b), F.linear(a, w, b), rtol=1e-5, atol=1e-5)
 """
@@ -160,7 +161,7 @@ def test_every_instruction_set_build_matches_aten(isa):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-# ---- the modules ------------------------------------------------------------------------------------------------------
+# ---- the modules -----------------------------------------------------------------------------------------------------
 
 
 def _ran(fn, op: str) -> bool:

@@ -1,4 +1,5 @@
-// The edge kernels (../edges_kernels.h) for the build's baseline instruction set, compiled with that set's flags by setup.py.
+// The edge kernels (../edges_kernels.h) for the build's baseline instruction set, compiled with its flags by
+// setup.py.
 #include "../edges_kernels.h"
 
 namespace resnet_fused::cpu::edges {
