@@ -5,12 +5,11 @@ as the extension's kernels (csrc/cpu/edges.cpp) instead of ATen's, for inference
     FusedAdaptiveAvgPool2d   adaptive_avg_pool2d(x, 1)                      fp32 sums in pixel order, then / H*W
     FusedLinear              x @ weight^T + bias                            fp32, up to LINEAR_MAX_ROWS rows of x
 
-ATen's max pooling computes the indices a backward would need, and its fp32 x @ W^T on few rows runs MKL's
-matrix-vector path, slow on AMD CPUs; the extension's kernels do neither. Measured on 2 cores of an AMD EPYC (Zen 3),
-each op where it runs in a fused resnet50 (profiler, median of 20 forwards), ATen's -> the kernels': batch 1 max
-pooling 0.41 -> 0.24 ms, average pooling 0.16 -> 0.04, classifier 0.61 -> 0.28; batch 8 2.85 -> 1.48, 0.35 -> 0.21,
-1.49 -> 0.54. Whole forwards, two fused models interleaved (40 and 8 rounds): resnet50 1.024x (batch 1) and 1.048x
-(batch 8) faster, resnet18 1.089x (batch 1).
+ATen's max pooling computes the indices a backward would need, and its fp32 x @ W^T on few rows (MKL's) ran 1.3-2.5x
+slower than linear_rows (1-32 rows) here. Measured on 2 cores of an AMD EPYC (Zen 3), each op where it runs in a fused
+resnet50 (profiler, median of 20 forwards), ATen's -> the kernels': batch 1 max pooling 0.41 -> 0.24 ms, average pooling
+0.16 -> 0.04, classifier 0.61 -> 0.28; batch 8 2.85 -> 1.48, 0.35 -> 0.21, 1.49 -> 0.54. Whole forwards, two fused
+models interleaved (40 and 8 rounds): resnet50 1.024x (batch 1) and 1.048x (batch 8) faster, resnet18 1.089x (batch 1).
 
 fuse_model turns modules of exactly these torch classes into them in place: the object, its hooks and attributes
 stay and only the class changes, so parameters, buffers and state_dict keys are the same. Any other call (autograd
