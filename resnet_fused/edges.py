@@ -60,7 +60,9 @@ def _pair(v) -> Tuple[int, int]:
 
 
 class _Edge:
-    """A torch module whose forward runs an extension kernel where it can. `backend` as fuse_model's."""
+    """A torch module whose forward runs an extension kernel where it can. `backend` as fuse_model's; each class's
+    _kernel_args(module) says whether the kernel computes what the module is configured to (None: it does not),
+    checked by fuse_model on the torch module and by every forward, since attributes may change after fusing."""
 
     backend: str = "auto"
 
@@ -89,8 +91,12 @@ class FusedMaxPool2d(_Edge, nn.MaxPool2d):
 
 
 class FusedAdaptiveAvgPool2d(_Edge, nn.AdaptiveAvgPool2d):
+    def _kernel_args(self) -> Optional[tuple]:
+        """() where the kernel computes what this module does (pooling to 1x1), else None."""
+        return () if _pair(self.output_size) == (1, 1) else None
+
     def forward(self, x):
-        if (_native(self.backend, x) and _pair(self.output_size) == (1, 1) and x.dim() == 4
+        if (_native(self.backend, x) and self._kernel_args() is not None and x.dim() == 4
                 and x.dtype in _POOL_DTYPES and x.shape[2] * x.shape[3] > 0
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return torch.ops.resnet_fused.mean_pool_cl(x)
@@ -98,6 +104,9 @@ class FusedAdaptiveAvgPool2d(_Edge, nn.AdaptiveAvgPool2d):
 
 
 class FusedLinear(_Edge, nn.Linear):
+    def _kernel_args(self) -> Optional[tuple]:
+        return ()  # any Linear: what decides is the call
+
     def forward(self, x):
         weight, bias = self.weight, self.bias
         if (_native(self.backend, x) and x.dim() == 2 and x.shape[0] <= LINEAR_MAX_ROWS and x.dtype == torch.float32
@@ -117,11 +126,7 @@ def edge_class(module: nn.Module) -> Optional[type]:
     """The fused class fuse_model gives `module` (one of exactly these torch classes, configured so that the kernel
     can compute it), or None."""
     fused = _EDGE_CLASSES.get(type(module))
-    if fused is FusedMaxPool2d and FusedMaxPool2d._kernel_args(module) is None:
-        return None
-    if fused is FusedAdaptiveAvgPool2d and _pair(module.output_size) != (1, 1):
-        return None
-    return fused
+    return fused if fused is not None and fused._kernel_args(module) is not None else None
 
 
 def edge_kind(cls: type) -> str:

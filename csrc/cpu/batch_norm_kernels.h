@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "batch_norm_dispatch.h"
+#include "vec_lanes.h"
 
 namespace resnet_fused::cpu::batch_norm {
 inline namespace CPU_CAPABILITY {
@@ -57,33 +58,6 @@ constexpr int64_t kStripRows = 128;        // rows per channels_last chunk
 constexpr int64_t kSpanChannels = 256;     // channels per channels_last chunk (its sums: one L1-resident array each)
 constexpr int64_t kTaskBytes = 64 * 1024;  // least input per parallel task
 constexpr int kChains = 4;                 // independent accumulators per reduction
-
-// Storage type <-> fp32: a group of kGroup stored values is kParts fp32 vectors. A partial group (count < kGroup)
-// loads zeros into its missing lanes and stores only its `count` values.
-template <typename T>
-struct Lanes {
-  static constexpr int kParts = 2;
-  static constexpr int64_t kGroup = 2 * kLanes;
-  static void load(const T* p, int64_t count, FVec* v) {
-    using SVec = at::vec::Vectorized<T>;
-    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(count == kGroup ? SVec::loadu(p) : SVec::loadu(p, count));
-  }
-  static void store(T* p, int64_t count, const FVec* v) {
-    const auto packed = at::vec::convert_from_float<T>(v[0], v[1]);
-    count == kGroup ? packed.store(p) : packed.store(p, static_cast<int>(count));
-  }
-};
-template <>
-struct Lanes<float> {
-  static constexpr int kParts = 1;
-  static constexpr int64_t kGroup = kLanes;
-  static void load(const float* p, int64_t count, FVec* v) {
-    v[0] = count == kGroup ? FVec::loadu(p) : FVec::loadu(p, count);
-  }
-  static void store(float* p, int64_t count, const FVec* v) {
-    count == kGroup ? v[0].store(p) : v[0].store(p, static_cast<int>(count));
-  }
-};
 
 // Groups per unrolled step: kChains accumulators in all, kParts per group.
 template <typename T>
