@@ -38,6 +38,11 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("winograd_weight(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor bias, Tensor(a!)? residual, bool relu, bool position_major, "
         "bool into_residual=False) -> Tensor");
+  // Internal (CPU only): Winograd F(2x2, 3x3) (csrc/cpu/winograd_f2.h), y as for conv3x3_winograd, its 16 products by
+  // the implicit GEMM with panels = winograd2_weight(w)'s U[p] each packed as conv_gemm_weight packs a 1x1 weight.
+  m.def("winograd2_weight(Tensor weight) -> Tensor");
+  m.def("conv3x3_winograd2(Tensor x, Tensor panels, Tensor bias, Tensor(a!)? residual, bool relu, "
+        "bool into_residual=False) -> Tensor");
   // Internal (CPU only): the "cpu" backend's implicit-GEMM convolution for fp32 (csrc/cpu/conv_gemm.h), y =
   // conv2d(x, w, stride, padding) + bias[c] (+ residual), ReLU if relu, where packed = conv_gemm_weight(w);
   // into_residual as for conv3x3_winograd.

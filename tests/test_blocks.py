@@ -184,11 +184,12 @@ def test_eval_is_three_or_four_fused_op_calls(backend):
             with _OpCalls() as calls:
                 fused(x)
         convs = [name for name in calls.names if "conv" in name]
-        # The cpu backend's 3x3 convs run as Winograd, its strided convs and 1x1s with >= 128 input channels as the
-        # implicit GEMM, where this CPU's rules say it pays; a last unit whose residual is the downsample's own output
-        # writes into it (oneDNN's in-place binary post-op).
+        # The cpu backend's 3x3 convs run as Winograd (F(4x4) or F(2x2)), its strided convs and 1x1s with >= 128
+        # input channels as the implicit GEMM, where this CPU's rules say it pays; a last unit whose residual is the
+        # downsample's own output writes into it (oneDNN's in-place binary post-op).
         fused_convs = {"cpu": {"resnet_fused::conv_bias_act", "resnet_fused::conv3x3_winograd",
-                               "resnet_fused::conv_gemm", "mkldnn::_convolution_pointwise_.binary"},
+                               "resnet_fused::conv3x3_winograd2", "resnet_fused::conv_gemm",
+                               "mkldnn::_convolution_pointwise_.binary"},
                        "torch": {"aten::convolution"}}[backend]
         assert len(convs) == expected and set(convs) <= fused_convs, (case[0], convs)
         assert not any("batch_norm" in name for name in calls.names), case[0]

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(rf.available_backends("cpu")["cpu"] is not None,
 
 CL = torch.channels_last
 # ops that write their output into the residual (argument 3) when told to and its buffer takes it
-INTO_RESIDUAL = {"resnet_fused::conv_gemm", "resnet_fused::conv3x3_winograd"}
+INTO_RESIDUAL = {"resnet_fused::conv_gemm", "resnet_fused::conv3x3_winograd", "resnet_fused::conv3x3_winograd2"}
 IN_PLACE = {"mkldnn::_convolution_pointwise_.binary", *(f"{name} into residual" for name in INTO_RESIDUAL)}
 
 

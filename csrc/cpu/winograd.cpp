@@ -36,13 +36,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "checks.h"
 #include "conv_gemm.h"
+#include "winograd_lanes.h"
+#include "workspace.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #define RESNET_FUSED_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -57,7 +58,6 @@ constexpr auto kCL = at::MemoryFormat::ChannelsLast;
 constexpr int64_t kOut = 4;          // output tile side
 constexpr int64_t kIn = 6;           // input tile side: kOut + 3 - 1
 constexpr int64_t kPositions = 36;   // kIn * kIn
-constexpr int64_t kBlock = 16;       // channels per vector block
 
 // The tile grid over (N, H, W) and the strides of the transformed buffers.
 struct Tiles {
@@ -102,17 +102,6 @@ inline void at_lanes(const float* __restrict t0, const float* __restrict t1, con
   }
 }
 
-alignas(64) constexpr float kZeros[kBlock] = {};
-
-// A block of kBlock lanes at src: src itself when the block is whole, else its first `width` lanes copied into
-// `spare` and zero-padded. (Whole blocks are read in place: copy loops would become memcpy calls.)
-inline const float* lanes(const float* src, int64_t width, float* spare) {
-  if (width == kBlock) return src;
-  std::fill(spare, spare + kBlock, 0.f);
-  std::copy(src, src + width, spare);
-  return spare;
-}
-
 // V[p, t - first, c] = (B^T d B)[p] for tiles [begin, end) (padding 1: tile (ty, tx) reads rows 4 ty - 1 .. 4 ty + 4);
 // `first` is the tile at the start of v (0: v holds every tile).
 RESNET_FUSED_MULTIVERSION
@@ -127,14 +116,7 @@ void input_transform(const float* x, float* v, const Tiles& g, const Layout& lay
     const int64_t h0 = ty * kOut - 1, w0 = tx * kOut - 1;
     for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
       const int64_t width = std::min(kBlock, channels - c0);
-      for (int64_t i = 0; i < kIn; ++i) {
-        const int64_t hi = h0 + i;
-        for (int64_t j = 0; j < kIn; ++j) {
-          const int64_t wj = w0 + j;
-          const bool inside = hi >= 0 && hi < g.h && wj >= 0 && wj < g.w;
-          d[i][j] = inside ? lanes(x + ((n * g.h + hi) * g.w + wj) * channels + c0, width, spare[i][j]) : kZeros;
-        }
-      }
+      tile_lanes<kIn>(x, n, g.h, g.w, channels, h0, w0, c0, width, spare, d);
       for (int64_t j = 0; j < kIn; ++j) {
         bt_lanes(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], cols[0][j], cols[1][j], cols[2][j],
                  cols[3][j], cols[4][j], cols[5][j]);
@@ -182,17 +164,7 @@ void output_transform(const float* m, const float* bias, const float* residual, 
         for (int64_t j = 0; j < kOut && tx * kOut + j < g.w; ++j) {
           const int64_t offset = ((n * g.h + ty * kOut + i) * g.w + tx * kOut + j) * channels + k0;
           const float* r = residual ? lanes(residual + offset, width, spare[kPositions + 1]) : kZeros;
-          float* o = out[j];
-          for (int64_t l = 0; l < kBlock; ++l) {
-            const float value = o[l] + b[l] + r[l];
-            o[l] = relu ? (value < 0.f ? 0.f : value) : value;  // a NaN stays NaN, as in eager's ReLU
-          }
-          float* dst = y + offset;
-          if (width == kBlock) {
-            for (int64_t l = 0; l < kBlock; ++l) dst[l] = o[l] + 0.f;  // (+ 0: a store, not a memcpy call)
-          } else {
-            std::copy(o, o + width, dst);
-          }
+          finish_lanes(out[j], b, r, relu, y + offset, width);
         }
       }
     }
@@ -223,26 +195,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
   return at::mm(at::kron(g, g), taps).view({kPositions, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
 }
 
-// V and M, from a buffer kept per thread between calls: fresh multi-megabyte buffers are page-faulted in (and zeroed
-// by the kernel) on first touch, about 1 us per 4 KiB page here, and these were 8-14 thousand faults of a resnet50
-// batch 8 forward (2 cores). Buffers past kKeptWorkspaceFloats are made per call, so that a large batch does not
-// keep its workspace for the life of the thread. The kept memory is raw (a DataPtr, not a tensor), and each call
-// views it afresh: a tensor kept from a call under inference_mode would be an inference tensor, which a later call
-// outside it may not write. The view never leaves this op.
-constexpr int64_t kKeptWorkspaceFloats = int64_t{16} << 20;  // 64 MiB
-
-at::Tensor workspace(int64_t floats) {
-  const auto options = at::TensorOptions().dtype(at::kFloat);
-  if (floats > kKeptWorkspaceFloats) return at::empty({floats}, options);
-  thread_local c10::DataPtr kept;
-  thread_local int64_t kept_floats = 0;
-  if (kept_floats < floats) {
-    kept = c10::DataPtr();  // the old buffer goes before the new one comes
-    kept = c10::GetCPUAllocator()->allocate(static_cast<size_t>(floats) * sizeof(float));
-    kept_floats = floats;
-  }
-  return at::from_blob(kept.get(), {floats}, options);
-}
+// V and M come from workspace() (workspace.h), kept per thread between calls.
 
 // M = the 36 products of tile-major V by oneDNN: a 1x1 convolution of 36 groups over a (1, 36 C, 1, tiles)
 // channels_last image (V's memory as it lies), whose channels_last output (1, 36 K, 1, tiles) is tile-major M.

@@ -325,7 +325,9 @@ def test_fused_bottleneck_matches_eager_with_the_gemm(gemm_everywhere):
 
 @pytest.mark.parametrize("capability,expected", [("AVX2", ConvGemmRule(64, strided_kernels=True,
                                                                       max_kernel_pixels=256,
-                                                                      max_in_cache_winograd_channels=128)),
+                                                                      max_in_cache_winograd_channels=128,
+                                                                      max_winograd2_tiles=16,
+                                                                      max_winograd2_work=4096)),
                                                  ("AVX512", cpu_backend.NO_CONV_GEMM),
                                                  ("DEFAULT", cpu_backend.NO_CONV_GEMM)])
 def test_rule_per_capability(capability, expected, monkeypatch):

@@ -131,6 +131,22 @@ def test_into_residual_takes_the_residuals_buffer_but_never_the_inputs(products)
     assert_matches(y, expected, torch.float32)
 
 
+def on_a_fresh_thread(calls):
+    """Run calls() on a new thread (its kept workspace made there), re-raising what it raised here."""
+    errors = []
+
+    def guarded():
+        try:
+            calls()
+        except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=guarded)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+
+
 def test_winograd_results_survive_later_calls():
     # The transformed buffers are reused between calls on a thread (a kept workspace): an earlier output must not
     # alias it, a smaller call after a larger one must not read the larger one's leftovers, and a buffer first made
@@ -138,20 +154,14 @@ def test_winograd_results_survive_later_calls():
     # A first call under inference_mode and later ones outside it: the kept buffer serves both.
     # A fresh thread, so that the buffer is made by its first call here.
     big, small = conv_inputs((2, 32, 20, 20, 48), True, True), conv_inputs((1, 8, 5, 7, 4), False, True)
-    outputs, errors = [], []
+    outputs = []
 
     def calls():
-        try:
-            for (x, weight, bias, res), inference in ((big, True), (small, False), (big, False), (small, True)):
-                with torch.inference_mode(inference):
-                    outputs.append((WINOGRAD(x, TRANSFORM(weight), bias, res, True, True), x, weight, bias, res))
-        except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
-            errors.append(error)
+        for (x, weight, bias, res), inference in ((big, True), (small, False), (big, False), (small, True)):
+            with torch.inference_mode(inference):
+                outputs.append((WINOGRAD(x, TRANSFORM(weight), bias, res, True, True), x, weight, bias, res))
 
-    thread = threading.Thread(target=calls)
-    thread.start()
-    thread.join()
-    assert not errors, errors
+    on_a_fresh_thread(calls)
     assert len(outputs) == 4
     for y, x, weight, bias, res in outputs:
         assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 1, True), torch.float32)

@@ -10,7 +10,9 @@ F(4x4, 3x3) instead (csrc/cpu/winograd.cpp, the internal op conv3x3_winograd), i
 measured per CPU vendor (WINOGRAD_RULES); on CPUs whose widest vector unit is AVX2, fp32 1x1 convs and the strided
 larger kernels (stem, stride-2 3x3s) run as the extension's own implicit GEMM (csrc/cpu/conv_gemm.h, the internal op
 conv_gemm; CONV_GEMM_RULES), and so do the Winograd products of convs with few channels, one block of tiles at a
-time. A fold that is not finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
+time, and there fp32 3x3 stride-1 convs over few tiles with many channels run as Winograd F(2x2, 3x3) instead
+(csrc/cpu/winograd_f2.h, the internal op conv3x3_winograd2), its 16 products by the same GEMM. A fold that is not
+finite runs unfolded, as the public conv_bn_act (CpuUnfoldedPack).
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ class ConvGemmWeight(NamedTuple):
 _ONEDNN_SHAPES_PER_PACK = 4  # distinct input shapes kept per pack (bounds memory when shapes vary)
 
 
+class Winograd2Weight(NamedTuple):
+    """A Winograd F(2x2, 3x3) conv's prepared weight: its transform G w G^T as the implicit GEMM's panels, (16,
+    C_out rounded up to 16 x C_in), made once per pack and shared by its input shapes."""
+
+    panels: torch.Tensor
+
+
 class WinogradRule(NamedTuple):
     """When fp32 3x3 convs with stride 1 and padding 1 run as Winograd F(4x4, 3x3) (csrc/cpu/winograd.cpp) instead
     of oneDNN's direct convolution, and in which layout its transformed buffers lie; counted in 4x4 output tiles,
@@ -147,6 +156,11 @@ class ConvGemmRule(NamedTuple):
     # Winograd convs with at most this many input and output channels: their 36 products by the GEMM's register tile,
     # the three stages per block of tiles (csrc/cpu/winograd.cpp, winograd_in_cache)
     max_in_cache_winograd_channels: float = 0
+    # fp32 3x3 stride-1 convs with more channels than that, at most max_winograd2_tiles F(4x4) output tiles (all
+    # images) and at most max_winograd2_work of those tiles times input channels: Winograd F(2x2, 3x3) instead
+    # (csrc/cpu/winograd_f2.h), its 16 products by the GEMM's register tile
+    max_winograd2_tiles: float = 0
+    max_winograd2_work: float = 0
 
 
 # Measured per conv on 2 cores of an AMD EPYC (Zen 3, AVX2 only; oneDNN runs its AVX2 kernels there), each against
@@ -186,8 +200,19 @@ class ConvGemmRule(NamedTuple):
 # oneDNN's at batch 1, 1.07x and 1.13x at batch 8, the Winograd conv after them 1.05x and 1.10x; resnet18's 64 -> 128
 # stride-2 downsample 1.31x at batch 8. Whole resnet50 forwards 1.011x, 1.023x, 1.016x, 0.963x (batch 1), 1.012x,
 # 1.013x, 1.029x (batch 8). So from 64 input channels with or without a residual.
+# Winograd F(2x2, 3x3) where the F(4x4) transform (36/9 of the weight) is read from memory for few tiles: its own is
+# 16/9, its products take 4 multiply-adds per output and input channel against 2.25. Each candidate on its own, cold
+# caches, alternating (ms): 256 channels at 14x14 batch 1 (16 F(4x4) tiles) F(4x4) with oneDNN's products 1.68,
+# F(2x2) 1.57, the direct GEMM 2.65; at batch 2 2.81 / 2.83 / 5.43, batch 4 3.07 / 3.25 / 5.51; 512 channels at 7x7
+# batch 1 (4 tiles) 2.15 / 1.61 / 1.83, batch 2 2.88 / 2.80 / 3.49. Inside the models (two fused models, both made
+# before either ran, whole forwards alternating, median of the per-round ratios; each conv timed where it runs):
+# resnet50 batch 1 1.014x and 1.018x faster (200 and 150 rounds; layer3's 3x3s 1.16-1.37x, layer4's 0.93-1.25x against
+# the direct GEMM), resnet18 batch 1 1.022x (layer3's 1.09-1.34x, layer4's 1.01-1.09x), resnet50 batch 2 1.012x
+# (layer4's 1.16x); resnet50 batch 4, with layer4's 16 tiles of 512 channels as well, 0.986x (those two 0.88x and
+# 0.96x): so up to 16 tiles and 16 tiles x 256 channels.
 CONV_GEMM_RULES = {"AVX2": ConvGemmRule(64, strided_kernels=True, max_kernel_pixels=256,
-                                        max_in_cache_winograd_channels=128)}
+                                        max_in_cache_winograd_channels=128, max_winograd2_tiles=16,
+                                        max_winograd2_work=4096)}
 NO_CONV_GEMM = ConvGemmRule(math.inf)
 
 
@@ -213,7 +238,7 @@ def _runs_conv_gemm(pack, input_shape, residual: bool = False) -> bool:
         return pack.padding == 0 and input_shape[1] >= least
     if pack.stride >= 2:
         return CONV_GEMM_RULE.strided_kernels
-    if _runs_winograd(pack, input_shape):
+    if _runs_winograd(pack, input_shape) or _runs_winograd2(pack, input_shape):
         return False
     _, _, height, width = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, 1, pack.padding)
     return input_shape[0] * height * width <= CONV_GEMM_RULE.max_kernel_pixels
@@ -224,9 +249,23 @@ def _tiles(input_shape) -> int:
     return n * -(-h // 4) * -(-w // 4)
 
 
-def _runs_winograd(pack, input_shape) -> bool:
+def _winograd_shape(pack) -> bool:
+    """An fp32 3x3 conv with stride 1 and padding 1: what either Winograd computes."""
     return (pack.stride == 1 and pack.padding == 1 and pack.dtype == torch.float32 and pack.kernel_size == (3, 3)
-            and pack.payload.weight.dtype == torch.float32 and _tiles(input_shape) >= WINOGRAD_RULE.min_tiles)
+            and pack.payload.weight.dtype == torch.float32)
+
+
+def _runs_winograd2(pack, input_shape) -> bool:
+    """F(2x2, 3x3) (CONV_GEMM_RULE.max_winograd2_tiles and max_winograd2_work)."""
+    tiles, rule = _tiles(input_shape), CONV_GEMM_RULE
+    return (_winograd_shape(pack) and not _in_cache_winograd(pack) and tiles <= rule.max_winograd2_tiles
+            and tiles * input_shape[1] <= rule.max_winograd2_work)
+
+
+def _runs_winograd(pack, input_shape) -> bool:
+    """F(4x4, 3x3) (WINOGRAD_RULE)."""
+    return (_winograd_shape(pack) and _tiles(input_shape) >= WINOGRAD_RULE.min_tiles
+            and not _runs_winograd2(pack, input_shape))
 
 
 _POSITIONS = 36  # of a 6x6 transformed tile: the 36 products
@@ -251,7 +290,7 @@ def _in_cache_winograd(pack) -> bool:
 
 
 def _winograd_panels(transform: torch.Tensor) -> torch.Tensor:
-    """The transform (36, C_in, C_out) as the implicit GEMM's panels: U[p] packed as conv_gemm_weight packs the 1x1
+    """A transform (positions, C_in, C_out) as the implicit GEMM's panels: U[p] packed as conv_gemm_weight packs the 1x1
     weight U[p]^T, one row per position."""
     _, c_in, c_out = transform.shape
     pack = torch.ops.resnet_fused.conv_gemm_weight.default
@@ -275,6 +314,12 @@ def _winograd_weight(pack, input_shape) -> WinogradWeight:
         return WinogradWeight(_grouped_products_weight(transform, input_shape) if kind == "onednn" else transform)
     # MKL's transform and the panels serve every shape; oneDNN's grouped weight, back in plain layout, is reordered
     return WinogradWeight(_reorder_grouped(made.to_dense(), input_shape) if kind == "onednn" else made)
+
+
+def _winograd2_weight(pack) -> Winograd2Weight:
+    made = next((w for w in pack.payload.onednn_weights.values() if isinstance(w, Winograd2Weight)), None)
+    return made or Winograd2Weight(_winograd_panels(torch.ops.resnet_fused.winograd2_weight.default(
+        pack.payload.weight)))
 
 
 def _conv_gemm_weight(pack) -> ConvGemmWeight:
@@ -307,6 +352,8 @@ def _onednn_weight(pack, input_shape):
     if weight is None:
         if _runs_conv_gemm(pack, input_shape):
             weight = _conv_gemm_weight(pack)
+        elif _runs_winograd2(pack, input_shape):
+            weight = _winograd2_weight(pack)
         elif _runs_winograd(pack, input_shape):
             weight = _winograd_weight(pack, key)
         else:
@@ -399,6 +446,11 @@ class CpuBackend(ExtensionBackend):
                                 _bound_call("resnet_fused::conv_gemm", "",
                                             (_X, weight.packed, bias, None, kernel_size, stride, padding, relu, False),
                                             residual_at=3, donate_at=8))
+        if isinstance(weight, Winograd2Weight):
+            winograd2, panels = torch.ops.resnet_fused.conv3x3_winograd2.default, weight.panels
+            return _with_native(lambda x, residual: winograd2(x, panels, bias, residual, relu, donated(residual)),
+                                _bound_call("resnet_fused::conv3x3_winograd2", "", (_X, panels, bias, None, relu, False),
+                                            residual_at=3, donate_at=5))
         if isinstance(weight, WinogradWeight):
             winograd, (products,) = torch.ops.resnet_fused.conv3x3_winograd.default, weight
             # oneDNN's products read tile-major buffers (the panels' run per block of tiles: not asked)
