@@ -5,6 +5,8 @@
 //                        y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual)), in the residual's buffer
 //                        if into_residual (and that buffer is dense channels_last)
 //   winograd_weight(w):  u = the transformed weight, made once per pack
+//   winograd2_weight(w): F(2x2, 3x3)'s transform (16, C_in, C_out), for winograd_f2.cpp's conv3x3_winograd2; both
+//                        transforms share kernel_transform
 //
 // Per 4x4 output tile, with d the 6x6 input tile around it (zero outside x) and w[k, c] the 3x3 kernel (Lavin and
 // Gray, "Fast Algorithms for Convolutional Neural Networks", 2016, interpolation points 0, +-1, +-2, infinity):
@@ -176,12 +178,20 @@ int64_t tile_grain(int64_t channels) {
   return std::max<int64_t>(1, 65536 / (kPositions * 4 * std::max<int64_t>(channels, 1)));
 }
 
+// G w G^T per 3x3 kernel of weight (C_out, C_in, 3, 3), in float64 rounded once to fp32, as (positions, C_in, C_out)
+// for g (side x 3, positions = side^2): one product, (G (x) G)[(a, b), (i, j)] = G[a, i] G[b, j] against the weight
+// as (3 * 3, C_in * C_out).
+at::Tensor kernel_transform(const char* op, const at::Tensor& weight, const at::Tensor& g) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, op, ": weight must be a (C_out, C_in, "
+              "3, 3) tensor, got shape ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point(), op, ": weight must be a floating-point CPU "
+              "tensor, got ", weight.scalar_type(), " on ", weight.device());
+  const at::Tensor taps = weight.to(at::kDouble).permute({2, 3, 1, 0}).reshape({9, weight.size(1) * weight.size(0)});
+  return at::mm(at::kron(g, g), taps).view({-1, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
+}
+
+// F(4x4, 3x3)'s transform, (36, C_in, C_out).
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "winograd_weight: weight must be "
-              "a (C_out, C_in, 3, 3) tensor, got shape ", weight.sizes());
-  TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point(), "winograd_weight: weight must be a "
-              "floating-point CPU tensor, got ", weight.scalar_type(), " on ", weight.device());
-  // G w G^T in float64, rounded once to fp32, as (36, C, K).
   const at::Tensor g = at::tensor({1.0 / 4, 0.0, 0.0,                     //
                                    -1.0 / 6, -1.0 / 6, -1.0 / 6,          //
                                    -1.0 / 6, 1.0 / 6, -1.0 / 6,           //
@@ -190,9 +200,18 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
                                    0.0, 0.0, 1.0},
                                   at::kDouble)
                            .view({kIn, 3});
-  // One product: (G (x) G)[(a, b), (i, j)] = G[a, i] G[b, j] against the weight as (3 * 3, C * K).
-  const at::Tensor taps = weight.to(at::kDouble).permute({2, 3, 1, 0}).reshape({9, weight.size(1) * weight.size(0)});
-  return at::mm(at::kron(g, g), taps).view({kPositions, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
+  return kernel_transform("winograd_weight", weight, g);
+}
+
+// F(2x2, 3x3)'s transform (winograd_f2.h), (16, C_in, C_out).
+at::Tensor winograd2_weight_cpu(const at::Tensor& weight) {
+  const at::Tensor g = at::tensor({1.0, 0.0, 0.0,    //
+                                   0.5, 0.5, 0.5,    //
+                                   0.5, -0.5, 0.5,   //
+                                   0.0, 0.0, 1.0},
+                                  at::kDouble)
+                           .view({4, 3});
+  return kernel_transform("winograd2_weight", weight, g);
 }
 
 // V and M come from workspace() (workspace.h), kept per thread between calls.
@@ -325,6 +344,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("winograd_weight", &resnet_fused::cpu::winograd_weight_cpu);
+  m.impl("winograd2_weight", &resnet_fused::cpu::winograd2_weight_cpu);
   m.impl("conv3x3_winograd", &resnet_fused::cpu::conv3x3_winograd_cpu);
 }
 

@@ -1,11 +1,11 @@
 // Winograd F(2x2, 3x3) as ops (math and layout in winograd_f2.h), its 16 products by the implicit GEMM's AVX2
 // register tile (conv_gemm.h) and the conv_bias_act epilogue fused into its output transform:
 //
-//   winograd2_weight(w):  u = G w G^T as (16, C_in, C_out), in float64 rounded once to float32; the "cpu" backend
-//                         packs each U[p] as conv_gemm_weight packs a (C_out, C_in, 1, 1) weight: `panels`
 //   conv3x3_winograd2(x, panels, bias, residual, relu, into_residual):
 //                         y = act(conv2d(x, w, stride=1, padding=1) + bias[k] (+ residual)), channels_last, in the
-//                         residual's buffer if into_residual (and that buffer is dense channels_last)
+//                         residual's buffer if into_residual (and that buffer is dense channels_last), where
+//                         panels = winograd2_weight(w)'s U[p] (winograd.cpp: G w G^T as (16, C_in, C_out)), each
+//                         packed as conv_gemm_weight packs a (C_out, C_in, 1, 1) weight
 //
 // fp32 only; runs where the implicit GEMM does (conv_gemm::available). Three passes, each parallel: the input
 // transform over tiles, the 16 products (each a 1x1 convolution of a (1, C, 1, tiles) image by U[p], run as the GEMM's
@@ -27,22 +27,6 @@ namespace {
 
 using winograd_f2::kPositions;
 
-at::Tensor winograd2_weight_cpu(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "winograd2_weight: weight must be "
-              "a (C_out, C_in, 3, 3) tensor, got shape ", weight.sizes());
-  TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point(), "winograd2_weight: weight must be a "
-              "floating-point CPU tensor, got ", weight.scalar_type(), " on ", weight.device());
-  const at::Tensor g = at::tensor({1.0, 0.0, 0.0,     //
-                                   0.5, 0.5, 0.5,     //
-                                   0.5, -0.5, 0.5,    //
-                                   0.0, 0.0, 1.0},
-                                  at::kDouble)
-                           .view({4, 3});
-  // (G (x) G)[(a, b), (i, j)] = G[a, i] G[b, j] against the weight as (3 * 3, C * K)
-  const at::Tensor taps = weight.to(at::kDouble).permute({2, 3, 1, 0}).reshape({9, weight.size(1) * weight.size(0)});
-  return at::mm(at::kron(g, g), taps).view({kPositions, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
-}
-
 // Tiles per parallel chunk of a transform: about 64 KiB of transformed values each.
 int64_t tile_grain(int64_t channels) {
   return std::max<int64_t>(1, 65536 / (kPositions * 4 * std::max<int64_t>(channels, 1)));
@@ -57,10 +41,9 @@ at::Tensor conv3x3_winograd2_cpu(const at::Tensor& x, const at::Tensor& panels, 
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
   TORCH_CHECK(c_in > 0 && h > 0 && w > 0, "conv3x3_winograd2: x must have non-zero C_in, height and width, got "
               "shape ", x.sizes());
-  TORCH_CHECK(bias.dim() == 1 && bias.numel() > 0, "conv3x3_winograd2: bias must be a 1-D tensor of length C_out, "
-              "got shape ", bias.sizes());
-  const int64_t c_out = bias.numel();
+  const int64_t c_out = bias.numel();  // checked against panels below
   check_channel_vector("conv3x3_winograd2", "bias", bias, c_out);
+  TORCH_CHECK(c_out > 0, "conv3x3_winograd2: bias must have one value per output channel, and C_out > 0; got none");
   const int64_t panel_floats = conv_gemm::packed_weight_numel(c_out, c_in);  // one position's U, packed
   TORCH_CHECK(panels.dim() == 2 && panels.size(0) == kPositions && panels.size(1) == panel_floats &&
                   panels.scalar_type() == at::kFloat && panels.device().is_cpu() && panels.is_contiguous() &&
@@ -115,6 +98,5 @@ at::Tensor conv3x3_winograd2_cpu(const at::Tensor& x, const at::Tensor& panels, 
 }  // namespace resnet_fused::cpu
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
-  m.impl("winograd2_weight", &resnet_fused::cpu::winograd2_weight_cpu);
   m.impl("conv3x3_winograd2", &resnet_fused::cpu::conv3x3_winograd2_cpu);
 }

@@ -316,15 +316,20 @@ def _winograd_weight(pack, input_shape) -> WinogradWeight:
     return WinogradWeight(_reorder_grouped(made.to_dense(), input_shape) if kind == "onednn" else made)
 
 
+def _shape_free_weight(pack, kind, make):
+    """The pack's prepared weight of `kind` (one that does not depend on the input shape): one an earlier shape made,
+    else kind(make(weight))."""
+    made = next((w for w in pack.payload.onednn_weights.values() if isinstance(w, kind)), None)
+    return made or kind(make(pack.payload.weight))
+
+
 def _winograd2_weight(pack) -> Winograd2Weight:
-    made = next((w for w in pack.payload.onednn_weights.values() if isinstance(w, Winograd2Weight)), None)
-    return made or Winograd2Weight(_winograd_panels(torch.ops.resnet_fused.winograd2_weight.default(
-        pack.payload.weight)))
+    return _shape_free_weight(pack, Winograd2Weight,
+                              lambda w: _winograd_panels(torch.ops.resnet_fused.winograd2_weight.default(w)))
 
 
 def _conv_gemm_weight(pack) -> ConvGemmWeight:
-    made = next((w for w in pack.payload.onednn_weights.values() if isinstance(w, ConvGemmWeight)), None)
-    return made or ConvGemmWeight(torch.ops.resnet_fused.conv_gemm_weight.default(pack.payload.weight))
+    return _shape_free_weight(pack, ConvGemmWeight, torch.ops.resnet_fused.conv_gemm_weight.default)
 
 
 _RESIDUAL_CALLS = "residual"  # onednn_weights' key for the GEMM weight of calls with a residual (shape-free)
