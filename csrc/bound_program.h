@@ -1,5 +1,5 @@
-// resnet_fused._C.BoundCall, BlockProgram and LayerProgram: a fused block's eval forward, and a run of fused blocks,
-// replayed in C++ (bound_program.cpp).
+// resnet_fused._C.BoundCall, BlockProgram, LayerProgram and ChainProgram: a fused block's eval forward, a run of fused
+// blocks and a whole model's plain chain, replayed in C++ (bound_program.cpp).
 #pragma once
 
 #include <torch/extension.h>

@@ -45,11 +45,20 @@ class AttrWatch {
   bool is_current() const;
 
  private:
+  // Where the attribute was found, so that a check can look there first: the instance's __dict__ (conv geometry, BN
+  // flags), its class (a method such as forward, a class default), or nn.Module's registries (a child, which getattr
+  // reaches through __getattr__).
+  enum class Source { kInstance, kClass, kChild, kElsewhere };
   struct Watched {
     pybind11::object module;
     pybind11::str name;
     pybind11::object value;
+    Source source;
+    PyTypeObject* type;         // the module's class at construction
+    unsigned int type_version;  // its version tag then (CPython changes it whenever the class or a base changes)
+    pybind11::object found;     // the object found in `source`, held so that its address is never reused
   };
+  static bool found_unchanged(const Watched& w);
   std::vector<Watched> watched_;
 };
 

@@ -59,18 +59,54 @@ def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+_X = torch.empty(0)  # where a BoundCall's x goes: replaced on every call
+
+
 class _Edge:
     """A torch module whose forward runs an extension kernel where it can. `backend` as fuse_model's; each class's
     _kernel_args(module) says whether the kernel computes what the module is configured to (None: it does not),
-    checked by fuse_model on the torch module and by every forward, since attributes may change after fusing."""
+    checked by fuse_model on the torch module and by every forward, since attributes may change after fusing; its
+    _kernel_call(x) says which op call the forward makes for x (None: the torch module's own forward)."""
 
     backend: str = "auto"
+    # what bound_call's result depends on besides x's signature and the tensors in its arguments
+    watched_attrs: Tuple[str, ...] = ("forward", "backend")
+
+    def _kernel_call(self, x) -> Optional[tuple]:
+        raise NotImplementedError
+
+    def forward(self, x):
+        call = self._kernel_call(x)
+        if call is None:
+            return super().forward(x)
+        op, args = call
+        return op(*args)
+
+    def bound_call(self, x):
+        """The forward for inputs of x's signature (inference, no autocast) as a _C.BoundCall of its kernel, with
+        the tensors it reads besides x (to watch: the call holds aliases of them); None where the forward would not
+        run the kernel."""
+        call = self._kernel_call(x)
+        from . import _C
+
+        if call is None or not hasattr(_C, "BoundCall"):
+            return None
+        (op, (_, *fixed)), tensors = call, []
+        for arg in fixed:
+            if isinstance(arg, torch.Tensor):
+                tensors.append(arg)
+        # aliases, not the parameters: a reference to a parameter's TensorImpl would make swap_tensors refuse it
+        args = (_X, *(a.detach() if isinstance(a, torch.Tensor) else a for a in fixed))
+        return _C.BoundCall(op._schema.name, op._schema.overload_name, args, 0, -1, -1), tensors
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
 
 class FusedMaxPool2d(_Edge, nn.MaxPool2d):
+    watched_attrs = _Edge.watched_attrs + ("kernel_size", "stride", "padding", "dilation", "return_indices",
+                                           "ceil_mode")
+
     def _kernel_args(self) -> Optional[tuple]:
         """(kernel_size, stride, padding) where the kernel computes what this module does, else None."""
         if self.return_indices or self.ceil_mode or _pair(self.dilation) != (1, 1):
@@ -80,42 +116,44 @@ class FusedMaxPool2d(_Edge, nn.MaxPool2d):
             return None  # ATen's forward says what is wrong
         return kernel, _pair(self.stride or self.kernel_size), padding
 
-    def forward(self, x):
+    def _kernel_call(self, x) -> Optional[tuple]:
         if (_native(self.backend, x) and x.dim() == 4 and x.dtype in _POOL_DTYPES
                 and x.is_contiguous(memory_format=torch.channels_last)):
             args = self._kernel_args()
             if args is not None and x.shape[2] + 2 * args[2][0] >= args[0][0] \
                     and x.shape[3] + 2 * args[2][1] >= args[0][1]:
-                return torch.ops.resnet_fused.max_pool2d_cl(x, *args)
-        return super().forward(x)
+                return torch.ops.resnet_fused.max_pool2d_cl.default, (x, *args)
+        return None
 
 
 class FusedAdaptiveAvgPool2d(_Edge, nn.AdaptiveAvgPool2d):
+    watched_attrs = _Edge.watched_attrs + ("output_size",)
+
     def _kernel_args(self) -> Optional[tuple]:
         """() where the kernel computes what this module does (pooling to 1x1), else None."""
         return () if _pair(self.output_size) == (1, 1) else None
 
-    def forward(self, x):
+    def _kernel_call(self, x) -> Optional[tuple]:
         if (_native(self.backend, x) and self._kernel_args() is not None and x.dim() == 4
                 and x.dtype in _POOL_DTYPES and x.shape[2] * x.shape[3] > 0
                 and x.is_contiguous(memory_format=torch.channels_last)):
-            return torch.ops.resnet_fused.mean_pool_cl(x)
-        return super().forward(x)
+            return torch.ops.resnet_fused.mean_pool_cl.default, (x,)
+        return None
 
 
 class FusedLinear(_Edge, nn.Linear):
     def _kernel_args(self) -> Optional[tuple]:
         return ()  # any Linear: what decides is the call
 
-    def forward(self, x):
+    def _kernel_call(self, x) -> Optional[tuple]:
         weight, bias = self.weight, self.bias
         if (_native(self.backend, x) and x.dim() == 2 and x.shape[0] <= LINEAR_MAX_ROWS and x.dtype == torch.float32
                 and weight.dtype == torch.float32 and weight.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (weight.requires_grad
                                                       or (bias is not None and bias.requires_grad)))
                 and not torch.is_autocast_enabled("cpu")):
-            return torch.ops.resnet_fused.linear_rows(x, weight, bias)
-        return super().forward(x)
+            return torch.ops.resnet_fused.linear_rows.default, (x, weight, bias)
+        return None
 
 
 _EDGE_CLASSES = {nn.MaxPool2d: FusedMaxPool2d, nn.AdaptiveAvgPool2d: FusedAdaptiveAvgPool2d, nn.Linear: FusedLinear}

@@ -30,9 +30,10 @@ from torch import nn
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
                      FusedBottleneck, FusedConvBNAct, FusedResidualBlock, FusedSequential, _FusedResidual,
                      downsample_shortcut)
+from .chained import chain_description, chained_class, make_chained
 from .edges import edge_class, edge_kind
 from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, module_calls_patched,
-                              node_kind, trace_shallow)
+                              node_kind, plain_chain, trace_shallow)
 from .fusion.bytecode import reached_descendants
 from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks, kernel_unsupported_reason
 from .fusion.plan import ModuleShortcut, ResidualPlan
@@ -61,6 +62,7 @@ class FuseReport:
     fused: List[FusedItem] = field(default_factory=list)
     left: List[LeftItem] = field(default_factory=list)
     edges: List[FusedItem] = field(default_factory=list)  # pooling and classifier modules on the extension's kernels
+    chain: Optional[str] = None  # the model's forward replayed in C++ as these steps (chained.py), if it is
 
     @property
     def blocks(self) -> List[FusedItem]:
@@ -79,6 +81,8 @@ class FuseReport:
             lines.append(f"  fused  {item.name or '<model>'} [{item.kind}] {item.detail}")
         for item in self.edges:
             lines.append(f"  edge   {item.name or '<model>'} [{item.kind}] {item.detail}")
+        if self.chain:
+            lines.append(f"  chain  <model> {self.chain} (one C++ call for inference on the extension's kernels)")
         for item in self.left:
             lines.append(f"  left   {item.name or '<model>'} ({item.module_type}): {item.reason}")
         return "\n".join(lines)
@@ -99,6 +103,7 @@ class _Fuser:
         self.held = _held_outside_modules(root)  # also referenced from a plain attribute: swapping would split them
         self.escaped |= self.held
         self.why: dict = {}        # id(conv or bn) -> why it was left unfused
+        self.root_chain = None     # the root forward's steps where it is a plain chain (analysis.plain_chain)
 
     # ------------------------------------------------------------------------------------------ blocks
 
@@ -137,6 +142,9 @@ class _Fuser:
             return module
         graphs, trace_error, forwarded = _trace_both_modes(module)
         self.escaped |= forwarded
+        if graphs and not name:
+            chains = [plain_chain(module, g) for g in graphs]
+            self.root_chain = chains[0] if all(c == chains[0] for c in chains) else None
         if graphs:
             for node in (n for g in graphs for n in g.nodes):
                 if node.op == "call_module" and "." in node.target:
@@ -222,6 +230,15 @@ class _Fuser:
                 module.backend = self.backend
                 detail = f"{type(module).__bases__[-1].__name__} runs the extension's CPU kernel for inference calls"
                 self.report.edges.append(FusedItem(name, edge_kind(cls), detail))
+
+    def chain_root(self, root: nn.Module) -> None:
+        """The model made a chained_class where its forward is a proven plain chain (chained.py) and the fused modules
+        may run the extension's kernels."""
+        if self.root_chain is None or self.backend not in ("auto", "cpu") or module_calls_patched() \
+                or isinstance(root, (nn.Sequential, _FusedResidual, FusedConvBNAct)):
+            return
+        if make_chained(root, self.root_chain):
+            self.report.chain = chain_description(self.root_chain)
 
     def list_leftovers(self, root: nn.Module) -> None:
         """Every conv and BatchNorm that runs eagerly after all, with the reason."""
@@ -383,5 +400,6 @@ def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -
         return target, fuser.report
     result = fuser.visit(target, "")
     fuser.swap_edges(result)
+    fuser.chain_root(result)
     fuser.list_leftovers(result)
     return result, fuser.report

@@ -136,6 +136,54 @@ def test_module_attributes_are_watched_by_value(attr_watch):
         attr_watch([conv], [("stride",)])
 
 
+class _Holder(torch.nn.Module):
+    kind = "plain"  # a class default, shadowed where an instance sets its own
+
+    def __init__(self):
+        super().__init__()
+        self.child = torch.nn.ReLU()
+
+
+@pytest.mark.parametrize("attr_watch", ATTR_WATCHES)
+def test_methods_class_defaults_and_children_are_watched_wherever_they_come_from(attr_watch):
+    # The extension's watch looks first where each attribute was found (the instance, its class, nn.Module's
+    # registries) and compares objects there; whatever moves it elsewhere must still be seen.
+    def fresh():
+        holder = _Holder()
+        return holder, attr_watch([holder], [("forward", "kind", "child")])
+
+    holder, w = fresh()
+    for _ in range(2):
+        assert w.is_current()
+    changes_seen = [
+        lambda h: setattr(h, "child", torch.nn.ReLU()),                  # another child
+        lambda h: h._modules.__setitem__("child", torch.nn.Identity()),  # behind __setattr__'s back
+        lambda h: h.__dict__.__setitem__("child", torch.nn.ReLU()),      # shadowing the registry
+        lambda h: h.register_parameter("extra", None) or h._parameters.__setitem__("child", None),  # found first
+        lambda h: setattr(h, "kind", "own"),                             # an instance attribute shadows the class's
+        lambda h: setattr(h, "forward", lambda x: x),                    # a forward on the instance
+        lambda h: setattr(h, "__class__", type("Other", (_Holder,), {"forward": lambda self, x: x})),
+    ]
+    for change in changes_seen:
+        holder, w = fresh()
+        change(holder)
+        assert not w.is_current(), change
+    holder, w = fresh()
+    holder.kind = "plain"  # equal to what getattr gave: no change
+    assert w.is_current()
+    saved = _Holder.forward
+    try:  # the class itself changed
+        holder, w = fresh()
+        _Holder.forward = lambda self, x: x
+        assert not w.is_current()
+    finally:
+        _Holder.forward = saved
+    holder, w = fresh()
+    _Holder.unrelated = 1  # any change to the class: compared by value again, still current
+    del _Holder.unrelated
+    assert w.is_current()
+
+
 def test_the_fused_modules_watch_attributes_with_the_extension_where_it_loads():
     w = changes.watch_attrs([torch.nn.ReLU()], [("inplace",)])
     assert isinstance(w, type(_cpp_attr_watch([], [])) if _has_cpp_watch() else changes.AttrState)

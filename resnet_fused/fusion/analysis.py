@@ -4,7 +4,8 @@
 - `match_residual` proves out = relu(chain(x) + shortcut(x)) with every node accounted for, and returns the
   ResidualPlan (or the reason it is not one);
 - `find_chains` lists conv -> BN (-> ReLU) runs whose intermediate values nobody else reads, so the three can
-  become one fused op without changing what the forward computes.
+  become one fused op without changing what the forward computes;
+- `plain_chain` proves the forward is y = f_n(... f_1(x)), each f a child's call or a flatten (a model's top level).
 
 Forwards fx cannot trace are read from their bytecode instead (bytecode.py).
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .eligibility import call_override_reason, has_hooks, plain_bn_reason, plain_conv_reason
-from .plan import ModuleShortcut, ResidualPlan, Unit
+from .plan import ChainStep, ModuleShortcut, ResidualPlan, Unit
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -597,3 +598,45 @@ def _following_relu(node: fx.Node, module: nn.Module, prefix: str, unswappable) 
         reason = unswappable(node)
         return (None, f"the ReLU after it stays apart: {reason}") if reason else (node.target, "")
     return None, ""
+
+
+# ------------------------------------------------------------------------------------------- plain chains
+
+
+def plain_chain(module: nn.Module, graph: fx.Graph) -> Optional[Tuple[ChainStep, ...]]:
+    """The forward's steps where it is y = f_n(... f_1(x)) on its one input x, each f a call of a direct child on
+    the previous value alone or a flatten of it with constant dims, each value read by the next step only, under one
+    grad mode and autocast state, returning the last value; else None."""
+    nodes = list(graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or context_changes(graph):
+        return None
+    steps, previous = [], nodes[0]
+    for node in nodes[1:]:
+        if len(previous.users) != 1 or node not in previous.users:
+            return None
+        if node.op == "output":
+            return tuple(steps) if node.args == (previous,) and steps else None
+        if node.op == "call_module" and "." not in node.target and node.args == (previous,) and not node.kwargs:
+            steps.append(ChainStep(node.target))
+        else:
+            dims = _flatten_dims(node, previous)
+            if dims is None:
+                return None
+            steps.append(ChainStep(None, dims))
+        previous = node
+    return None
+
+
+def _flatten_dims(node: fx.Node, previous: fx.Node) -> Optional[Tuple[int, int]]:
+    """(start_dim, end_dim) where the node is torch.flatten(previous, ...) or previous.flatten(...) with int dims."""
+    if not ((node.op == "call_function" and node.target is torch.flatten)
+            or (node.op == "call_method" and node.target == "flatten")):
+        return None
+    if not node.args or node.args[0] is not previous or len(node.args) > 3 \
+            or set(node.kwargs) - {"start_dim", "end_dim"}:
+        return None
+    dims = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
+    start, end = dims.get("start_dim", 0), dims.get("end_dim", -1)
+    if type(start) is not int or type(end) is not int:
+        return None
+    return start, end

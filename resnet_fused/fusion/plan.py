@@ -54,3 +54,15 @@ class ResidualPlan:
         else:
             short = " -> ".join(u.describe() for u in self.shortcut)
         return f"[{main}] + [{short}] -> relu"
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One step of a model forward that is a plain chain (chained.py): a call of the child `module` on the previous
+    value alone, or (module None) the previous value's flatten(*flatten)."""
+
+    module: Optional[str]
+    flatten: Optional[Tuple[int, int]] = None
+
+    def describe(self) -> str:
+        return self.module if self.module is not None else f"flatten{self.flatten}"
