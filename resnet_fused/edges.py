@@ -87,9 +87,11 @@ class _Edge:
         the tensors it reads besides x (to watch: the call holds aliases of them); None where the forward would not
         run the kernel."""
         call = self._kernel_call(x)
+        if call is None:  # (else the extension loaded: its kernel is called)
+            return None
         from . import _C
 
-        if call is None or not hasattr(_C, "BoundCall"):
+        if not hasattr(_C, "BoundCall"):
             return None
         (op, (_, *fixed)), tensors = call, []
         for arg in fixed:

@@ -30,7 +30,7 @@ from torch import nn
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
                      FusedBottleneck, FusedConvBNAct, FusedResidualBlock, FusedSequential, _FusedResidual,
                      downsample_shortcut)
-from .chained import chain_description, chained_class, make_chained
+from .chained import chain_description, make_chained
 from .edges import edge_class, edge_kind
 from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, module_calls_patched,
                               node_kind, plain_chain, trace_shallow)
