@@ -71,6 +71,21 @@ def test_the_replay_is_bitwise_the_model_forward(make, batch, size):
     assert torch.equal(first, expected) and torch.equal(replayed, expected)
 
 
+def test_a_program_made_in_one_grad_mode_replays_in_the_other():
+    _, fused, _ = _fused()
+    x = _input()
+    with torch.inference_mode():
+        expected = fused(x)
+        fused(x)
+    with torch.no_grad():
+        assert torch.equal(fused(x), expected)
+        program = _program(fused)
+        assert torch.equal(fused(x), expected) and _program(fused) is program
+    with torch.inference_mode():
+        out = fused(x)
+    assert torch.equal(out, expected) and out.is_inference() and _program(fused) is program
+
+
 def test_the_fused_model_stays_an_object_of_its_class():
     model, fused, _ = _fused()
     assert isinstance(fused, ResNet) and isinstance(fused, ChainedModel) and type(fused).__name__ == "ResNet"
