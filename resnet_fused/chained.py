@@ -32,10 +32,13 @@ from .fusion.binding import signature
 from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks
 from .fusion.plan import ChainStep
 
-__all__ = ["ChainedModel", "chained_class", "make_chained"]
+__all__ = ["ChainedModel", "chained_class", "make_chained", "replayed_kind"]
 
 _CHAIN_STEPS = "_chain_steps"  # the proven steps, a tuple of ChainStep (pickled with the model)
 _CHAIN_RUN = "_chain_run"      # the ChainRun of the last input signature (never pickled or copied)
+# {container path ("" the model): its plain attributes when the chain was proven}: a forward may branch on them
+_CHAIN_PROOF = "_chain_proof"
+_MODULE_STATE = frozenset(nn.Module().__dict__) | {"forward", _CHAIN_STEPS, _CHAIN_RUN, _CHAIN_PROOF}
 _FUSED_CONV_ATTRS = ("forward", "backend", "fused_relu", "absorbed_bn")
 _SKIPPED = object()  # a step whose forward is the identity
 
@@ -84,11 +87,21 @@ class ChainedModel:
 
     def _record_chain(self, x: torch.Tensor) -> torch.Tensor:
         """The chain run step by step (what the forward computes, as fuse_model proved), its program made from what
-        each step bound and kept for x's signature unless something changed meanwhile."""
+        each step bound and kept for x's signature unless something changed meanwhile. Where the proof may no longer
+        hold (a plain attribute of a forward it read changed, a container of nested steps hooked or its forward
+        replaced), or a step is hooked, the model's own forward runs instead and nothing replays."""
         epoch, key, steps = changes.epoch(), _key(x), self.__dict__.get(_CHAIN_STEPS)
-        modules = [None if step.module is None else getattr(self, step.module) for step in steps or ()]
-        if not steps or global_module_hooks() or any(m is not None and has_hooks(m) for m in modules):
-            out, program = super().forward(x), None
+        proof = self.__dict__.get(_CHAIN_PROOF) or {}
+        try:
+            containers = {path: self.get_submodule(path) for path in proof}
+            modules = [None if step.module is None else self.get_submodule(step.module) for step in steps or ()]
+        except AttributeError:  # a container's child removed or replaced by a module without it
+            containers, modules = None, None
+        if not steps or containers is None or global_module_hooks() \
+                or any(m is not None and has_hooks(m) for m in modules) \
+                or any(path and (has_hooks(c) or call_override_reason(c)) for path, c in containers.items()) \
+                or any(not _same_attributes(_plain_attributes(c), proof[path]) for path, c in containers.items()):
+            return super().forward(x)  # asked again at the next call: hooks go, attributes change back
         else:
             bound, out = [], x
             for step, module in zip(steps, modules):
@@ -100,7 +113,9 @@ class ChainedModel:
                     bound.append(_bound_step(module, before))
             program = None
             if all(b is not None for b in bound):
-                watches = [changes.watch_attrs([self], [[s.module for s in steps if s.module]])]
+                children = _children_called(steps)
+                watches = [changes.watch_attrs([c], [children.get(path, ()) + tuple(proof[path])])
+                           for path, c in containers.items()]
                 program = _program([native for native, _ in bound if native is not _SKIPPED],
                                    watches + [w for _, ws in bound for w in ws])
         if epoch == changes.epoch():
@@ -119,6 +134,41 @@ class ChainedModel:
         # pickled and copied as the base class's object made chained again: the class itself is made at run time
         getstate = getattr(self, "__getstate__", None)  # object has one from Python 3.11 on
         return _new_chained, (self._chained_base,), self.__dict__ if getstate is None else getstate()
+
+
+def _plain_attributes(module: nn.Module) -> dict:
+    """The attributes a forward may branch on: the instance's own, but nn.Module's state (registries, hooks, the
+    training flag, which the proof covers both ways) and the chain's."""
+    return {k: v for k, v in module.__dict__.items() if k not in _MODULE_STATE}
+
+
+def _same_attributes(now: dict, then: dict) -> bool:
+    if now.keys() != then.keys():
+        return False
+    for key, value in now.items():
+        old = then[key]
+        if value is old:
+            continue
+        try:
+            if type(value) is not type(old) or isinstance(value, torch.Tensor) or not bool(value == old):
+                return False
+        except Exception:  # no plain equality: taken as changed
+            return False
+    return True
+
+
+def _children_called(steps) -> dict:
+    """{container path: the names of its children the steps call or reach into}."""
+    children: dict = {}
+    for step in steps:
+        if step.module is None:
+            continue
+        parts = step.module.split(".")
+        for depth in range(len(parts)):
+            names = children.setdefault(".".join(parts[:depth]), ())
+            if parts[depth] not in names:
+                children[".".join(parts[:depth])] = names + (parts[depth],)
+    return children
 
 
 def _program(natives, watches):
@@ -163,6 +213,9 @@ def _bound_step(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
         return call, watches + ([changes.watch_tensors(tensors)] if tensors else [])
     if isinstance(module, _Absorbed) or type(module) is nn.Identity:
         return _SKIPPED, [watch_forward]
+    if type(module) is nn.Flatten:
+        watch = changes.watch_attrs([module], [("forward", "start_dim", "end_dim")])
+        return (module.start_dim, module.end_dim), [watch]
     return None
 
 
@@ -181,14 +234,19 @@ def chained_class(base: type) -> type:
     return cls
 
 
-_REPLAYED_KINDS = (FusedSequential, FusedConvBNAct, _Edge, _Absorbed, nn.Identity)  # what _bound_step binds
+_REPLAYED_KINDS = (FusedSequential, FusedConvBNAct, _Edge, _Absorbed, nn.Identity, nn.Flatten)  # _bound_step's
+
+
+def replayed_kind(module: nn.Module) -> bool:
+    """Whether a chain step of this module binds a C++ call where it runs the extension's kernels."""
+    return isinstance(module, _REPLAYED_KINDS)
 
 
 def make_chained(model: nn.Module, steps: Tuple[ChainStep, ...]) -> bool:
-    """Give `model` (whose forward fuse_model proved to be `steps`) chained_class(type(model)) in place; False where
-    a step's module is of a kind that binds no C++ call, or its class cannot take ChainedModel's forward(self, x):
-    another signature, or a class that refuses subclassing."""
-    if not all(step.module is None or isinstance(getattr(model, step.module), _REPLAYED_KINDS) for step in steps):
+    """Give `model` (whose forward fuse_model proved to be `steps`, a dotted name a step of a child's proven chain)
+    chained_class(type(model)) in place; False where a step's module is of a kind that binds no C++ call, or its
+    class cannot take ChainedModel's forward(self, x): another signature, or a class that refuses subclassing."""
+    if not all(step.module is None or replayed_kind(model.get_submodule(step.module)) for step in steps):
         return False
     base = type(model)
     if isinstance(model, ChainedModel):
@@ -201,8 +259,10 @@ def make_chained(model: nn.Module, steps: Tuple[ChainStep, ...]) -> bool:
     if [(p.name, p.kind, p.default) for p in parameters] != [
             (name, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty) for name in ("self", "x")]:
         return False
+    containers = [path for path in _children_called(steps)]
     model.__class__ = cls
     model.__dict__[_CHAIN_STEPS] = tuple(steps)
+    model.__dict__[_CHAIN_PROOF] = {path: _plain_attributes(model.get_submodule(path)) for path in containers}
     model.__dict__.pop(_CHAIN_RUN, None)
     return True
 

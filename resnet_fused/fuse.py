@@ -30,13 +30,13 @@ from torch import nn
 from .blocks import (_BASIC_MAIN, _BOTTLENECK_MAIN, AbsorbedBatchNorm2d, AbsorbedReLU, FusedBasicBlock,
                      FusedBottleneck, FusedConvBNAct, FusedResidualBlock, FusedSequential, _FusedResidual,
                      downsample_shortcut)
-from .chained import chain_description, make_chained
+from .chained import chain_description, make_chained, replayed_kind
 from .edges import edge_class, edge_kind
 from .fusion.analysis import (_steps_of_module, ambient_context, find_chains, match_residual, module_calls_patched,
                               node_kind, plain_chain, trace_shallow)
 from .fusion.bytecode import reached_descendants
 from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks, kernel_unsupported_reason
-from .fusion.plan import ModuleShortcut, ResidualPlan
+from .fusion.plan import ChainStep, ModuleShortcut, ResidualPlan
 from .ops.registry import _check_name
 
 __all__ = ["fuse_model", "FuseReport", "FusedItem", "LeftItem"]
@@ -237,8 +237,9 @@ class _Fuser:
         if self.root_chain is None or self.backend not in ("auto", "cpu") or module_calls_patched() \
                 or isinstance(root, (nn.Sequential, _FusedResidual, FusedConvBNAct)):
             return
-        if make_chained(root, self.root_chain):
-            self.report.chain = chain_description(self.root_chain)
+        steps = _nested_chain(root, self.root_chain)
+        if make_chained(root, steps):
+            self.report.chain = chain_description(steps)
 
     def list_leftovers(self, root: nn.Module) -> None:
         """Every conv and BatchNorm that runs eagerly after all, with the reason."""
@@ -283,6 +284,23 @@ def _trace_both_modes(module: nn.Module):
         for m, flag in zip(modules, saved):
             m.training = flag
     return graphs, None, forwarded
+
+
+def _nested_chain(root: nn.Module, steps, depth: int = 0) -> Tuple[ChainStep, ...]:
+    """`steps` with each step whose module binds no C++ call but is itself a proven plain chain (timm's
+    SelectAdaptivePool2d: pool, then flatten) replaced by its own steps, named by their dotted paths."""
+    out = []
+    for step in steps:
+        module = None if step.module is None else root.get_submodule(step.module)
+        inner = None
+        if module is not None and not replayed_kind(module) and depth < 3 and not has_hooks(module) \
+                and call_override_reason(module) is None and not isinstance(module, torch.jit.ScriptModule):
+            graphs, _, _ = _trace_both_modes(module)
+            chains = [plain_chain(module, g) for g in graphs]
+            if chains and chains[0] is not None and all(c == chains[0] for c in chains):
+                inner = [ChainStep(f"{step.module}.{s.module}" if s.module else None, s.flatten) for s in chains[0]]
+        out += _nested_chain(root, inner, depth + 1) if inner else [step]
+    return tuple(out)
 
 
 def _opaque_calls(module: nn.Module, graphs) -> List[str]:

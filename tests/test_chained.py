@@ -112,6 +112,27 @@ def test_torchvision_resnet_is_chained():
     assert isinstance(_program(fused), _C.ChainProgram)
 
 
+def test_timm_resnet_is_chained_through_its_pooling_module():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _randomize_bn(timm.create_model("resnet18")).eval()
+    fused, report = rf.fuse_model(model, backend="cpu")
+    assert report.chain.endswith("layer4 -> global_pool.pool -> global_pool.flatten -> fc")  # its forward's steps
+    plain = _unchained(fused)
+    x = _input(batch=1)
+    with torch.inference_mode():
+        outs = [fused(x) for _ in range(2)]
+        assert isinstance(_program(fused), _C.ChainProgram)
+        assert torch.equal(outs[0], plain(x)) and torch.equal(outs[1], outs[0])
+        assert_matches(outs[1], model(x), torch.float32)
+        seen = []
+        fused.global_pool.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        assert torch.equal(fused(x), outs[0]) and seen == [(1, 512)]  # the container's hook runs: its forward does
+        fused.global_pool.flatten = nn.Identity()  # a nested step replaced: (1, 512, 1, 1) to the classifier
+        with pytest.raises(RuntimeError):
+            fused(x)
+
+
 def _edits():
     def stem_in_place(f, m):
         with torch.no_grad():
@@ -300,6 +321,36 @@ def test_a_user_model_of_a_plain_chain_is_replayed(flatten):
         assert_matches(outs[0], model(x), torch.float32)
     assert isinstance(_program(fused), _C.ChainProgram)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+class Flagged(Net):
+    """A forward that branches on a plain attribute: the proof holds for the value it had when fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.halve = False
+
+    def forward(self, x):
+        x = self.pool(self.stage(self.act(self.bn(self.conv(x)))))
+        if self.halve:
+            x = x * 0.5
+        return self.head(x.flatten(1))
+
+
+def test_a_plain_attribute_the_forward_branches_on_is_seen():
+    torch.manual_seed(0)
+    model = _randomize_bn(Flagged()).eval()
+    fused, report = rf.fuse_model(model, backend="cpu")
+    assert report.chain == "conv -> bn -> act -> stage -> pool -> flatten(1, -1) -> head"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        fused(x), fused(x)
+        assert isinstance(_program(fused), _C.ChainProgram)
+        for halve in (True, False, True):
+            fused.halve = model.halve = halve
+            for _ in range(2):
+                assert_matches(fused(x), model(x), torch.float32)  # halved: the model's own forward runs
+            assert isinstance(_program(fused), _C.ChainProgram)  # the one made before, replayed again once False
 
 
 class Branchy(nn.Module):
