@@ -5,15 +5,19 @@ Between two of its stages the interpreter ran about 0.25 ms per inference call o
 caches the convolutions had just evicted: the stage's checks, nn.Module.__call__, the next stage's entry), some
 1.2 ms of a 48 ms resnet50 forward at batch 1 on 2 cores of an AMD EPYC (Zen 3).
 
-fuse_model proves the chain with torch.fx (fusion/analysis.plain_chain, in train and eval mode) and gives the model
+fuse_model proves the chain with torch.fx (fusion/analysis.plain_chain, in train and eval mode; a child whose own
+forward is such a chain counts as its steps, as timm's pooling module: pool, then flatten) and gives the model
 `chained_class(type(model))`: a subclass of its own class (isinstance holds, the name and state_dict are the same;
 pickles and copies come back as it) whose forward, for an inference call on a plain tensor, replays the chain as one
 _C.ChainProgram made from what the steps' own forwards bound: the fused conv's bound call, each FusedSequential's
 layer program, the edges' kernels (edges.py), identities skipped, flattens. The program is made on the first such
 call per input signature (shape, strides, dtype, grad mode, autocast, default backend) and used while nothing it was
 made from changed: the change counter (fusion/changes.py), the children the chain calls, their forwards, backends and
-attributes, the tensors they read. A step that binds no C++ call (another backend, hooks, a module of another kind)
-leaves the model's own forward running, as does any other call (autograd, torch.compile, a Tensor subclass).
+attributes, the tensors they read, and the plain attributes of the forwards the proof was made on (one changed, a
+flag the forward branches on, and the model's own forward runs). A step that binds no C++ call (another backend,
+hooks, a module of another kind) leaves the model's own forward running, as does any other call (autograd,
+torch.compile, a Tensor subclass). As with fused blocks, what torch.fx cannot see of a forward (Python side effects
+such as a call counter) is not replayed.
 """
 
 from __future__ import annotations
@@ -102,22 +106,21 @@ class ChainedModel:
                 or any(path and (has_hooks(c) or call_override_reason(c)) for path, c in containers.items()) \
                 or any(not _same_attributes(_plain_attributes(c), proof[path]) for path, c in containers.items()):
             return super().forward(x)  # asked again at the next call: hooks go, attributes change back
-        else:
-            bound, out = [], x
-            for step, module in zip(steps, modules):
-                if module is None:
-                    out = out.flatten(*step.flatten)
-                    bound.append((step.flatten, []))
-                else:
-                    before, out = out, module(out)
-                    bound.append(_bound_step(module, before))
-            program = None
-            if all(b is not None for b in bound):
-                children = _children_called(steps)
-                watches = [changes.watch_attrs([c], [children.get(path, ()) + tuple(proof[path])])
-                           for path, c in containers.items()]
-                program = _program([native for native, _ in bound if native is not _SKIPPED],
-                                   watches + [w for _, ws in bound for w in ws])
+        bound, out = [], x
+        for step, module in zip(steps, modules):
+            if module is None:
+                out = out.flatten(*step.flatten)
+                bound.append((step.flatten, []))
+            else:
+                before, out = out, module(out)
+                bound.append(_bound_step(module, before))
+        program = None
+        if all(b is not None for b in bound):
+            children = _children_called(steps)
+            watches = [changes.watch_attrs([c], [children.get(path, ()) + tuple(proof[path])])
+                       for path, c in containers.items()]
+            program = _program([native for native, _ in bound if native is not _SKIPPED],
+                               watches + [w for _, ws in bound for w in ws])
         if epoch == changes.epoch():
             self.__dict__[_CHAIN_RUN] = ChainRun(epoch, key, program)
         return out
