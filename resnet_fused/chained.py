@@ -174,6 +174,15 @@ def _children_called(steps) -> dict:
     return children
 
 
+def _bound_aten(name: str):
+    """aten op `name` on x alone as a _C.BoundCall, or None where the extension has none."""
+    if _extension.load() is not None:
+        return None
+    from . import _C
+
+    return _C.BoundCall(name, "", (torch.empty(0),), 0, -1, -1) if hasattr(_C, "BoundCall") else None
+
+
 def _program(natives, watches):
     """The steps as a _C.ChainProgram, or None where the extension has none (not built, or built before it)."""
     if _extension.load() is not None:
@@ -216,6 +225,12 @@ def _bound_step(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
         return call, watches + ([changes.watch_tensors(tensors)] if tensors else [])
     if isinstance(module, _Absorbed) or type(module) is nn.Identity:
         return _SKIPPED, [watch_forward]
+    if type(module) is nn.Dropout:  # in eval, F.dropout returns its input
+        watch = changes.watch_attrs([module], [("forward", "training")])
+        return None if module.training else (_SKIPPED, [watch])
+    if type(module) is nn.ReLU:  # F.relu's op, in place where the module is
+        bound = _bound_aten("aten::relu_" if module.inplace else "aten::relu")
+        return None if bound is None else (bound, [changes.watch_attrs([module], [("forward", "inplace")])])
     if type(module) is nn.Flatten:
         watch = changes.watch_attrs([module], [("forward", "start_dim", "end_dim")])
         return (module.start_dim, module.end_dim), [watch]
@@ -237,12 +252,14 @@ def chained_class(base: type) -> type:
     return cls
 
 
-_REPLAYED_KINDS = (FusedSequential, FusedConvBNAct, _Edge, _Absorbed, nn.Identity, nn.Flatten)  # _bound_step's
+# what _bound_step binds (nn.Dropout in eval only): these classes and their subclasses, those torch classes exactly
+_REPLAYED_KINDS = (FusedSequential, FusedConvBNAct, _Edge, _Absorbed)
+_REPLAYED_TORCH_CLASSES = (nn.Identity, nn.Flatten, nn.ReLU, nn.Dropout)
 
 
 def replayed_kind(module: nn.Module) -> bool:
     """Whether a chain step of this module binds a C++ call where it runs the extension's kernels."""
-    return isinstance(module, _REPLAYED_KINDS)
+    return isinstance(module, _REPLAYED_KINDS) or type(module) in _REPLAYED_TORCH_CLASSES
 
 
 def make_chained(model: nn.Module, steps: Tuple[ChainStep, ...]) -> bool:

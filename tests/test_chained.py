@@ -323,6 +323,44 @@ def test_a_user_model_of_a_plain_chain_is_replayed(flatten):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+class Shared(nn.Module):
+    """A ReLU module called twice (so no conv absorbs it), an in-place one, and a head as an nn.Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
+        self.act, self.act_ = nn.ReLU(), nn.ReLU(inplace=True)
+        self.stage = nn.Sequential(rf.BasicBlock(8, 8), rf.BasicBlock(8, 8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.act_(self.act(self.bn2(self.conv2(x))))
+        return self.head(self.stage(x))
+
+
+def test_relu_dropout_and_sequential_children_are_steps_too():
+    torch.manual_seed(0)
+    model = _randomize_bn(Shared()).eval()
+    fused, report = rf.fuse_model(model, backend="cpu")
+    assert report.chain == "conv1 -> bn1 -> act -> conv2 -> bn2 -> act -> act_ -> stage -> head.0 -> head.1 -> " \
+                           "head.2 -> head.3"
+    plain = _unchained(fused)
+    x = torch.randn(2, 3, 15, 13).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        outs = [fused(x) for _ in range(3)]
+        assert isinstance(_program(fused), _C.ChainProgram)
+        assert torch.equal(outs[0], plain(x)) and torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+        assert_matches(outs[2], model(x), torch.float32)
+        fused.head[2].train(), model.head[2].train()  # dropout active again: never replayed as the identity
+        torch.manual_seed(1)
+        dropped = fused(x)
+        torch.manual_seed(1)
+        assert_matches(dropped, model(x), torch.float32)  # the same mask: the same seed, no other draws
+        assert not torch.equal(dropped, outs[0])
+
+
 class Flagged(Net):
     """A forward that branches on a plain attribute: the proof holds for the value it had when fused."""
 
