@@ -34,3 +34,15 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if load() is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{op}", dispatch_key)
+
+
+def bound_call(name: str, overload: str, args: tuple, x_at: int = 0, residual_at: int = -1, donate_at: int = -1):
+    """The op call `args` as a _C.BoundCall (x at x_at, the residual at residual_at, the donation flag at donate_at;
+    -1: none), whatever the args hold there is replaced on every call; None where the extension did not load or was
+    built without it."""
+    if load() is not None:
+        return None
+    from . import _C
+
+    bound = getattr(_C, "BoundCall", None)
+    return None if bound is None else bound(name, overload, args, x_at, residual_at, donate_at)

@@ -32,7 +32,7 @@ from . import _extension
 from .blocks import _BINDINGS, _LAYER_RUN, FusedConvBNAct, FusedSequential, _Absorbed
 from .edges import _Edge
 from .fusion import changes
-from .fusion.binding import signature
+from .fusion.binding import NotCarried, signature
 from .fusion.eligibility import call_override_reason, global_module_hooks, has_hooks
 from .fusion.plan import ChainStep
 
@@ -47,11 +47,7 @@ _FUSED_CONV_ATTRS = ("forward", "backend", "fused_relu", "absorbed_bn")
 _SKIPPED = object()  # a step whose forward is the identity
 
 
-def _none():
-    return None
-
-
-class ChainRun:
+class ChainRun(NotCarried):
     """The chain as one _C.ChainProgram (None: it does not replay) for inputs of `key` while the change counter
     reads `epoch`. Copies and pickles carry none."""
 
@@ -59,12 +55,6 @@ class ChainRun:
 
     def __init__(self, epoch, key, program):
         self.epoch, self.key, self.program = epoch, key, program
-
-    def __deepcopy__(self, memo):
-        return None
-
-    def __reduce__(self):
-        return _none, ()
 
 
 def _key(x: torch.Tensor) -> tuple:
@@ -174,15 +164,6 @@ def _children_called(steps) -> dict:
     return children
 
 
-def _bound_aten(name: str):
-    """aten op `name` on x alone as a _C.BoundCall, or None where the extension has none."""
-    if _extension.load() is not None:
-        return None
-    from . import _C
-
-    return _C.BoundCall(name, "", (torch.empty(0),), 0, -1, -1) if hasattr(_C, "BoundCall") else None
-
-
 def _program(natives, watches):
     """The steps as a _C.ChainProgram, or None where the extension has none (not built, or built before it)."""
     if _extension.load() is not None:
@@ -229,7 +210,7 @@ def _bound_step(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
         watch = changes.watch_attrs([module], [("forward", "training")])
         return None if module.training else (_SKIPPED, [watch])
     if type(module) is nn.ReLU:  # F.relu's op, in place where the module is
-        bound = _bound_aten("aten::relu_" if module.inplace else "aten::relu")
+        bound = _extension.bound_call("aten::relu_" if module.inplace else "aten::relu", "", (torch.empty(0),))
         return None if bound is None else (bound, [changes.watch_attrs([module], [("forward", "inplace")])])
     if type(module) is nn.Flatten:
         watch = changes.watch_attrs([module], [("forward", "start_dim", "end_dim")])
@@ -279,7 +260,7 @@ def make_chained(model: nn.Module, steps: Tuple[ChainStep, ...]) -> bool:
     if [(p.name, p.kind, p.default) for p in parameters] != [
             (name, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty) for name in ("self", "x")]:
         return False
-    containers = [path for path in _children_called(steps)]
+    containers = list(_children_called(steps))
     model.__class__ = cls
     model.__dict__[_CHAIN_STEPS] = tuple(steps)
     model.__dict__[_CHAIN_PROOF] = {path: _plain_attributes(model.get_submodule(path)) for path in containers}

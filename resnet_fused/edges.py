@@ -87,19 +87,14 @@ class _Edge:
         the tensors it reads besides x (to watch: the call holds aliases of them); None where the forward would not
         run the kernel."""
         call = self._kernel_call(x)
-        if call is None:  # (else the extension loaded: its kernel is called)
+        if call is None:
             return None
-        from . import _C
-
-        if not hasattr(_C, "BoundCall"):
-            return None
-        (op, (_, *fixed)), tensors = call, []
-        for arg in fixed:
-            if isinstance(arg, torch.Tensor):
-                tensors.append(arg)
+        op, (_, *fixed) = call
+        tensors = [a for a in fixed if isinstance(a, torch.Tensor)]
         # aliases, not the parameters: a reference to a parameter's TensorImpl would make swap_tensors refuse it
         args = (_X, *(a.detach() if isinstance(a, torch.Tensor) else a for a in fixed))
-        return _C.BoundCall(op._schema.name, op._schema.overload_name, args, 0, -1, -1), tensors
+        bound = _extension.bound_call(op._schema.name, op._schema.overload_name, args)
+        return None if bound is None else (bound, tensors)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"

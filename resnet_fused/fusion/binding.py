@@ -42,7 +42,20 @@ def _none():
     return None
 
 
-class Bindings:
+class NotCarried:
+    """State derived from a module (packs, bound calls, programs) that its copies and pickles do not carry: they
+    come out as None and derive their own."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return _none, ()
+
+
+class Bindings(NotCarried):
     """The packs and bound forwards of one fused module, valid while `is_current()`. Copies and pickles of a
     module carry none (packs may be opaque oneDNN tensors): they come out as None."""
 
@@ -67,12 +80,6 @@ class Bindings:
     def is_current(self) -> bool:
         return (self.epoch == (changes._Counter.value, RemovableHandle.next_id) and self.tensors.is_current()
                 and self.attrs.is_current())
-
-    def __deepcopy__(self, memo):
-        return None
-
-    def __reduce__(self):
-        return _none, ()
 
 
 def signature(x: torch.Tensor, backend: str) -> tuple:
@@ -200,7 +207,7 @@ def _block_program(short: list, middle: list, last) -> Optional[object]:
     return _C.BlockProgram(calls[:len(short)], calls[len(short):] + [final[1]])
 
 
-class LayerRun:
+class LayerRun(NotCarried):
     """A FusedSequential's blocks as one _C.LayerProgram (None: they do not replay in C++), for inputs of `key` while
     the change counter reads `epoch` (the program itself checks the blocks' tensors and module attributes). Copies
     and pickles carry none."""
@@ -209,12 +216,6 @@ class LayerRun:
 
     def __init__(self, epoch, key, backend, program):
         self.epoch, self.key, self.backend, self.program = epoch, key, backend, program
-
-    def __deepcopy__(self, memo):
-        return None
-
-    def __reduce__(self):
-        return _none, ()
 
 
 _BLOCK_ATTRS = ("forward", "backend")  # a forward replaced on the instance must be called

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ... import _extension
 from ..donation import donated
 from ..geometry import conv_output_shape
 from ..registry import register_backend
@@ -448,14 +449,15 @@ class CpuBackend(ExtensionBackend):
             gemm, kernel_size = torch.ops.resnet_fused.conv_gemm.default, list(pack.kernel_size)
             return _with_native(lambda x, residual: gemm(x, weight.packed, bias, residual, kernel_size, stride, padding,
                                                          relu, donated(residual)),
-                                _bound_call("resnet_fused::conv_gemm", "",
-                                            (_X, weight.packed, bias, None, kernel_size, stride, padding, relu, False),
-                                            residual_at=3, donate_at=8))
+                                _extension.bound_call("resnet_fused::conv_gemm", "",
+                                                      (_X, weight.packed, bias, None, kernel_size, stride, padding,
+                                                       relu, False), residual_at=3, donate_at=8))
         if isinstance(weight, Winograd2Weight):
             winograd2, panels = torch.ops.resnet_fused.conv3x3_winograd2.default, weight.panels
             return _with_native(lambda x, residual: winograd2(x, panels, bias, residual, relu, donated(residual)),
-                                _bound_call("resnet_fused::conv3x3_winograd2", "", (_X, panels, bias, None, relu, False),
-                                            residual_at=3, donate_at=5))
+                                _extension.bound_call("resnet_fused::conv3x3_winograd2", "",
+                                                      (_X, panels, bias, None, relu, False), residual_at=3,
+                                                      donate_at=5))
         if isinstance(weight, WinogradWeight):
             winograd, (products,) = torch.ops.resnet_fused.conv3x3_winograd.default, weight
             # oneDNN's products read tile-major buffers (the panels' run per block of tiles: not asked)
@@ -464,12 +466,12 @@ class CpuBackend(ExtensionBackend):
             # a donated residual (ops/donation.py) takes the output; the op checks its shape and layout
             return _with_native(lambda x, residual: winograd(x, products, bias, residual, relu, position_major,
                                                              donated(residual)),
-                                _bound_call("resnet_fused::conv3x3_winograd", "",
-                                            (_X, products, bias, None, relu, position_major, False), residual_at=3,
-                                            donate_at=6))
+                                _extension.bound_call("resnet_fused::conv3x3_winograd", "",
+                                                      (_X, products, bias, None, relu, position_major, False),
+                                                      residual_at=3, donate_at=6))
         op = torch.ops.resnet_fused.conv_bias_act.default
-        native = _bound_call("resnet_fused::conv_bias_act", "", (_X, weight, bias, None, stride, padding, relu),
-                             residual_at=3)
+        native = _extension.bound_call("resnet_fused::conv_bias_act", "",
+                                       (_X, weight, bias, None, stride, padding, relu), residual_at=3)
         if not _writes_into_residual(pack, input_shape):
             return _with_native(lambda x, residual: op(x, weight, bias, residual, stride, padding, relu), native)
         # oneDNN's binary post-op in place: y = relu?(conv(x) + bias + residual) stored in the residual's buffer
@@ -477,7 +479,8 @@ class CpuBackend(ExtensionBackend):
         pads, strides, unary = [padding] * 2, [stride] * 2, "relu" if relu else None
         out_shape = conv_output_shape(input_shape, pack.out_channels, pack.kernel_size, stride, padding)
         into_args = (_X, _X, weight, bias, pads, strides, [1, 1], 1, "add", None, unary, [], None)
-        native_into = _bound_call("mkldnn::_convolution_pointwise_", "binary", into_args, x_at=1, residual_at=0)
+        native_into = _extension.bound_call("mkldnn::_convolution_pointwise_", "binary", into_args, x_at=1,
+                                            residual_at=0)
         if native is not None and native_into is not None:
             native.set_into(native_into, list(out_shape))
 
@@ -493,15 +496,6 @@ class CpuBackend(ExtensionBackend):
 
 
 _X = torch.empty(0)  # where a BoundCall's x (and residual) go: replaced on every call
-
-
-def _bound_call(name: str, overload: str, args: tuple, residual_at: int, x_at: int = 0, donate_at: int = -1):
-    """The op call `args` as a _C.BoundCall (x at x_at, the residual at residual_at, the donation flag at donate_at),
-    or None where the extension was built without it."""
-    from ... import _C
-
-    bound = getattr(_C, "BoundCall", None)
-    return None if bound is None else bound(name, overload, args, x_at, residual_at, donate_at)
 
 
 def _with_native(call, native):
