@@ -24,6 +24,7 @@ constexpr int64_t kRows = 6;    // output pixels per micro-tile: 12 ymm accumula
 constexpr int64_t kCols = 16;   // output channels per micro-tile (two 8-float vectors)
 constexpr int64_t kDepth = 256; // K per block: a B micro-panel (kDepth x kCols floats, 16 KiB) stays in L1
 constexpr int64_t kMinRowsPerThread = 96;  // few pixels split by rows only from here (see Blocking)
+constexpr int64_t kStreamRows = 5 * kRows;  // B read in memory order up to here (see run_tasks_avx2)
 
 struct Geometry {
   int64_t batch, in_h, in_w, in_channels, kernel_h, kernel_w, stride, padding, out_h, out_w, out_channels;

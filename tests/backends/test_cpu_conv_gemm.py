@@ -4,12 +4,12 @@ oracle.
 The op itself: A read straight from x, kernel row by kernel row, and the rows of pixels whose window crosses the
 border gathered (padding, several images, no padding at all, rectangular kernels, K blocks that end inside a kernel
 row), channel counts off the 16-column panel, pixel counts off the 6-row tile and past one row block, K past one
-256-deep block (the partial sums kept out of the residual's buffer when the output goes there), batch 1, a 7x7 stem,
-residual and ReLU on and off, NCHW inputs, bitwise the same on 1-5 threads; where NaN goes through the ReLU; the
-packed path choosing it by this CPU's rule (1x1 convs, from fewer channels where the call adds a residual; strided
-larger kernels; stride-1 ones on few pixels where Winograd does not take them; one packed weight per pack, other
-convs and dtypes left to oneDNN, fused bottlenecks against eager); an empty batch;
-the rule per ATen CPU capability; argument errors.
+256-deep block (the partial sums kept out of the residual's buffer when the output goes there) or in one block where
+B is streamed (30 pixels or fewer), batch 1, a 7x7 stem, residual and ReLU on and off, NCHW inputs, bitwise the same
+on 1-5 threads; where NaN goes through the ReLU; the packed path choosing it by this CPU's rule (1x1 convs, from fewer
+channels where the call adds a residual; strided larger kernels; stride-1 ones on few pixels where Winograd does not
+take them; one packed weight per pack, other convs and dtypes left to oneDNN, fused bottlenecks against eager); an
+empty batch; the rule per ATen CPU capability; argument errors.
 """
 
 import copy
@@ -37,8 +37,8 @@ PACK = torch.ops.resnet_fused.conv_gemm_weight.default
 SHAPES = [
     (1, 128, 7, 7, 64, 1, 1, 0),      # one row block, whole panels
     (3, 37, 9, 11, 43, 1, 1, 0),      # 297 pixels: several row blocks, the last short; 43 = 2 panels + 11 columns
-    (2, 300, 5, 6, 17, 1, 2, 0),      # strided 1x1; K = 300: two K blocks; one partial panel
-    (1, 600, 4, 4, 40, 1, 1, 0),      # K = 600: three K blocks, the partial sums over a partial panel
+    (2, 300, 5, 6, 17, 1, 2, 0),      # strided 1x1 on 18 pixels: B streamed, K = 300 in one block; a partial panel
+    (1, 600, 4, 4, 40, 1, 1, 0),      # 16 pixels: B streamed, K = 600 in one block, over a partial panel
     (1, 16, 20, 20, 32, 1, 1, 0),     # batch 1, 400 pixels
     (2, 5, 13, 11, 24, 3, 2, 1),      # 3x3 stride 2, taps in the padding
     (1, 3, 23, 23, 16, 7, 2, 3),      # the stem's kernel, stride and padding
@@ -53,6 +53,7 @@ SHAPES = [
     (1, 5, 9, 7, 16, (5, 2), 2, 1),   # a 5x2 kernel
     (1, 24, 28, 28, 40, 1, 1, 0),     # 784 pixels: row blocks of whole tiles, 54-60 rows, 14 or 15 of them
     (1, 300, 14, 14, 72, 1, 1, 0),    # 196 pixels: a row block per thread on 2 (96 rows or more each), else one
+    (1, 600, 7, 7, 40, 1, 1, 0),      # 49 pixels: K = 600 in three blocks, the partial sums over a partial panel
 ]
 
 
@@ -101,7 +102,7 @@ def test_nchw_input(shape):
     assert_matches(y, expected, torch.float32)
 
 
-INTO = [SHAPES[0], SHAPES[3], SHAPES[9], SHAPES[12]]
+INTO = [SHAPES[0], SHAPES[3], SHAPES[9], SHAPES[12], SHAPES[18]]
 
 
 @pytest.mark.parametrize("shape", INTO, ids=_ids(INTO))
@@ -134,7 +135,7 @@ def test_into_residual_takes_only_a_dense_channels_last_buffer():
     assert_matches(y, ref_conv_bn_act(x, weight, torch.ones_like(bias), bias, res, 1, 0, True), torch.float32)
 
 
-THREADED = [SHAPES[1], SHAPES[3], SHAPES[10], SHAPES[12], SHAPES[16], SHAPES[17]]
+THREADED = [SHAPES[1], SHAPES[3], SHAPES[10], SHAPES[12], SHAPES[16], SHAPES[17], SHAPES[18]]
 
 
 @pytest.mark.parametrize("shape", THREADED, ids=_ids(THREADED))
