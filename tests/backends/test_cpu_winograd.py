@@ -78,8 +78,8 @@ def products_by_the_vendor_rule(monkeypatch):
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_winograd_op_with_panels_matches_oracle(shape, residual, relu, channels_last):
-    # blocks of 6 tiles with a short last block (every shape but the first), C_in up to the GEMM's 256-deep K block,
-    # C_out across several panels and off them
+    # blocks of at most 6 tiles, the tiles spread evenly over a multiple of the thread count (4-6 per block), C_in up
+    # to the GEMM's 256-deep K block, C_out across several panels and off them
     x, weight, bias, res = conv_inputs(shape, residual, channels_last)
     y = WINOGRAD(x, cpu_backend._winograd_panels(TRANSFORM(weight)), bias, res, relu, False)
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
@@ -91,6 +91,7 @@ def test_winograd_op_with_panels_matches_oracle(shape, residual, relu, channels_
 
 @needs_gemm
 def test_panels_results_do_not_depend_on_the_thread_count(set_threads):
+    # 24 tiles: 4 blocks of 6 on 1 and 2 threads, 6 blocks of 4 on 3
     x, weight, bias, res = conv_inputs((2, 24, 13, 11, 40), True, True)
     u = cpu_backend._winograd_panels(TRANSFORM(weight))
     outputs = []
