@@ -40,6 +40,16 @@ def _input(batch=2, size=48):
     return torch.randn(batch, 3, size, size).contiguous(memory_format=CL)
 
 
+def _replaying():
+    """A fused resnet18, an input, and its output from the two inference forwards that made its program."""
+    _, fused, _ = _fused()
+    x = _input()
+    with torch.inference_mode():
+        expected = fused(x)
+        fused(x)
+    return fused, x, expected
+
+
 def _program(model):
     run = model.__dict__.get("_chain_run")
     return None if run is None else run.program
@@ -72,11 +82,7 @@ def test_the_replay_is_bitwise_the_model_forward(make, batch, size):
 
 
 def test_a_program_made_in_one_grad_mode_replays_in_the_other():
-    _, fused, _ = _fused()
-    x = _input()
-    with torch.inference_mode():
-        expected = fused(x)
-        fused(x)
+    fused, x, expected = _replaying()
     with torch.no_grad():
         assert torch.equal(fused(x), expected)
         program = _program(fused)
@@ -203,10 +209,7 @@ def test_a_change_after_a_forward_is_seen_by_the_next(edit):
 
 
 def test_hooks_registered_after_the_program_was_made_are_called():
-    _, fused, _ = _fused()
-    x = _input()
-    with torch.inference_mode():
-        fused(x), fused(x)
+    fused, x, _ = _replaying()
     seen = []
     handles = [fused.fc.register_forward_hook(lambda m, args, out: seen.append("fc")),
                fused.register_forward_hook(lambda m, args, out: seen.append("model")),
@@ -259,11 +262,7 @@ def test_autograd_and_tensor_subclasses_run_the_model_forward():
 
 
 def test_copies_and_pickles_come_back_chained_without_a_program():
-    _, fused, _ = _fused()
-    x = _input()
-    with torch.inference_mode():
-        expected = fused(x)
-        fused(x)
+    fused, x, expected = _replaying()
     buffer = io.BytesIO()
     torch.save(fused, buffer)
     buffer.seek(0)
